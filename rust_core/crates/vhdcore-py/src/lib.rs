@@ -1,0 +1,531 @@
+//! Python bindings of vhdcore: thin wrappers, the GIL released around disk work, and the core's error kinds
+//! mapped once, here, onto a Python exception hierarchy rooted at `VhdError`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use vhdcore::{DiskType, ErrorKind, ExportFormat};
+
+create_exception!(
+    _vhdcore,
+    VhdError,
+    PyException,
+    "Root of every error vhdcore raises."
+);
+create_exception!(
+    _vhdcore,
+    VhdIoError,
+    VhdError,
+    "The disk could not be read or written."
+);
+create_exception!(
+    _vhdcore,
+    VhdFormatError,
+    VhdError,
+    "A VHD structure is malformed."
+);
+create_exception!(
+    _vhdcore,
+    ChecksumError,
+    VhdFormatError,
+    "A footer or header checksum does not match."
+);
+create_exception!(
+    _vhdcore,
+    TruncatedError,
+    VhdFormatError,
+    "The file ends before a structure it must hold."
+);
+create_exception!(
+    _vhdcore,
+    BatError,
+    VhdFormatError,
+    "A BAT entry points past the data or overlaps another."
+);
+create_exception!(
+    _vhdcore,
+    UnsupportedError,
+    VhdFormatError,
+    "A valid but unsupported VHD feature."
+);
+create_exception!(
+    _vhdcore,
+    ChainError,
+    VhdError,
+    "The chain of parents cannot be resolved."
+);
+create_exception!(
+    _vhdcore,
+    MissingParentError,
+    ChainError,
+    "A differencing disk's parent is not found."
+);
+create_exception!(
+    _vhdcore,
+    ParentMismatchError,
+    ChainError,
+    "The file found as parent has another UUID."
+);
+create_exception!(
+    _vhdcore,
+    ChainCycleError,
+    ChainError,
+    "The chain loops back on itself."
+);
+create_exception!(
+    _vhdcore,
+    ChainTooDeepError,
+    ChainError,
+    "The chain is deeper than the cap."
+);
+create_exception!(
+    _vhdcore,
+    InvalidArgumentError,
+    VhdError,
+    "A request the disk cannot honour."
+);
+
+fn to_py_err(py: Python<'_>, err: vhdcore::VhdError) -> PyErr {
+    let message = err.to_string();
+    let py_err = match err.kind() {
+        ErrorKind::Io => VhdIoError::new_err(message),
+        ErrorKind::BadCookie | ErrorKind::InvalidField => VhdFormatError::new_err(message),
+        ErrorKind::Checksum => ChecksumError::new_err(message),
+        ErrorKind::Truncated => TruncatedError::new_err(message),
+        ErrorKind::BatOutOfRange | ErrorKind::OverlappingBlocks => BatError::new_err(message),
+        ErrorKind::Unsupported => UnsupportedError::new_err(message),
+        ErrorKind::MissingParent => MissingParentError::new_err(message),
+        ErrorKind::ParentMismatch => ParentMismatchError::new_err(message),
+        ErrorKind::ChainCycle => ChainCycleError::new_err(message),
+        ErrorKind::ChainTooDeep => ChainTooDeepError::new_err(message),
+        ErrorKind::InvalidArgument => InvalidArgumentError::new_err(message),
+        ErrorKind::Interrupted => {
+            return pyo3::exceptions::PyKeyboardInterrupt::new_err("interrupted")
+        }
+    };
+    let value = py_err.value(py);
+    let attrs: [(&str, PyObject); 4] = [
+        (
+            "kind",
+            err.kind()
+                .as_str()
+                .into_pyobject(py)
+                .map(|v| v.into_any().unbind())
+                .unwrap_or_else(|_| py.None()),
+        ),
+        (
+            "path",
+            err.path()
+                .map(|p| p.display().to_string())
+                .into_pyobject(py)
+                .map(|v| v.unbind())
+                .unwrap_or_else(|_| py.None()),
+        ),
+        (
+            "field",
+            err.field()
+                .into_pyobject(py)
+                .map(|v| v.unbind())
+                .unwrap_or_else(|_| py.None()),
+        ),
+        (
+            "offset",
+            err.offset()
+                .into_pyobject(py)
+                .map(|v| v.unbind())
+                .unwrap_or_else(|_| py.None()),
+        ),
+    ];
+    for (name, attr) in attrs {
+        // Setting attributes on a fresh exception instance cannot fail in practice; keep the error if it does.
+        let _ = value.setattr(name, attr);
+    }
+    py_err
+}
+
+trait IntoPy<T> {
+    fn or_raise(self, py: Python<'_>) -> PyResult<T>;
+}
+
+impl<T> IntoPy<T> for vhdcore::Result<T> {
+    fn or_raise(self, py: Python<'_>) -> PyResult<T> {
+        self.map_err(|e| to_py_err(py, e))
+    }
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+#[derive(Clone)]
+struct Layer {
+    path: String,
+    disk_type: String,
+    virtual_size: u64,
+    file_size: u64,
+    block_size: Option<u32>,
+    max_table_entries: u32,
+    allocated_blocks: u32,
+    uuid: String,
+    timestamp: u32,
+    creator_app: String,
+    legacy_footer: bool,
+    parent_uuid: Option<String>,
+    parent_name: Option<String>,
+    parent_timestamp: Option<u32>,
+}
+
+impl Layer {
+    fn from_disk(disk: &vhdcore::Disk) -> Layer {
+        Layer {
+            path: disk.path.display().to_string(),
+            disk_type: disk.disk_type.as_str().to_string(),
+            virtual_size: disk.virtual_size,
+            file_size: disk.file_size,
+            block_size: disk.block_size(),
+            max_table_entries: disk
+                .sparse
+                .as_ref()
+                .map_or(0, |s| s.header.max_table_entries.get()),
+            allocated_blocks: disk.allocated_blocks(),
+            uuid: disk.uuid_string(),
+            timestamp: disk.footer.timestamp.get(),
+            creator_app: String::from_utf8_lossy(&disk.footer.creator_app)
+                .trim_end_matches(['\0', ' '])
+                .to_string(),
+            legacy_footer: disk.legacy_footer,
+            parent_uuid: disk.parent_uuid().map(|u| vhdcore::format::uuid_string(&u)),
+            parent_name: disk.parent_name(),
+            parent_timestamp: disk.parent_timestamp(),
+        }
+    }
+}
+
+#[pymethods]
+impl Layer {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("path", &self.path)?;
+        d.set_item("disk_type", &self.disk_type)?;
+        d.set_item("virtual_size", self.virtual_size)?;
+        d.set_item("file_size", self.file_size)?;
+        d.set_item("block_size", self.block_size)?;
+        d.set_item("max_table_entries", self.max_table_entries)?;
+        d.set_item("allocated_blocks", self.allocated_blocks)?;
+        d.set_item("uuid", &self.uuid)?;
+        d.set_item("timestamp", self.timestamp)?;
+        d.set_item("creator_app", &self.creator_app)?;
+        d.set_item("legacy_footer", self.legacy_footer)?;
+        d.set_item("parent_uuid", &self.parent_uuid)?;
+        d.set_item("parent_name", &self.parent_name)?;
+        d.set_item("parent_timestamp", self.parent_timestamp)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Layer(path={:?}, disk_type={:?}, virtual_size={})",
+            self.path, self.disk_type, self.virtual_size
+        )
+    }
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct Extent {
+    start: u64,
+    length: u64,
+    layer: Option<usize>,
+}
+
+#[pymethods]
+impl Extent {
+    fn __repr__(&self) -> String {
+        match self.layer {
+            Some(layer) => format!(
+                "Extent(start={}, length={}, layer={layer})",
+                self.start, self.length
+            ),
+            None => format!(
+                "Extent(start={}, length={}, layer=None)",
+                self.start, self.length
+            ),
+        }
+    }
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct ExportStats {
+    format: String,
+    virtual_size: u64,
+    bytes_written: u64,
+    data_bytes: u64,
+    zero_bytes: u64,
+    seconds: f64,
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct Diff {
+    ranges: Vec<(u64, u64)>,
+    total: u64,
+    shared_layers: usize,
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct Problem {
+    kind: String,
+    path: String,
+    field: Option<String>,
+    offset: Option<u64>,
+    message: String,
+}
+
+#[pymethods]
+impl Problem {
+    fn __repr__(&self) -> String {
+        format!("Problem(kind={:?}, message={:?})", self.kind, self.message)
+    }
+}
+
+#[pyclass(frozen, module = "vhdcore._vhdcore")]
+struct Chain {
+    inner: Arc<vhdcore::Chain>,
+    #[pyo3(get)]
+    layers: Vec<Layer>,
+    #[pyo3(get)]
+    virtual_size: u64,
+    #[pyo3(get)]
+    warnings: Vec<String>,
+}
+
+#[pymethods]
+impl Chain {
+    #[getter]
+    fn depth(&self) -> usize {
+        self.layers.len()
+    }
+
+    #[getter]
+    fn leaf(&self) -> Layer {
+        self.layers[0].clone()
+    }
+
+    fn map(&self, py: Python<'_>) -> PyResult<Vec<Extent>> {
+        let inner = Arc::clone(&self.inner);
+        let extents = py.allow_threads(|| inner.map()).or_raise(py)?;
+        Ok(extents
+            .into_iter()
+            .map(|e| Extent {
+                start: e.start,
+                length: e.length,
+                layer: e.layer,
+            })
+            .collect())
+    }
+
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        offset: u64,
+        length: usize,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = Arc::clone(&self.inner);
+        let mut buf = vec![0u8; length];
+        py.allow_threads(|| inner.read_at(offset, &mut buf))
+            .or_raise(py)?;
+        Ok(PyBytes::new(py, &buf))
+    }
+
+    #[pyo3(signature = (out, format = "raw", progress = None))]
+    fn export(
+        &self,
+        py: Python<'_>,
+        out: PathBuf,
+        format: &str,
+        progress: Option<PyObject>,
+    ) -> PyResult<ExportStats> {
+        let format = match format {
+            "raw" => ExportFormat::Raw,
+            "vhd" => ExportFormat::Vhd,
+            other => {
+                return Err(InvalidArgumentError::new_err(format!(
+                    "unknown export format {other:?}; use raw or vhd"
+                )))
+            }
+        };
+        let inner = Arc::clone(&self.inner);
+        let mut callback_error: Option<PyErr> = None;
+        let result = py.allow_threads(|| {
+            let mut report = |done: u64, total: u64| {
+                Python::with_gil(|py| {
+                    let outcome = py.check_signals().and_then(|()| match &progress {
+                        Some(cb) => cb.call1(py, (done, total)).map(|_| ()),
+                        None => Ok(()),
+                    });
+                    match outcome {
+                        Ok(()) => true,
+                        Err(e) => {
+                            callback_error = Some(e);
+                            false
+                        }
+                    }
+                })
+            };
+            vhdcore::export(&inner, &out, format, &mut report)
+        });
+        if let Some(e) = callback_error {
+            return Err(e);
+        }
+        let stats = result.or_raise(py)?;
+        Ok(ExportStats {
+            format: stats.format.as_str().to_string(),
+            virtual_size: stats.virtual_size,
+            bytes_written: stats.bytes_written,
+            data_bytes: stats.data_bytes,
+            zero_bytes: stats.zero_bytes,
+            seconds: stats.seconds,
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Chain(leaf={:?}, depth={}, virtual_size={})",
+            self.layers[0].path,
+            self.layers.len(),
+            self.virtual_size
+        )
+    }
+}
+
+fn wrap_chain(chain: vhdcore::Chain) -> Chain {
+    let layers = chain.layers.iter().map(Layer::from_disk).collect();
+    let virtual_size = chain.virtual_size();
+    let warnings = chain.warnings.clone();
+    Chain {
+        inner: Arc::new(chain),
+        layers,
+        virtual_size,
+        warnings,
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, max_depth = vhdcore::MAX_CHAIN_DEPTH))]
+fn open_chain(py: Python<'_>, path: PathBuf, max_depth: usize) -> PyResult<Chain> {
+    let chain = py
+        .allow_threads(|| vhdcore::Chain::open(&path, max_depth))
+        .or_raise(py)?;
+    Ok(wrap_chain(chain))
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, max_depth = vhdcore::MAX_CHAIN_DEPTH))]
+fn check(py: Python<'_>, path: PathBuf, max_depth: usize) -> Vec<Problem> {
+    let problems = py.allow_threads(|| vhdcore::check(&path, max_depth));
+    problems
+        .into_iter()
+        .map(|p| Problem {
+            kind: p.kind().as_str().to_string(),
+            path: p
+                .path()
+                .map_or_else(|| path.display().to_string(), |q| q.display().to_string()),
+            field: p.field().map(str::to_string),
+            offset: p.offset(),
+            message: p.to_string(),
+        })
+        .collect()
+}
+
+#[pyfunction]
+#[pyo3(signature = (old, new, max_depth = vhdcore::MAX_CHAIN_DEPTH))]
+fn diff(py: Python<'_>, old: PathBuf, new: PathBuf, max_depth: usize) -> PyResult<Diff> {
+    let result = py
+        .allow_threads(|| {
+            let a = vhdcore::Chain::open(&old, max_depth)?;
+            let b = vhdcore::Chain::open(&new, max_depth)?;
+            vhdcore::diff(&a, &b)
+        })
+        .or_raise(py)?;
+    Ok(Diff {
+        ranges: result.ranges,
+        total: result.total,
+        shared_layers: result.shared_layers,
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, size, disk_type = "dynamic", block_size = vhdcore::DEFAULT_BLOCK_SIZE))]
+fn create(
+    py: Python<'_>,
+    path: PathBuf,
+    size: u64,
+    disk_type: &str,
+    block_size: u32,
+) -> PyResult<Layer> {
+    let kind = match disk_type {
+        "dynamic" => DiskType::Dynamic,
+        "fixed" => DiskType::Fixed,
+        other => {
+            return Err(InvalidArgumentError::new_err(format!(
+                "unknown disk type {other:?}; use dynamic or fixed"
+            )))
+        }
+    };
+    let disk = py
+        .allow_threads(|| vhdcore::create(&path, size, kind, block_size))
+        .or_raise(py)?;
+    Ok(Layer::from_disk(&disk))
+}
+
+#[pyfunction]
+fn snapshot(py: Python<'_>, parent: PathBuf, child: PathBuf) -> PyResult<Layer> {
+    let disk = py
+        .allow_threads(|| vhdcore::snapshot(&parent, &child))
+        .or_raise(py)?;
+    Ok(Layer::from_disk(&disk))
+}
+
+#[pyfunction]
+fn write(py: Python<'_>, path: PathBuf, offset: u64, data: &[u8]) -> PyResult<()> {
+    let owned = data.to_vec();
+    py.allow_threads(|| vhdcore::write(Path::new(&path), offset, &owned))
+        .or_raise(py)
+}
+
+#[pymodule]
+fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("VhdError", py.get_type::<VhdError>())?;
+    m.add("VhdIoError", py.get_type::<VhdIoError>())?;
+    m.add("VhdFormatError", py.get_type::<VhdFormatError>())?;
+    m.add("ChecksumError", py.get_type::<ChecksumError>())?;
+    m.add("TruncatedError", py.get_type::<TruncatedError>())?;
+    m.add("BatError", py.get_type::<BatError>())?;
+    m.add("UnsupportedError", py.get_type::<UnsupportedError>())?;
+    m.add("ChainError", py.get_type::<ChainError>())?;
+    m.add("MissingParentError", py.get_type::<MissingParentError>())?;
+    m.add("ParentMismatchError", py.get_type::<ParentMismatchError>())?;
+    m.add("ChainCycleError", py.get_type::<ChainCycleError>())?;
+    m.add("ChainTooDeepError", py.get_type::<ChainTooDeepError>())?;
+    m.add(
+        "InvalidArgumentError",
+        py.get_type::<InvalidArgumentError>(),
+    )?;
+    m.add("DEFAULT_BLOCK_SIZE", vhdcore::DEFAULT_BLOCK_SIZE)?;
+    m.add("MAX_CHAIN_DEPTH", vhdcore::MAX_CHAIN_DEPTH)?;
+    m.add("MAX_VIRTUAL_SIZE", vhdcore::MAX_VIRTUAL_SIZE)?;
+    m.add_class::<Layer>()?;
+    m.add_class::<Extent>()?;
+    m.add_class::<ExportStats>()?;
+    m.add_class::<Diff>()?;
+    m.add_class::<Problem>()?;
+    m.add_class::<Chain>()?;
+    m.add_function(wrap_pyfunction!(open_chain, m)?)?;
+    m.add_function(wrap_pyfunction!(check, m)?)?;
+    m.add_function(wrap_pyfunction!(diff, m)?)?;
+    m.add_function(wrap_pyfunction!(create, m)?)?;
+    m.add_function(wrap_pyfunction!(snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(write, m)?)?;
+    Ok(())
+}

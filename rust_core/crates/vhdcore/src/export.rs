@@ -1,0 +1,282 @@
+//! Flattening a chain into a raw disk or a dynamic VHD whose all-zero blocks stay unallocated.
+//!
+//! Units of `UNIT` bytes are read in parallel batches (rayon) into reused buffers and written in order, so memory
+//! stays at one batch whatever the disk size.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use zerocopy::IntoBytes;
+
+use crate::chain::Chain;
+use crate::error::{Result, VhdError};
+use crate::format::{bitmap_size, DiskType, DEFAULT_BLOCK_SIZE, FOOTER_SIZE, SECTOR_SIZE};
+use crate::writer::{bitmap_all_present, new_footer, new_header, sparse_layout};
+
+const UNIT: u64 = DEFAULT_BLOCK_SIZE as u64;
+const BATCH_BYTES: u64 = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    Raw,
+    Vhd,
+}
+
+impl ExportFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExportFormat::Raw => "raw",
+            ExportFormat::Vhd => "vhd",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportStats {
+    pub format: ExportFormat,
+    pub virtual_size: u64,
+    pub bytes_written: u64,
+    /// Bytes of the flattened disk that are not zero, in whole units.
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Where the bytes go: a temporary file renamed into place, or a device/pipe written straight through.
+enum Target {
+    Staged {
+        file: File,
+        temp: PathBuf,
+        dest: PathBuf,
+    },
+    Stream {
+        file: File,
+        path: PathBuf,
+    },
+}
+
+impl Target {
+    fn open(out: &Path, format: ExportFormat) -> Result<Target> {
+        let special = std::fs::metadata(out).ok().filter(|m| !m.is_file());
+        if let Some(meta) = special {
+            let ft = meta.file_type();
+            let streamable = ft.is_char_device() || ft.is_fifo() || ft.is_block_device();
+            if !streamable || format == ExportFormat::Vhd {
+                return Err(VhdError::invalid_argument(
+                    Some(out),
+                    format!(
+                        "cannot export {} to {}: not a regular file",
+                        format.as_str(),
+                        out.display()
+                    ),
+                ));
+            }
+            let file = OpenOptions::new()
+                .write(true)
+                .open(out)
+                .map_err(|e| VhdError::io(out, "open", e))?;
+            return Ok(Target::Stream {
+                file,
+                path: out.to_path_buf(),
+            });
+        }
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "export".into());
+        let temp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp)
+            .map_err(|e| VhdError::io(&temp, "create", e))?;
+        Ok(Target::Staged {
+            file,
+            temp,
+            dest: out.to_path_buf(),
+        })
+    }
+
+    fn file(&self) -> &File {
+        match self {
+            Target::Staged { file, .. } | Target::Stream { file, .. } => file,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Target::Staged { temp, .. } => temp,
+            Target::Stream { path, .. } => path,
+        }
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file()
+            .write_all_at(buf, offset)
+            .map_err(|e| VhdError::io(self.path(), "write", e))
+    }
+
+    fn finish(self) -> Result<()> {
+        if let Target::Staged { temp, dest, .. } = &self {
+            std::fs::rename(temp, dest).map_err(|e| VhdError::io(dest, "rename into place", e))?;
+        }
+        Ok(())
+    }
+
+    fn abandon(self) {
+        if let Target::Staged { temp, .. } = &self {
+            let _ = std::fs::remove_file(temp);
+        }
+    }
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    // OR-folding fixed 64-byte chunks is what the compiler vectorizes best.
+    let mut chunks = buf.chunks_exact(64);
+    chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0)
+        && chunks.remainder().iter().all(|b| *b == 0)
+}
+
+/// Fills `buf` with unit `u` of the flattened disk; returns false (buffer untouched) when it is all zeros.
+fn read_unit(chain: &Chain, occupied: &[bool], u: u64, buf: &mut [u8]) -> Result<bool> {
+    let grain = chain.grain();
+    let start = u * UNIT;
+    let first_window = start / grain;
+    let last_window = (start + u64::try_from(buf.len()).unwrap_or(0) - 1) / grain;
+    let any = (first_window..=last_window).any(|w| {
+        occupied
+            .get(usize::try_from(w).unwrap_or(usize::MAX))
+            .copied()
+            .unwrap_or(false)
+    });
+    if !any {
+        return Ok(false);
+    }
+    chain.read_at(start, buf)?;
+    Ok(!is_zero(buf))
+}
+
+pub fn export(
+    chain: &Chain,
+    out: &Path,
+    format: ExportFormat,
+    progress: &mut dyn FnMut(u64, u64) -> bool,
+) -> Result<ExportStats> {
+    let started = Instant::now();
+    let target = Target::open(out, format)?;
+    match run_export(chain, &target, format, progress) {
+        Ok(mut stats) => {
+            target.finish()?;
+            stats.seconds = started.elapsed().as_secs_f64();
+            Ok(stats)
+        }
+        Err(e) => {
+            target.abandon();
+            Err(e)
+        }
+    }
+}
+
+fn run_export(
+    chain: &Chain,
+    target: &Target,
+    format: ExportFormat,
+    progress: &mut dyn FnMut(u64, u64) -> bool,
+) -> Result<ExportStats> {
+    let size = chain.virtual_size();
+    let units = size.div_ceil(UNIT);
+    let occupied = chain.occupancy();
+    let streaming = matches!(target, Target::Stream { .. });
+    let layout = sparse_layout(size, DEFAULT_BLOCK_SIZE)?;
+    let mut bat = vec![crate::format::BAT_UNUSED; usize::try_from(layout.entries).unwrap_or(0)];
+    let mut next_block = layout.table_offset + layout.table_bytes;
+    let bitmap = bitmap_all_present(DEFAULT_BLOCK_SIZE);
+    let bitmap_len = bitmap_size(DEFAULT_BLOCK_SIZE);
+    if format == ExportFormat::Raw && !streaming {
+        target
+            .file()
+            .set_len(size)
+            .map_err(|e| VhdError::io(target.path(), "extend", e))?;
+    }
+    let per_batch = usize::try_from(BATCH_BYTES / UNIT).unwrap_or(1).max(1);
+    let mut pool: Vec<Vec<u8>> = (0..per_batch)
+        .map(|_| vec![0u8; usize::try_from(UNIT).unwrap_or(0)])
+        .collect();
+    let zeros = vec![0u8; usize::try_from(UNIT).unwrap_or(0)];
+    let mut data_bytes = 0u64;
+    let mut batch_start = 0u64;
+    while batch_start < units {
+        let batch_end = (batch_start + u64::try_from(per_batch).unwrap_or(1)).min(units);
+        let unit_len = |u: u64| usize::try_from(UNIT.min(size - u * UNIT)).unwrap_or(0);
+        let count = usize::try_from(batch_end - batch_start).unwrap_or(0);
+        let results: Vec<bool> = pool[..count]
+            .par_iter_mut()
+            .enumerate()
+            .map(|(i, buf)| {
+                let u = batch_start + u64::try_from(i).unwrap_or(0);
+                read_unit(chain, &occupied, u, &mut buf[..unit_len(u)])
+            })
+            .collect::<Result<_>>()?;
+        for (i, has_data) in results.iter().enumerate() {
+            let u = batch_start + u64::try_from(i).unwrap_or(0);
+            let len = unit_len(u);
+            let data = &pool[i][..len];
+            if *has_data {
+                data_bytes += u64::try_from(len).unwrap_or(0);
+            }
+            match (format, *has_data) {
+                (ExportFormat::Raw, true) => target.write_at(data, u * UNIT)?,
+                (ExportFormat::Raw, false) if streaming => {
+                    target.write_at(&zeros[..len], u * UNIT)?
+                }
+                (ExportFormat::Raw, false) | (ExportFormat::Vhd, false) => {}
+                (ExportFormat::Vhd, true) => {
+                    target.write_at(&bitmap, next_block)?;
+                    target.write_at(data, next_block + bitmap_len)?;
+                    bat[i + usize::try_from(batch_start).unwrap_or(0)] =
+                        u32::try_from(next_block / SECTOR_SIZE).map_err(|_| {
+                            VhdError::invalid_argument(Some(target.path()), "output too large")
+                        })?;
+                    next_block += bitmap_len + UNIT;
+                }
+            }
+        }
+        batch_start = batch_end;
+        if !progress((batch_start * UNIT).min(size), size) {
+            return Err(VhdError::Interrupted {
+                path: chain.leaf().path.clone(),
+            });
+        }
+    }
+    let bytes_written = match format {
+        ExportFormat::Raw => size,
+        ExportFormat::Vhd => {
+            let uuid = *uuid::Uuid::new_v4().as_bytes();
+            let footer = new_footer(DiskType::Dynamic, size, uuid);
+            let mut header = new_header(&layout, DEFAULT_BLOCK_SIZE);
+            header.seal();
+            let mut table: Vec<u8> = bat.iter().flat_map(|e| e.to_be_bytes()).collect();
+            table.resize(usize::try_from(layout.table_bytes).unwrap_or(0), 0xFF);
+            target.write_at(footer.as_bytes(), 0)?;
+            target.write_at(header.as_bytes(), FOOTER_SIZE)?;
+            target.write_at(&table, layout.table_offset)?;
+            target.write_at(footer.as_bytes(), next_block)?;
+            next_block + FOOTER_SIZE
+        }
+    };
+    Ok(ExportStats {
+        format,
+        virtual_size: size,
+        bytes_written,
+        data_bytes,
+        zero_bytes: size - data_bytes,
+        seconds: 0.0,
+    })
+}

@@ -1,0 +1,26 @@
+//! vhdcore: read, write, map, diff and flatten VHD chains.
+//!
+//! A library a storage engineer can use alone, like `qemu-img`: it knows nothing of clouds, jobs or HTTP, only the
+//! disks it is handed. Every malformed input gives a typed [`VhdError`] naming the field and offset.
+
+pub mod chain;
+pub mod check;
+pub mod diff;
+pub mod disk;
+pub mod error;
+pub mod export;
+pub mod format;
+pub mod map;
+pub mod resolve;
+pub mod writer;
+
+pub use chain::{Chain, MAX_CHAIN_DEPTH};
+pub use check::check;
+pub use diff::{diff, DiffResult};
+pub use disk::Disk;
+pub use error::{ErrorKind, Result, VhdError};
+pub use export::{export, ExportFormat, ExportStats};
+pub use format::{DiskType, DEFAULT_BLOCK_SIZE, MAX_VIRTUAL_SIZE};
+pub use map::Extent;
+pub use resolve::Run;
+pub use writer::{create, snapshot, write};

@@ -1,0 +1,286 @@
+//! Which layer holds each sector of the flattened disk, window by window, and reading the flattened bytes.
+//!
+//! A window is `Chain::grain()` bytes (the smallest block size in the chain), so it never straddles a block of
+//! any layer: each layer answers for a window with one state (absent, full, or a bitmap of present sectors).
+
+use crate::chain::Chain;
+use crate::disk::{read_exact_at, Disk};
+use crate::error::{Result, VhdError};
+use crate::format::{DiskType, SECTOR_SIZE};
+
+/// What one layer holds of one window.
+#[derive(Debug, Clone)]
+pub(crate) enum LayerState {
+    Absent,
+    /// Every sector of the window is in this layer, contiguous in the file from `offset`.
+    Full {
+        offset: u64,
+    },
+    /// Only the sectors whose bit is set (MSB-first, bit i = window sector i); data contiguous from `offset`.
+    Partial {
+        offset: u64,
+        bits: Vec<u8>,
+    },
+}
+
+fn bit(bits: &[u8], i: usize) -> bool {
+    bits[i / 8] & (0x80 >> (i % 8)) != 0
+}
+
+/// Bits for sectors `[0, present)` of an `n`-sector window, the rest clear.
+fn prefix_bits(n: usize, present: usize) -> Vec<u8> {
+    let mut bits = vec![0u8; n.div_ceil(8)];
+    for i in 0..present.min(n) {
+        bits[i / 8] |= 0x80 >> (i % 8);
+    }
+    bits
+}
+
+impl Disk {
+    /// File offset of `sector`'s bytes in this layer, or None when the layer does not hold it.
+    pub(crate) fn sector_location(&self, sector: u64) -> Result<Option<u64>> {
+        if sector >= self.virtual_size / SECTOR_SIZE {
+            return Ok(None);
+        }
+        let Some(sparse) = &self.sparse else {
+            return Ok(Some(sector * SECTOR_SIZE));
+        };
+        let spb = sparse.sectors_per_block();
+        let Some(block_offset) = sparse.block_offset(sector / spb) else {
+            return Ok(None);
+        };
+        let within = sector % spb;
+        let data = block_offset + sparse.bitmap_size + within * SECTOR_SIZE;
+        if self.disk_type == DiskType::Dynamic {
+            return Ok(Some(data));
+        }
+        let mut byte = [0u8; 1];
+        read_exact_at(&self.file, &self.path, &mut byte, block_offset + within / 8)?;
+        Ok((byte[0] & (0x80 >> (within % 8)) != 0).then_some(data))
+    }
+
+    /// The state of the window of `n` sectors starting at `start` (a multiple of `n`, `n` dividing the block size).
+    pub(crate) fn window_state(&self, start: u64, n: u64) -> Result<LayerState> {
+        let size_sectors = self.virtual_size / SECTOR_SIZE;
+        if start >= size_sectors {
+            return Ok(LayerState::Absent);
+        }
+        let inside = (size_sectors - start).min(n);
+        let n_usize = usize::try_from(n).unwrap_or(usize::MAX);
+        let inside_usize = usize::try_from(inside).unwrap_or(usize::MAX);
+        let clip = |offset: u64| {
+            if inside == n {
+                LayerState::Full { offset }
+            } else {
+                LayerState::Partial {
+                    offset,
+                    bits: prefix_bits(n_usize, inside_usize),
+                }
+            }
+        };
+        let Some(sparse) = &self.sparse else {
+            return Ok(clip(start * SECTOR_SIZE));
+        };
+        let spb = sparse.sectors_per_block();
+        let block = start / spb;
+        let Some(block_offset) = sparse.block_offset(block) else {
+            return Ok(LayerState::Absent);
+        };
+        let within = start % spb;
+        let data = block_offset + sparse.bitmap_size + within * SECTOR_SIZE;
+        if self.disk_type == DiskType::Dynamic {
+            // Like qemu, a dynamic disk's allocated block is all data; its bitmap is not consulted.
+            return Ok(clip(data));
+        }
+        let mut bits = vec![0u8; n_usize.div_ceil(8)];
+        read_exact_at(&self.file, &self.path, &mut bits, block_offset + within / 8)?;
+        if inside < n {
+            let mask = prefix_bits(n_usize, inside_usize);
+            bits.iter_mut().zip(mask).for_each(|(b, m)| *b &= m);
+        }
+        Ok(if bits.iter().all(|b| *b == 0xFF) {
+            LayerState::Full { offset: data }
+        } else if bits.iter().all(|b| *b == 0) {
+            LayerState::Absent
+        } else {
+            LayerState::Partial { offset: data, bits }
+        })
+    }
+}
+
+/// A run of sectors of the flattened disk and where its bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub start_sector: u64,
+    pub sectors: u64,
+    /// Index into `Chain::layers`, or None when no layer holds these sectors (they read as zeros).
+    pub layer: Option<usize>,
+    pub file_offset: u64,
+}
+
+impl Chain {
+    pub fn window_count(&self) -> u64 {
+        self.virtual_size().div_ceil(self.grain())
+    }
+
+    /// Sectors of window `w`: `(first sector, count)`, the last window clipped to the disk.
+    pub fn window_sectors(&self, w: u64) -> (u64, u64) {
+        let spw = self.grain() / SECTOR_SIZE;
+        let start = w * spw;
+        let total = self.virtual_size() / SECTOR_SIZE;
+        (start, spw.min(total.saturating_sub(start)))
+    }
+
+    /// Appends to `runs` the runs of window `w`, in order, covering it exactly.
+    pub fn resolve_window(&self, w: u64, runs: &mut Vec<Run>) -> Result<()> {
+        let spw = self.grain() / SECTOR_SIZE;
+        let (start, count) = self.window_sectors(w);
+        if count == 0 {
+            return Ok(());
+        }
+        let count_usize = usize::try_from(count).unwrap_or(usize::MAX);
+        let mut unresolved: Option<Vec<u8>> = None; // None = every sector still unresolved
+        let mut owners: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+        for (index, layer) in self.layers.iter().enumerate() {
+            let state = layer.window_state(start, spw)?;
+            match (state, &mut unresolved) {
+                (LayerState::Absent, _) => continue,
+                (LayerState::Full { offset }, None) => {
+                    runs.push(Run {
+                        start_sector: start,
+                        sectors: count,
+                        layer: Some(index),
+                        file_offset: offset,
+                    });
+                    return Ok(());
+                }
+                (LayerState::Full { offset }, Some(left)) => {
+                    owners.push((index, offset, std::mem::take(left)));
+                    break;
+                }
+                (LayerState::Partial { offset, bits }, None) => {
+                    unresolved = Some(bits.iter().map(|b| !b).collect());
+                    owners.push((index, offset, bits));
+                }
+                (LayerState::Partial { offset, bits }, Some(left)) => {
+                    let take: Vec<u8> = bits.iter().zip(left.iter()).map(|(b, l)| b & l).collect();
+                    left.iter_mut().zip(&bits).for_each(|(l, b)| *l &= !b);
+                    if take.iter().any(|b| *b != 0) {
+                        owners.push((index, offset, take));
+                    }
+                }
+            }
+            if unresolved
+                .as_ref()
+                .is_some_and(|left| left.iter().all(|b| *b == 0))
+            {
+                break;
+            }
+        }
+        if owners.is_empty() {
+            runs.push(Run {
+                start_sector: start,
+                sectors: count,
+                layer: None,
+                file_offset: 0,
+            });
+            return Ok(());
+        }
+        let owner_of = |i: usize| owners.iter().find(|(_, _, bits)| bit(bits, i));
+        let mut i = 0usize;
+        while i < count_usize {
+            let owner = owner_of(i).map(|(layer, offset, _)| (*layer, *offset));
+            let mut j = i + 1;
+            while j < count_usize
+                && owner_of(j).map(|(layer, offset, _)| (*layer, *offset)) == owner
+            {
+                j += 1;
+            }
+            let rel = u64::try_from(i).unwrap_or(0);
+            let len = u64::try_from(j - i).unwrap_or(0);
+            runs.push(match owner {
+                Some((layer, offset)) => Run {
+                    start_sector: start + rel,
+                    sectors: len,
+                    layer: Some(layer),
+                    file_offset: offset + rel * SECTOR_SIZE,
+                },
+                None => Run {
+                    start_sector: start + rel,
+                    sectors: len,
+                    layer: None,
+                    file_offset: 0,
+                },
+            });
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Reads the runs into `buf` (which starts at the first run's sector); zero runs are zero-filled.
+    pub fn read_runs(&self, runs: &[Run], buf: &mut [u8]) -> Result<()> {
+        let Some(first) = runs.first() else {
+            return Ok(());
+        };
+        for run in runs {
+            let at = usize::try_from((run.start_sector - first.start_sector) * SECTOR_SIZE)
+                .unwrap_or(usize::MAX);
+            let len = usize::try_from(run.sectors * SECTOR_SIZE).unwrap_or(usize::MAX);
+            let dst = buf.get_mut(at..at.saturating_add(len)).ok_or_else(|| {
+                VhdError::invalid_argument(None, "read buffer smaller than the runs it must hold")
+            })?;
+            match run.layer {
+                Some(layer) => {
+                    let disk = &self.layers[layer];
+                    read_exact_at(&disk.file, &disk.path, dst, run.file_offset)?;
+                }
+                None => dst.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of the flattened disk at byte `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        let end = offset
+            .checked_add(len)
+            .filter(|end| *end <= self.virtual_size())
+            .ok_or_else(|| {
+                VhdError::invalid_argument(
+                    Some(&self.leaf().path),
+                    format!(
+                        "read of {len} bytes at offset {offset} is past the disk's end ({})",
+                        self.virtual_size()
+                    ),
+                )
+            })?;
+        let grain = self.grain();
+        let mut runs = Vec::new();
+        let mut window_buf: Vec<u8> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let w = pos / grain;
+            runs.clear();
+            self.resolve_window(w, &mut runs)?;
+            let (start, count) = self.window_sectors(w);
+            let window_start = start * SECTOR_SIZE;
+            let window_end = window_start + count * SECTOR_SIZE;
+            let dst_at = usize::try_from(pos - offset).unwrap_or(0);
+            if pos == window_start && window_end <= end {
+                // The whole window is wanted: read straight into the caller's buffer.
+                let n = usize::try_from(count * SECTOR_SIZE).unwrap_or(0);
+                self.read_runs(&runs, &mut buf[dst_at..dst_at + n])?;
+                pos = window_end;
+                continue;
+            }
+            window_buf.resize(usize::try_from(count * SECTOR_SIZE).unwrap_or(0), 0);
+            self.read_runs(&runs, &mut window_buf)?;
+            let from = usize::try_from(pos - window_start).unwrap_or(0);
+            let to = usize::try_from(end.min(window_end) - window_start).unwrap_or(0);
+            buf[dst_at..dst_at + (to - from)].copy_from_slice(&window_buf[from..to]);
+            pos = end.min(window_end);
+        }
+        Ok(())
+    }
+}
