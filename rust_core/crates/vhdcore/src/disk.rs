@@ -268,7 +268,7 @@ impl Disk {
                 reason: format!("a parent path is at most {MAX_LOCATOR_BYTES} bytes"),
             });
         }
-        let end = offset.checked_add(u64::from(length)).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(u64::from(length));
         if end > self.file_size {
             return Err(VhdError::Truncated {
                 path: self.path.clone(),
@@ -388,7 +388,7 @@ fn probe_legacy(
 fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
     let path = &disk.path;
     let header_offset = disk.footer.data_offset.get();
-    let header_end = header_offset.checked_add(HEADER_SIZE).unwrap_or(u64::MAX);
+    let header_end = header_offset.saturating_add(HEADER_SIZE);
     if header_end > disk.footer_offset {
         return Err(VhdError::Truncated {
             path: path.clone(),
@@ -449,7 +449,7 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
     }
     let table_offset = header.table_offset.get();
     let table_bytes = max_entries * 4;
-    let table_end = table_offset.checked_add(table_bytes).unwrap_or(u64::MAX);
+    let table_end = table_offset.saturating_add(table_bytes);
     if table_end > disk.footer_offset {
         return Err(VhdError::Truncated {
             path: path.clone(),

@@ -382,8 +382,8 @@ impl SparseWriter {
         let span_start = first_sector * SECTOR_SIZE;
         let mut span =
             vec![0u8; usize::try_from((last_sector - first_sector) * SECTOR_SIZE).unwrap_or(0)];
-        let head_partial = within % SECTOR_SIZE != 0;
-        let tail_partial = (within + len) % SECTOR_SIZE != 0;
+        let head_partial = !within.is_multiple_of(SECTOR_SIZE);
+        let tail_partial = !(within + len).is_multiple_of(SECTOR_SIZE);
         for (sector, partial) in [
             (first_sector, head_partial),
             (last_sector - 1, tail_partial),
