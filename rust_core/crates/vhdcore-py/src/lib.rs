@@ -11,84 +11,19 @@ use pyo3::types::{PyBytes, PyDict};
 
 use vhdcore::{DiskType, ErrorKind, ExportFormat};
 
-create_exception!(
-    _vhdcore,
-    VhdError,
-    PyException,
-    "Root of every error vhdcore raises."
-);
-create_exception!(
-    _vhdcore,
-    VhdIoError,
-    VhdError,
-    "The disk could not be read or written."
-);
-create_exception!(
-    _vhdcore,
-    VhdFormatError,
-    VhdError,
-    "A VHD structure is malformed."
-);
-create_exception!(
-    _vhdcore,
-    ChecksumError,
-    VhdFormatError,
-    "A footer or header checksum does not match."
-);
-create_exception!(
-    _vhdcore,
-    TruncatedError,
-    VhdFormatError,
-    "The file ends before a structure it must hold."
-);
-create_exception!(
-    _vhdcore,
-    BatError,
-    VhdFormatError,
-    "A BAT entry points past the data or overlaps another."
-);
-create_exception!(
-    _vhdcore,
-    UnsupportedError,
-    VhdFormatError,
-    "A valid but unsupported VHD feature."
-);
-create_exception!(
-    _vhdcore,
-    ChainError,
-    VhdError,
-    "The chain of parents cannot be resolved."
-);
-create_exception!(
-    _vhdcore,
-    MissingParentError,
-    ChainError,
-    "A differencing disk's parent is not found."
-);
-create_exception!(
-    _vhdcore,
-    ParentMismatchError,
-    ChainError,
-    "The file found as parent has another UUID."
-);
-create_exception!(
-    _vhdcore,
-    ChainCycleError,
-    ChainError,
-    "The chain loops back on itself."
-);
-create_exception!(
-    _vhdcore,
-    ChainTooDeepError,
-    ChainError,
-    "The chain is deeper than the cap."
-);
-create_exception!(
-    _vhdcore,
-    InvalidArgumentError,
-    VhdError,
-    "A request the disk cannot honour."
-);
+create_exception!(_vhdcore, VhdError, PyException, "Root of every error vhdcore raises.");
+create_exception!(_vhdcore, VhdIoError, VhdError, "The disk could not be read or written.");
+create_exception!(_vhdcore, VhdFormatError, VhdError, "A VHD structure is malformed.");
+create_exception!(_vhdcore, ChecksumError, VhdFormatError, "A footer or header checksum does not match.");
+create_exception!(_vhdcore, TruncatedError, VhdFormatError, "The file ends before a structure it must hold.");
+create_exception!(_vhdcore, BatError, VhdFormatError, "A BAT entry points past the data or overlaps another.");
+create_exception!(_vhdcore, UnsupportedError, VhdFormatError, "A valid but unsupported VHD feature.");
+create_exception!(_vhdcore, ChainError, VhdError, "The chain of parents cannot be resolved.");
+create_exception!(_vhdcore, MissingParentError, ChainError, "A differencing disk's parent is not found.");
+create_exception!(_vhdcore, ParentMismatchError, ChainError, "The file found as parent has another UUID.");
+create_exception!(_vhdcore, ChainCycleError, ChainError, "The chain loops back on itself.");
+create_exception!(_vhdcore, ChainTooDeepError, ChainError, "The chain is deeper than the cap.");
+create_exception!(_vhdcore, InvalidArgumentError, VhdError, "A request the disk cannot honour.");
 
 fn to_py_err(py: Python<'_>, err: vhdcore::VhdError) -> PyErr {
     let message = err.to_string();
@@ -104,20 +39,11 @@ fn to_py_err(py: Python<'_>, err: vhdcore::VhdError) -> PyErr {
         ErrorKind::ChainCycle => ChainCycleError::new_err(message),
         ErrorKind::ChainTooDeep => ChainTooDeepError::new_err(message),
         ErrorKind::InvalidArgument => InvalidArgumentError::new_err(message),
-        ErrorKind::Interrupted => {
-            return pyo3::exceptions::PyKeyboardInterrupt::new_err("interrupted")
-        }
+        ErrorKind::Interrupted => return pyo3::exceptions::PyKeyboardInterrupt::new_err("interrupted"),
     };
     let value = py_err.value(py);
     let attrs: [(&str, PyObject); 4] = [
-        (
-            "kind",
-            err.kind()
-                .as_str()
-                .into_pyobject(py)
-                .map(|v| v.into_any().unbind())
-                .unwrap_or_else(|_| py.None()),
-        ),
+        ("kind", err.kind().as_str().into_pyobject(py).map(|v| v.into_any().unbind()).unwrap_or_else(|_| py.None())),
         (
             "path",
             err.path()
@@ -126,20 +52,8 @@ fn to_py_err(py: Python<'_>, err: vhdcore::VhdError) -> PyErr {
                 .map(|v| v.unbind())
                 .unwrap_or_else(|_| py.None()),
         ),
-        (
-            "field",
-            err.field()
-                .into_pyobject(py)
-                .map(|v| v.unbind())
-                .unwrap_or_else(|_| py.None()),
-        ),
-        (
-            "offset",
-            err.offset()
-                .into_pyobject(py)
-                .map(|v| v.unbind())
-                .unwrap_or_else(|_| py.None()),
-        ),
+        ("field", err.field().into_pyobject(py).map(|v| v.unbind()).unwrap_or_else(|_| py.None())),
+        ("offset", err.offset().into_pyobject(py).map(|v| v.unbind()).unwrap_or_else(|_| py.None())),
     ];
     for (name, attr) in attrs {
         // Setting attributes on a fresh exception instance cannot fail in practice; keep the error if it does.
@@ -185,16 +99,11 @@ impl Layer {
             virtual_size: disk.virtual_size,
             file_size: disk.file_size,
             block_size: disk.block_size(),
-            max_table_entries: disk
-                .sparse
-                .as_ref()
-                .map_or(0, |s| s.header.max_table_entries.get()),
+            max_table_entries: disk.sparse.as_ref().map_or(0, |s| s.header.max_table_entries.get()),
             allocated_blocks: disk.allocated_blocks(),
             uuid: disk.uuid_string(),
             timestamp: disk.footer.timestamp.get(),
-            creator_app: String::from_utf8_lossy(&disk.footer.creator_app)
-                .trim_end_matches(['\0', ' '])
-                .to_string(),
+            creator_app: String::from_utf8_lossy(&disk.footer.creator_app).trim_end_matches(['\0', ' ']).to_string(),
             legacy_footer: disk.legacy_footer,
             parent_uuid: disk.parent_uuid().map(|u| vhdcore::format::uuid_string(&u)),
             parent_name: disk.parent_name(),
@@ -225,10 +134,7 @@ impl Layer {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "Layer(path={:?}, disk_type={:?}, virtual_size={})",
-            self.path, self.disk_type, self.virtual_size
-        )
+        format!("Layer(path={:?}, disk_type={:?}, virtual_size={})", self.path, self.disk_type, self.virtual_size)
     }
 }
 
@@ -243,14 +149,8 @@ struct Extent {
 impl Extent {
     fn __repr__(&self) -> String {
         match self.layer {
-            Some(layer) => format!(
-                "Extent(start={}, length={}, layer={layer})",
-                self.start, self.length
-            ),
-            None => format!(
-                "Extent(start={}, length={}, layer=None)",
-                self.start, self.length
-            ),
+            Some(layer) => format!("Extent(start={}, length={}, layer={layer})", self.start, self.length),
+            None => format!("Extent(start={}, length={}, layer=None)", self.start, self.length),
         }
     }
 }
@@ -314,44 +214,23 @@ impl Chain {
     fn map(&self, py: Python<'_>) -> PyResult<Vec<Extent>> {
         let inner = Arc::clone(&self.inner);
         let extents = py.allow_threads(|| inner.map()).or_raise(py)?;
-        Ok(extents
-            .into_iter()
-            .map(|e| Extent {
-                start: e.start,
-                length: e.length,
-                layer: e.layer,
-            })
-            .collect())
+        Ok(extents.into_iter().map(|e| Extent { start: e.start, length: e.length, layer: e.layer }).collect())
     }
 
-    fn read<'py>(
-        &self,
-        py: Python<'py>,
-        offset: u64,
-        length: usize,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+    fn read<'py>(&self, py: Python<'py>, offset: u64, length: usize) -> PyResult<Bound<'py, PyBytes>> {
         let inner = Arc::clone(&self.inner);
         let mut buf = vec![0u8; length];
-        py.allow_threads(|| inner.read_at(offset, &mut buf))
-            .or_raise(py)?;
+        py.allow_threads(|| inner.read_at(offset, &mut buf)).or_raise(py)?;
         Ok(PyBytes::new(py, &buf))
     }
 
     #[pyo3(signature = (out, format = "raw", progress = None))]
-    fn export(
-        &self,
-        py: Python<'_>,
-        out: PathBuf,
-        format: &str,
-        progress: Option<PyObject>,
-    ) -> PyResult<ExportStats> {
+    fn export(&self, py: Python<'_>, out: PathBuf, format: &str, progress: Option<PyObject>) -> PyResult<ExportStats> {
         let format = match format {
             "raw" => ExportFormat::Raw,
             "vhd" => ExportFormat::Vhd,
             other => {
-                return Err(InvalidArgumentError::new_err(format!(
-                    "unknown export format {other:?}; use raw or vhd"
-                )))
+                return Err(InvalidArgumentError::new_err(format!("unknown export format {other:?}; use raw or vhd")))
             }
         };
         let inner = Arc::clone(&self.inner);
@@ -402,20 +281,13 @@ fn wrap_chain(chain: vhdcore::Chain) -> Chain {
     let layers = chain.layers.iter().map(Layer::from_disk).collect();
     let virtual_size = chain.virtual_size();
     let warnings = chain.warnings.clone();
-    Chain {
-        inner: Arc::new(chain),
-        layers,
-        virtual_size,
-        warnings,
-    }
+    Chain { inner: Arc::new(chain), layers, virtual_size, warnings }
 }
 
 #[pyfunction]
 #[pyo3(signature = (path, max_depth = vhdcore::MAX_CHAIN_DEPTH))]
 fn open_chain(py: Python<'_>, path: PathBuf, max_depth: usize) -> PyResult<Chain> {
-    let chain = py
-        .allow_threads(|| vhdcore::Chain::open(&path, max_depth))
-        .or_raise(py)?;
+    let chain = py.allow_threads(|| vhdcore::Chain::open(&path, max_depth)).or_raise(py)?;
     Ok(wrap_chain(chain))
 }
 
@@ -427,9 +299,7 @@ fn check(py: Python<'_>, path: PathBuf, max_depth: usize) -> Vec<Problem> {
         .into_iter()
         .map(|p| Problem {
             kind: p.kind().as_str().to_string(),
-            path: p
-                .path()
-                .map_or_else(|| path.display().to_string(), |q| q.display().to_string()),
+            path: p.path().map_or_else(|| path.display().to_string(), |q| q.display().to_string()),
             field: p.field().map(str::to_string),
             offset: p.offset(),
             message: p.to_string(),
@@ -447,50 +317,33 @@ fn diff(py: Python<'_>, old: PathBuf, new: PathBuf, max_depth: usize) -> PyResul
             vhdcore::diff(&a, &b)
         })
         .or_raise(py)?;
-    Ok(Diff {
-        ranges: result.ranges,
-        total: result.total,
-        shared_layers: result.shared_layers,
-    })
+    Ok(Diff { ranges: result.ranges, total: result.total, shared_layers: result.shared_layers })
 }
 
 #[pyfunction]
 #[pyo3(signature = (path, size, disk_type = "dynamic", block_size = vhdcore::DEFAULT_BLOCK_SIZE))]
-fn create(
-    py: Python<'_>,
-    path: PathBuf,
-    size: u64,
-    disk_type: &str,
-    block_size: u32,
-) -> PyResult<Layer> {
+fn create(py: Python<'_>, path: PathBuf, size: u64, disk_type: &str, block_size: u32) -> PyResult<Layer> {
     let kind = match disk_type {
         "dynamic" => DiskType::Dynamic,
         "fixed" => DiskType::Fixed,
         other => {
-            return Err(InvalidArgumentError::new_err(format!(
-                "unknown disk type {other:?}; use dynamic or fixed"
-            )))
+            return Err(InvalidArgumentError::new_err(format!("unknown disk type {other:?}; use dynamic or fixed")))
         }
     };
-    let disk = py
-        .allow_threads(|| vhdcore::create(&path, size, kind, block_size))
-        .or_raise(py)?;
+    let disk = py.allow_threads(|| vhdcore::create(&path, size, kind, block_size)).or_raise(py)?;
     Ok(Layer::from_disk(&disk))
 }
 
 #[pyfunction]
 fn snapshot(py: Python<'_>, parent: PathBuf, child: PathBuf) -> PyResult<Layer> {
-    let disk = py
-        .allow_threads(|| vhdcore::snapshot(&parent, &child))
-        .or_raise(py)?;
+    let disk = py.allow_threads(|| vhdcore::snapshot(&parent, &child)).or_raise(py)?;
     Ok(Layer::from_disk(&disk))
 }
 
 #[pyfunction]
 fn write(py: Python<'_>, path: PathBuf, offset: u64, data: &[u8]) -> PyResult<()> {
     let owned = data.to_vec();
-    py.allow_threads(|| vhdcore::write(Path::new(&path), offset, &owned))
-        .or_raise(py)
+    py.allow_threads(|| vhdcore::write(Path::new(&path), offset, &owned)).or_raise(py)
 }
 
 #[pymodule]
@@ -508,10 +361,7 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ParentMismatchError", py.get_type::<ParentMismatchError>())?;
     m.add("ChainCycleError", py.get_type::<ChainCycleError>())?;
     m.add("ChainTooDeepError", py.get_type::<ChainTooDeepError>())?;
-    m.add(
-        "InvalidArgumentError",
-        py.get_type::<InvalidArgumentError>(),
-    )?;
+    m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;
     m.add("DEFAULT_BLOCK_SIZE", vhdcore::DEFAULT_BLOCK_SIZE)?;
     m.add("MAX_CHAIN_DEPTH", vhdcore::MAX_CHAIN_DEPTH)?;
     m.add("MAX_VIRTUAL_SIZE", vhdcore::MAX_VIRTUAL_SIZE)?;

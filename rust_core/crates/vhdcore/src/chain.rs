@@ -23,8 +23,7 @@ fn candidate_paths(child: &Path, hint: &str) -> Vec<PathBuf> {
     let dir = child.parent().map(Path::to_path_buf).unwrap_or_default();
     let unified = hint.replace('\\', "/");
     let mut out = Vec::new();
-    let is_windows_absolute =
-        unified.len() >= 2 && unified.as_bytes()[1] == b':' || unified.starts_with("//");
+    let is_windows_absolute = unified.len() >= 2 && unified.as_bytes()[1] == b':' || unified.starts_with("//");
     if unified.starts_with('/') && !unified.starts_with("//") {
         out.push(PathBuf::from(&unified));
     } else if !is_windows_absolute {
@@ -47,27 +46,18 @@ impl Chain {
         Chain::open_validated(leaf, max_depth, &mut Validator::fail_fast())
     }
 
-    pub(crate) fn open_validated(
-        leaf: &Path,
-        max_depth: usize,
-        v: &mut Validator,
-    ) -> Result<Chain> {
+    pub(crate) fn open_validated(leaf: &Path, max_depth: usize, v: &mut Validator) -> Result<Chain> {
         let first = Disk::open_validated(leaf, v, false)?;
         let mut seen: HashSet<PathBuf> = HashSet::from([canonical(leaf)]);
         let mut layers = vec![first];
         let mut warnings = Vec::new();
         loop {
-            let child = layers
-                .last()
-                .unwrap_or_else(|| unreachable!("the chain has its leaf"));
+            let child = layers.last().unwrap_or_else(|| unreachable!("the chain has its leaf"));
             let Some(parent_uuid) = child.parent_uuid() else {
                 break;
             };
             if layers.len() >= max_depth {
-                return Err(VhdError::ChainTooDeep {
-                    path: leaf.to_path_buf(),
-                    max_depth,
-                });
+                return Err(VhdError::ChainTooDeep { path: leaf.to_path_buf(), max_depth });
             }
             let parent = find_parent(child, parent_uuid, &mut seen, v)?;
             let expected_ts = child.parent_timestamp().unwrap_or(0);
@@ -102,22 +92,12 @@ impl Chain {
 
     /// The unit of work for mapping and copying: the smallest block size in the chain.
     pub fn grain(&self) -> u64 {
-        let smallest = self
-            .layers
-            .iter()
-            .filter_map(Disk::block_size)
-            .min()
-            .unwrap_or(DEFAULT_BLOCK_SIZE);
+        let smallest = self.layers.iter().filter_map(Disk::block_size).min().unwrap_or(DEFAULT_BLOCK_SIZE);
         u64::from(smallest)
     }
 }
 
-fn find_parent(
-    child: &Disk,
-    parent_uuid: [u8; 16],
-    seen: &mut HashSet<PathBuf>,
-    v: &mut Validator,
-) -> Result<Disk> {
+fn find_parent(child: &Disk, parent_uuid: [u8; 16], seen: &mut HashSet<PathBuf>, v: &mut Validator) -> Result<Disk> {
     let hints = child.parent_path_hints()?;
     let mut tried: Vec<PathBuf> = Vec::new();
     let mut mismatch: Option<(PathBuf, [u8; 16])> = None;
@@ -132,10 +112,7 @@ fn find_parent(
             }
             let canon = canonical(&candidate);
             if seen.contains(&canon) {
-                return Err(VhdError::ChainCycle {
-                    path: child.path.clone(),
-                    parent: candidate,
-                });
+                return Err(VhdError::ChainCycle { path: child.path.clone(), parent: candidate });
             }
             let parent = Disk::open_validated(&candidate, v, false)?;
             if parent.uuid() != parent_uuid {

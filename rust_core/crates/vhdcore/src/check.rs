@@ -23,9 +23,8 @@ pub fn check(path: &Path, max_depth: usize) -> Vec<VhdError> {
                     problems.push(e);
                     continue;
                 }
-                let matches = Footer::read_from_bytes(&copy[..])
-                    .map(|c| c.as_bytes() == disk.footer.as_bytes())
-                    .unwrap_or(false);
+                let matches =
+                    Footer::read_from_bytes(&copy[..]).map(|c| c.as_bytes() == disk.footer.as_bytes()).unwrap_or(false);
                 if !matches {
                     problems.push(VhdError::InvalidField {
                         path: disk.path.clone(),

@@ -28,33 +28,18 @@ pub fn diff(old: &Chain, new: &Chain) -> Result<DiffResult> {
     if new.virtual_size() != size {
         return Err(VhdError::invalid_argument(
             Some(&new.leaf().path),
-            format!(
-                "cannot diff disks of different sizes: {} and {}",
-                size,
-                new.virtual_size()
-            ),
+            format!("cannot diff disks of different sizes: {} and {}", size, new.virtual_size()),
         ));
     }
-    let shared = old
-        .layers
-        .iter()
-        .rev()
-        .zip(new.layers.iter().rev())
-        .take_while(|(a, b)| same_layer(a, b))
-        .count();
+    let shared = old.layers.iter().rev().zip(new.layers.iter().rev()).take_while(|(a, b)| same_layer(a, b)).count();
     let unit = old.grain().max(new.grain());
     let units = size.div_ceil(unit);
     let busy_old = old.occupancy_of(old.layers.len() - shared);
     let busy_new = new.occupancy_of(new.layers.len() - shared);
-    let touched = |busy: &[bool], grain: u64, u: u64| {
-        let per = usize::try_from(unit / grain).unwrap_or(1);
-        let from = usize::try_from(u * (unit / grain)).unwrap_or(usize::MAX);
-        busy.get(from..(from + per).min(busy.len()))
-            .is_some_and(|s| s.iter().any(|b| *b))
-    };
-    let candidates: Vec<u64> = (0..units)
-        .filter(|&u| touched(&busy_old, old.grain(), u) || touched(&busy_new, new.grain(), u))
-        .collect();
+    let mut candidates: Vec<u64> =
+        busy_old.windows(unit).chain(busy_new.windows(unit)).filter(|u| *u < units).collect();
+    candidates.sort_unstable();
+    candidates.dedup();
     let unit_len = usize::try_from(unit).unwrap_or(0);
     let per_unit: Vec<Vec<(u64, u64)>> = candidates
         .par_chunks(BATCH_UNITS)
@@ -72,10 +57,7 @@ pub fn diff(old: &Chain, new: &Chain) -> Result<DiffResult> {
                 }
                 for (i, (sa, sb)) in a[..len].chunks(512).zip(b[..len].chunks(512)).enumerate() {
                     if sa != sb {
-                        found.push((
-                            start + u64::try_from(i).unwrap_or(0) * SECTOR_SIZE,
-                            SECTOR_SIZE,
-                        ));
+                        found.push((start + u64::try_from(i).unwrap_or(0) * SECTOR_SIZE, SECTOR_SIZE));
                     }
                 }
             }
@@ -90,9 +72,5 @@ pub fn diff(old: &Chain, new: &Chain) -> Result<DiffResult> {
         }
     }
     let total = ranges.iter().map(|r| r.1).sum();
-    Ok(DiffResult {
-        ranges,
-        total,
-        shared_layers: shared,
-    })
+    Ok(DiffResult { ranges, total, shared_layers: shared })
 }

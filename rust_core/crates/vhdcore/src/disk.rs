@@ -8,9 +8,9 @@ use zerocopy::FromBytes;
 
 use crate::error::{Result, VhdError};
 use crate::format::{
-    bitmap_size, decode_utf16, uuid_string, DiskType, Footer, Header, ParentLocatorEntry,
-    BAT_UNUSED, FOOTER_COOKIE, FOOTER_SIZE, HEADER_COOKIE, HEADER_SIZE, LEGACY_FOOTER_SIZE,
-    MAX_BLOCK_SIZE, MAX_LOCATOR_BYTES, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE, SECTOR_SIZE,
+    bitmap_size, decode_utf16, uuid_string, DiskType, Footer, Header, ParentLocatorEntry, BAT_UNUSED, FOOTER_COOKIE,
+    FOOTER_SIZE, HEADER_COOKIE, HEADER_SIZE, LEGACY_FOOTER_SIZE, MAX_BLOCK_SIZE, MAX_LOCATOR_BYTES, MAX_VIRTUAL_SIZE,
+    MIN_BLOCK_SIZE, SECTOR_SIZE,
 };
 
 /// Collects the problems found while validating. Fail-fast (open) stops at the first; check keeps going.
@@ -21,17 +21,11 @@ pub(crate) struct Validator {
 
 impl Validator {
     pub(crate) fn fail_fast() -> Self {
-        Validator {
-            collect: false,
-            problems: Vec::new(),
-        }
+        Validator { collect: false, problems: Vec::new() }
     }
 
     pub(crate) fn collecting() -> Self {
-        Validator {
-            collect: true,
-            problems: Vec::new(),
-        }
+        Validator { collect: true, problems: Vec::new() }
     }
 
     /// Records a problem the reader can live with (the offending entry is ignored) when collecting.
@@ -87,15 +81,11 @@ pub struct Disk {
 }
 
 pub(crate) fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
-    file.read_exact_at(buf, offset)
-        .map_err(|e| VhdError::io(path, "read", e))
+    file.read_exact_at(buf, offset).map_err(|e| VhdError::io(path, "read", e))
 }
 
 fn cookie_text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes)
-        .chars()
-        .map(|c| if c.is_control() { '.' } else { c })
-        .collect()
+    String::from_utf8_lossy(bytes).chars().map(|c| if c.is_control() { '.' } else { c }).collect()
 }
 
 impl Disk {
@@ -113,20 +103,16 @@ impl Disk {
             .write(writable)
             .open(path)
             .map_err(|e| VhdError::io(path, "open", e))?;
-        let file_size = file
-            .metadata()
-            .map_err(|e| VhdError::io(path, "stat", e))?
-            .len();
+        let file_size = file.metadata().map_err(|e| VhdError::io(path, "stat", e))?.len();
         let (footer, footer_offset, legacy_footer) = read_footer(&file, path, file_size)?;
         let footer_field_offset = footer_offset;
-        let disk_type =
-            DiskType::from_raw(footer.disk_type.get()).ok_or_else(|| VhdError::InvalidField {
-                path: path.to_path_buf(),
-                field: "footer.disk_type".into(),
-                offset: footer_field_offset + 60,
-                value: footer.disk_type.get().to_string(),
-                reason: "expected 2 (fixed), 3 (dynamic) or 4 (differencing)".into(),
-            })?;
+        let disk_type = DiskType::from_raw(footer.disk_type.get()).ok_or_else(|| VhdError::InvalidField {
+            path: path.to_path_buf(),
+            field: "footer.disk_type".into(),
+            offset: footer_field_offset + 60,
+            value: footer.disk_type.get().to_string(),
+            reason: "expected 2 (fixed), 3 (dynamic) or 4 (differencing)".into(),
+        })?;
         let current_size = footer.current_size.get();
         if current_size > MAX_VIRTUAL_SIZE {
             return Err(VhdError::InvalidField {
@@ -134,9 +120,7 @@ impl Disk {
                 field: "footer.current_size".into(),
                 offset: footer_field_offset + 48,
                 value: current_size.to_string(),
-                reason: format!(
-                    "larger than the format's maximum of {MAX_VIRTUAL_SIZE} bytes (2040 GiB)"
-                ),
+                reason: format!("larger than the format's maximum of {MAX_VIRTUAL_SIZE} bytes (2040 GiB)"),
             });
         }
         let virtual_size = current_size / SECTOR_SIZE * SECTOR_SIZE;
@@ -187,9 +171,7 @@ impl Disk {
 
     pub fn parent_name(&self) -> Option<String> {
         match (self.disk_type, &self.sparse) {
-            (DiskType::Differencing, Some(s)) => {
-                Some(decode_utf16(&s.header.parent_unicode_name, true))
-            }
+            (DiskType::Differencing, Some(s)) => Some(decode_utf16(&s.header.parent_unicode_name, true)),
             _ => None,
         }
     }
@@ -211,11 +193,7 @@ impl Disk {
 
     /// The parent paths this child's header names, in the order to try them (locators, then the parent name).
     pub fn parent_path_hints(&self) -> Result<Vec<String>> {
-        let Some(sparse) = self
-            .sparse
-            .as_ref()
-            .filter(|_| self.disk_type == DiskType::Differencing)
-        else {
+        let Some(sparse) = self.sparse.as_ref().filter(|_| self.disk_type == DiskType::Differencing) else {
             return Ok(Vec::new());
         };
         let mut hints = Vec::new();
@@ -231,25 +209,10 @@ impl Disk {
         Ok(hints)
     }
 
-    fn read_locator(
-        &self,
-        sparse: &Sparse,
-        index: usize,
-        entry: &ParentLocatorEntry,
-    ) -> Result<Option<String>> {
-        use crate::format::{
-            PLATFORM_MACX, PLATFORM_W2KU, PLATFORM_W2RU, PLATFORM_WI2K, PLATFORM_WI2R,
-        };
+    fn read_locator(&self, sparse: &Sparse, index: usize, entry: &ParentLocatorEntry) -> Result<Option<String>> {
+        use crate::format::{PLATFORM_MACX, PLATFORM_W2KU, PLATFORM_W2RU, PLATFORM_WI2K, PLATFORM_WI2R};
         let code = entry.platform_code.get();
-        if ![
-            PLATFORM_W2RU,
-            PLATFORM_W2KU,
-            PLATFORM_MACX,
-            PLATFORM_WI2R,
-            PLATFORM_WI2K,
-        ]
-        .contains(&code)
-        {
+        if ![PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_MACX, PLATFORM_WI2R, PLATFORM_WI2K].contains(&code) {
             return Ok(None);
         }
         let field = format!("header.parent_locator[{index}]");
@@ -336,8 +299,7 @@ fn read_footer(file: &File, path: &Path, file_size: u64) -> Result<(Footer, u64,
     } else {
         probe_legacy(file, path, file_size, &mut buf)?
     };
-    let footer =
-        Footer::read_from_bytes(&buf[..]).unwrap_or_else(|_| unreachable!("512-byte buffer"));
+    let footer = Footer::read_from_bytes(&buf[..]).unwrap_or_else(|_| unreachable!("512-byte buffer"));
     if &footer.cookie != FOOTER_COOKIE {
         return Err(VhdError::BadCookie {
             path: path.to_path_buf(),
@@ -361,19 +323,9 @@ fn read_footer(file: &File, path: &Path, file_size: u64) -> Result<(Footer, u64,
 }
 
 /// Looks for a 511-byte footer; leaves the 512-byte candidate in `buf` when there is none, for the error.
-fn probe_legacy(
-    file: &File,
-    path: &Path,
-    file_size: u64,
-    buf: &mut [u8; 512],
-) -> Result<(u64, bool)> {
+fn probe_legacy(file: &File, path: &Path, file_size: u64, buf: &mut [u8; 512]) -> Result<(u64, bool)> {
     let mut legacy = [0u8; 512];
-    read_exact_at(
-        file,
-        path,
-        &mut legacy[..511],
-        file_size - LEGACY_FOOTER_SIZE,
-    )?;
+    read_exact_at(file, path, &mut legacy[..511], file_size - LEGACY_FOOTER_SIZE)?;
     if &legacy[..8] == FOOTER_COOKIE {
         *buf = legacy;
         return Ok((file_size - LEGACY_FOOTER_SIZE, true));
@@ -400,8 +352,7 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
     }
     let mut buf = [0u8; 1024];
     read_exact_at(&disk.file, path, &mut buf, header_offset)?;
-    let header =
-        Header::read_from_bytes(&buf[..]).unwrap_or_else(|_| unreachable!("1024-byte buffer"));
+    let header = Header::read_from_bytes(&buf[..]).unwrap_or_else(|_| unreachable!("1024-byte buffer"));
     if &header.cookie != HEADER_COOKIE {
         return Err(VhdError::BadCookie {
             path: path.clone(),
@@ -428,9 +379,7 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
             field: "header.block_size".into(),
             offset: header_offset + 32,
             value: block_size.to_string(),
-            reason: format!(
-                "expected a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
-            ),
+            reason: format!("expected a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"),
         });
     }
     let needed_entries = disk.virtual_size.div_ceil(u64::from(block_size));
@@ -469,10 +418,7 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
     })?;
     let mut raw = vec![0u8; used_entries * 4];
     read_exact_at(&disk.file, path, &mut raw, table_offset)?;
-    let mut bat: Vec<u32> = raw
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let mut bat: Vec<u32> = raw.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect();
     let bitmap_bytes = bitmap_size(block_size);
     let block_span = bitmap_bytes + u64::from(block_size);
     let data_end = disk.footer_offset;
@@ -507,13 +453,8 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
     placed.sort_unstable();
     let mut dropped = vec![false; placed.len()];
     for (i, &(start, end, index)) in placed.iter().enumerate() {
-        let overlap_meta = metadata
-            .iter()
-            .find(|(ms, me, _)| start < *me && *ms < end && ms < me);
-        let overlap_prev = i
-            .checked_sub(1)
-            .map(|p| placed[p])
-            .filter(|(_, pend, _)| *pend > start);
+        let overlap_meta = metadata.iter().find(|(ms, me, _)| start < *me && *ms < end && ms < me);
+        let overlap_prev = i.checked_sub(1).map(|p| placed[p]).filter(|(_, pend, _)| *pend > start);
         let other = match (overlap_meta, overlap_prev) {
             (Some((_, _, what)), _) => Some((*what).to_string()),
             (None, Some((_, _, pidx))) => Some(format!("the block of bat[{pidx}]")),

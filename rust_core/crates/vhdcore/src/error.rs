@@ -52,76 +52,23 @@ pub enum VhdError {
         source: std::io::Error,
     },
     #[error("{}: {field} at offset {offset}: expected cookie {expected:?}, found {found:?}", path.display())]
-    BadCookie {
-        path: PathBuf,
-        field: String,
-        offset: u64,
-        expected: String,
-        found: String,
-    },
+    BadCookie { path: PathBuf, field: String, offset: u64, expected: String, found: String },
     #[error("{}: {field} at offset {offset}: expected checksum {expected:#010x}, found {found:#010x}", path.display())]
-    Checksum {
-        path: PathBuf,
-        field: String,
-        offset: u64,
-        expected: u32,
-        found: u32,
-    },
+    Checksum { path: PathBuf, field: String, offset: u64, expected: u32, found: u32 },
     #[error("{}: {field} at offset {offset} needs {needed} bytes but the file has {file_size}", path.display())]
-    Truncated {
-        path: PathBuf,
-        field: String,
-        offset: u64,
-        needed: u64,
-        file_size: u64,
-    },
+    Truncated { path: PathBuf, field: String, offset: u64, needed: u64, file_size: u64 },
     #[error("{}: {field} at offset {offset} is {value}: {reason}", path.display())]
-    InvalidField {
-        path: PathBuf,
-        field: String,
-        offset: u64,
-        value: String,
-        reason: String,
-    },
+    InvalidField { path: PathBuf, field: String, offset: u64, value: String, reason: String },
     #[error("{}: {field} at offset {offset} points to sector {sector}, whose block ends at byte {block_end}, past the data end {data_end}", path.display())]
-    BatOutOfRange {
-        path: PathBuf,
-        field: String,
-        offset: u64,
-        sector: u32,
-        block_end: u64,
-        data_end: u64,
-    },
+    BatOutOfRange { path: PathBuf, field: String, offset: u64, sector: u32, block_end: u64, data_end: u64 },
     #[error("{}: {field} at offset {offset}: its block [{start}, {end}) overlaps {other}", path.display())]
-    OverlappingBlocks {
-        path: PathBuf,
-        field: String,
-        offset: u64,
-        start: u64,
-        end: u64,
-        other: String,
-    },
+    OverlappingBlocks { path: PathBuf, field: String, offset: u64, start: u64, end: u64, other: String },
     #[error("{}: {field} at offset {offset}: {what} is not supported", path.display())]
-    Unsupported {
-        path: PathBuf,
-        field: String,
-        offset: u64,
-        what: String,
-    },
+    Unsupported { path: PathBuf, field: String, offset: u64, what: String },
     #[error("{}: parent {parent_name:?} (uuid {parent_uuid}) not found; tried {}", path.display(), fmt_paths(tried))]
-    MissingParent {
-        path: PathBuf,
-        parent_name: String,
-        parent_uuid: String,
-        tried: Vec<PathBuf>,
-    },
+    MissingParent { path: PathBuf, parent_name: String, parent_uuid: String, tried: Vec<PathBuf> },
     #[error("{}: header.parent_uuid expects parent uuid {expected}, but {} has uuid {found}", path.display(), parent.display())]
-    ParentMismatch {
-        path: PathBuf,
-        parent: PathBuf,
-        expected: String,
-        found: String,
-    },
+    ParentMismatch { path: PathBuf, parent: PathBuf, expected: String, found: String },
     #[error("{}: parent {} is already in the chain (cycle)", path.display(), parent.display())]
     ChainCycle { path: PathBuf, parent: PathBuf },
     #[error("{}: chain is deeper than the cap of {max_depth} layers", path.display())]
@@ -136,29 +83,18 @@ fn fmt_paths(paths: &[PathBuf]) -> String {
     if paths.is_empty() {
         return "no candidate path".to_string();
     }
-    paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 pub type Result<T> = std::result::Result<T, VhdError>;
 
 impl VhdError {
     pub fn io(path: &Path, op: &'static str, source: std::io::Error) -> Self {
-        VhdError::Io {
-            path: path.to_path_buf(),
-            op,
-            source,
-        }
+        VhdError::Io { path: path.to_path_buf(), op, source }
     }
 
     pub fn invalid_argument(path: Option<&Path>, what: impl Into<String>) -> Self {
-        VhdError::InvalidArgument {
-            path: path.map(Path::to_path_buf),
-            what: what.into(),
-        }
+        VhdError::InvalidArgument { path: path.map(Path::to_path_buf), what: what.into() }
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -211,12 +147,8 @@ impl VhdError {
             | VhdError::Unsupported { field, .. } => Some(field),
             VhdError::MissingParent { .. } => Some("header.parent_locator"),
             VhdError::ParentMismatch { .. } => Some("header.parent_uuid"),
-            VhdError::ChainCycle { .. } | VhdError::ChainTooDeep { .. } => {
-                Some("header.parent_uuid")
-            }
-            VhdError::Io { .. }
-            | VhdError::InvalidArgument { .. }
-            | VhdError::Interrupted { .. } => None,
+            VhdError::ChainCycle { .. } | VhdError::ChainTooDeep { .. } => Some("header.parent_uuid"),
+            VhdError::Io { .. } | VhdError::InvalidArgument { .. } | VhdError::Interrupted { .. } => None,
         }
     }
 

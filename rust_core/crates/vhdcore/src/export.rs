@@ -14,6 +14,7 @@ use zerocopy::IntoBytes;
 use crate::chain::Chain;
 use crate::error::{Result, VhdError};
 use crate::format::{bitmap_size, DiskType, DEFAULT_BLOCK_SIZE, FOOTER_SIZE, SECTOR_SIZE};
+use crate::map::Occupancy;
 use crate::writer::{bitmap_all_present, new_footer, new_header, sparse_layout};
 
 const UNIT: u64 = DEFAULT_BLOCK_SIZE as u64;
@@ -47,15 +48,8 @@ pub struct ExportStats {
 
 /// Where the bytes go: a temporary file renamed into place, or a device/pipe written straight through.
 enum Target {
-    Staged {
-        file: File,
-        temp: PathBuf,
-        dest: PathBuf,
-    },
-    Stream {
-        file: File,
-        path: PathBuf,
-    },
+    Staged { file: File, temp: PathBuf, dest: PathBuf },
+    Stream { file: File, path: PathBuf },
 }
 
 impl Target {
@@ -67,26 +61,13 @@ impl Target {
             if !streamable || format == ExportFormat::Vhd {
                 return Err(VhdError::invalid_argument(
                     Some(out),
-                    format!(
-                        "cannot export {} to {}: not a regular file",
-                        format.as_str(),
-                        out.display()
-                    ),
+                    format!("cannot export {} to {}: not a regular file", format.as_str(), out.display()),
                 ));
             }
-            let file = OpenOptions::new()
-                .write(true)
-                .open(out)
-                .map_err(|e| VhdError::io(out, "open", e))?;
-            return Ok(Target::Stream {
-                file,
-                path: out.to_path_buf(),
-            });
+            let file = OpenOptions::new().write(true).open(out).map_err(|e| VhdError::io(out, "open", e))?;
+            return Ok(Target::Stream { file, path: out.to_path_buf() });
         }
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "export".into());
+        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
         let temp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
         let file = OpenOptions::new()
             .read(true)
@@ -95,11 +76,7 @@ impl Target {
             .truncate(true)
             .open(&temp)
             .map_err(|e| VhdError::io(&temp, "create", e))?;
-        Ok(Target::Staged {
-            file,
-            temp,
-            dest: out.to_path_buf(),
-        })
+        Ok(Target::Staged { file, temp, dest: out.to_path_buf() })
     }
 
     fn file(&self) -> &File {
@@ -116,9 +93,7 @@ impl Target {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file()
-            .write_all_at(buf, offset)
-            .map_err(|e| VhdError::io(self.path(), "write", e))
+        self.file().write_all_at(buf, offset).map_err(|e| VhdError::io(self.path(), "write", e))
     }
 
     fn finish(self) -> Result<()> {
@@ -138,25 +113,13 @@ impl Target {
 fn is_zero(buf: &[u8]) -> bool {
     // OR-folding fixed 64-byte chunks is what the compiler vectorizes best.
     let mut chunks = buf.chunks_exact(64);
-    chunks
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0)
-        && chunks.remainder().iter().all(|b| *b == 0)
+    chunks.by_ref().all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0) && chunks.remainder().iter().all(|b| *b == 0)
 }
 
 /// Fills `buf` with unit `u` of the flattened disk; returns false (buffer untouched) when it is all zeros.
-fn read_unit(chain: &Chain, occupied: &[bool], u: u64, buf: &mut [u8]) -> Result<bool> {
-    let grain = chain.grain();
+fn read_unit(chain: &Chain, occupied: &Occupancy, u: u64, buf: &mut [u8]) -> Result<bool> {
     let start = u * UNIT;
-    let first_window = start / grain;
-    let last_window = (start + u64::try_from(buf.len()).unwrap_or(0) - 1) / grain;
-    let any = (first_window..=last_window).any(|w| {
-        occupied
-            .get(usize::try_from(w).unwrap_or(usize::MAX))
-            .copied()
-            .unwrap_or(false)
-    });
-    if !any {
+    if !occupied.overlaps(start, start + u64::try_from(buf.len()).unwrap_or(0)) {
         return Ok(false);
     }
     chain.read_at(start, buf)?;
@@ -200,15 +163,10 @@ fn run_export(
     let bitmap = bitmap_all_present(DEFAULT_BLOCK_SIZE);
     let bitmap_len = bitmap_size(DEFAULT_BLOCK_SIZE);
     if format == ExportFormat::Raw && !streaming {
-        target
-            .file()
-            .set_len(size)
-            .map_err(|e| VhdError::io(target.path(), "extend", e))?;
+        target.file().set_len(size).map_err(|e| VhdError::io(target.path(), "extend", e))?;
     }
     let per_batch = usize::try_from(BATCH_BYTES / UNIT).unwrap_or(1).max(1);
-    let mut pool: Vec<Vec<u8>> = (0..per_batch)
-        .map(|_| vec![0u8; usize::try_from(UNIT).unwrap_or(0)])
-        .collect();
+    let mut pool: Vec<Vec<u8>> = (0..per_batch).map(|_| vec![0u8; usize::try_from(UNIT).unwrap_or(0)]).collect();
     let zeros = vec![0u8; usize::try_from(UNIT).unwrap_or(0)];
     let mut data_bytes = 0u64;
     let mut batch_start = 0u64;
@@ -233,26 +191,20 @@ fn run_export(
             }
             match (format, *has_data) {
                 (ExportFormat::Raw, true) => target.write_at(data, u * UNIT)?,
-                (ExportFormat::Raw, false) if streaming => {
-                    target.write_at(&zeros[..len], u * UNIT)?
-                }
+                (ExportFormat::Raw, false) if streaming => target.write_at(&zeros[..len], u * UNIT)?,
                 (ExportFormat::Raw, false) | (ExportFormat::Vhd, false) => {}
                 (ExportFormat::Vhd, true) => {
                     target.write_at(&bitmap, next_block)?;
                     target.write_at(data, next_block + bitmap_len)?;
-                    bat[i + usize::try_from(batch_start).unwrap_or(0)] =
-                        u32::try_from(next_block / SECTOR_SIZE).map_err(|_| {
-                            VhdError::invalid_argument(Some(target.path()), "output too large")
-                        })?;
+                    bat[i + usize::try_from(batch_start).unwrap_or(0)] = u32::try_from(next_block / SECTOR_SIZE)
+                        .map_err(|_| VhdError::invalid_argument(Some(target.path()), "output too large"))?;
                     next_block += bitmap_len + UNIT;
                 }
             }
         }
         batch_start = batch_end;
         if !progress((batch_start * UNIT).min(size), size) {
-            return Err(VhdError::Interrupted {
-                path: chain.leaf().path.clone(),
-            });
+            return Err(VhdError::Interrupted { path: chain.leaf().path.clone() });
         }
     }
     let bytes_written = match format {

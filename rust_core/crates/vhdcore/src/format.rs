@@ -153,8 +153,7 @@ impl Footer {
     }
 
     pub fn new_zeroed() -> Footer {
-        Footer::read_from_bytes(&[0u8; 512][..])
-            .unwrap_or_else(|_| unreachable!("512 zero bytes form a footer"))
+        Footer::read_from_bytes(&[0u8; 512][..]).unwrap_or_else(|_| unreachable!("512 zero bytes form a footer"))
     }
 }
 
@@ -169,8 +168,7 @@ impl Header {
     }
 
     pub fn new_zeroed() -> Header {
-        Header::read_from_bytes(&[0u8; 1024][..])
-            .unwrap_or_else(|_| unreachable!("1024 zero bytes form a header"))
+        Header::read_from_bytes(&[0u8; 1024][..]).unwrap_or_else(|_| unreachable!("1024 zero bytes form a header"))
     }
 }
 
@@ -238,15 +236,7 @@ pub fn decode_utf16(bytes: &[u8], big_endian: bool) -> String {
 }
 
 pub fn encode_utf16(text: &str, big_endian: bool) -> Vec<u8> {
-    text.encode_utf16()
-        .flat_map(|u| {
-            if big_endian {
-                u.to_be_bytes()
-            } else {
-                u.to_le_bytes()
-            }
-        })
-        .collect()
+    text.encode_utf16().flat_map(|u| if big_endian { u.to_be_bytes() } else { u.to_le_bytes() }).collect()
 }
 
 #[cfg(test)]

@@ -15,50 +15,72 @@ pub struct Extent {
     pub layer: Option<usize>,
 }
 
+/// Byte ranges of the flattened disk where some layer has something allocated, sorted and merged. Its size
+/// follows the number of allocated blocks, never the virtual size.
+#[derive(Debug, Clone, Default)]
+pub struct Occupancy {
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl Occupancy {
+    /// True when `[start, end)` meets an allocated range.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        let i = self.ranges.partition_point(|(_, e)| *e <= start);
+        self.ranges.get(i).is_some_and(|(s, _)| *s < end)
+    }
+
+    /// Indices of the `grain`-sized windows that meet an allocated range, ascending.
+    pub fn windows(&self, grain: u64) -> impl Iterator<Item = u64> + '_ {
+        let mut last: Option<u64> = None;
+        self.ranges.iter().flat_map(move |(s, e)| s / grain..e.div_ceil(grain)).filter(move |w| {
+            let fresh = last.is_none_or(|l| *w > l);
+            if fresh {
+                last = Some(*w);
+            }
+            fresh
+        })
+    }
+}
+
 impl Chain {
-    /// Per window, whether any layer has anything allocated there (from the BATs alone, no I/O).
-    pub fn occupancy(&self) -> Vec<bool> {
+    /// Where any layer has anything allocated (from the BATs alone, no I/O).
+    pub fn occupancy(&self) -> Occupancy {
         self.occupancy_of(self.layers.len())
     }
 
     /// Like `occupancy`, counting only the top `count` layers (leaf first).
-    pub fn occupancy_of(&self, count: usize) -> Vec<bool> {
-        let windows = usize::try_from(self.window_count()).unwrap_or(0);
-        let grain = self.grain();
-        let mut occupied = vec![false; windows];
+    pub fn occupancy_of(&self, count: usize) -> Occupancy {
+        let size = self.virtual_size();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
         for layer in self.layers.iter().take(count) {
+            let limit = layer.virtual_size.min(size);
             match &layer.sparse {
-                None => {
-                    let n = usize::try_from(layer.virtual_size.div_ceil(grain))
-                        .unwrap_or(0)
-                        .min(windows);
-                    occupied[..n].fill(true);
-                }
+                None => ranges.push((0, limit)),
                 Some(sparse) => {
-                    let per_block = u64::from(sparse.block_size) / grain;
-                    for &block in &sparse.allocated {
-                        let first = u64::from(block) * per_block;
-                        let from = usize::try_from(first).unwrap_or(usize::MAX).min(windows);
-                        let to = usize::try_from(first + per_block)
-                            .unwrap_or(usize::MAX)
-                            .min(windows);
-                        occupied[from..to].fill(true);
+                    let block = u64::from(sparse.block_size);
+                    for &index in &sparse.allocated {
+                        let start = u64::from(index) * block;
+                        if start < limit {
+                            ranges.push((start, (start + block).min(limit)));
+                        }
                     }
                 }
             }
         }
-        occupied
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (s, e) in ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        Occupancy { ranges: merged }
     }
 
     /// Extents covering the whole disk in order, adjacent extents of the same layer merged.
     pub fn map(&self) -> Result<Vec<Extent>> {
-        let occupied = self.occupancy();
-        let busy: Vec<u64> = occupied
-            .iter()
-            .enumerate()
-            .filter(|(_, o)| **o)
-            .map(|(w, _)| u64::try_from(w).unwrap_or(0))
-            .collect();
+        let busy: Vec<u64> = self.occupancy().windows(self.grain()).collect();
         let resolved: Vec<Vec<Run>> = busy
             .par_chunks(256)
             .map(|windows| {
@@ -75,14 +97,8 @@ impl Chain {
                 return;
             }
             match extents.last_mut() {
-                Some(last) if last.layer == layer && last.start + last.length == start => {
-                    last.length += length
-                }
-                _ => extents.push(Extent {
-                    start,
-                    length,
-                    layer,
-                }),
+                Some(last) if last.layer == layer && last.start + last.length == start => last.length += length,
+                _ => extents.push(Extent { start, length, layer }),
             }
         };
         let mut cursor = 0u64;

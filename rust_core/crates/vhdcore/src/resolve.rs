@@ -72,10 +72,7 @@ impl Disk {
             if inside == n {
                 LayerState::Full { offset }
             } else {
-                LayerState::Partial {
-                    offset,
-                    bits: prefix_bits(n_usize, inside_usize),
-                }
+                LayerState::Partial { offset, bits: prefix_bits(n_usize, inside_usize) }
             }
         };
         let Some(sparse) = &self.sparse else {
@@ -146,12 +143,7 @@ impl Chain {
             match (state, &mut unresolved) {
                 (LayerState::Absent, _) => continue,
                 (LayerState::Full { offset }, None) => {
-                    runs.push(Run {
-                        start_sector: start,
-                        sectors: count,
-                        layer: Some(index),
-                        file_offset: offset,
-                    });
+                    runs.push(Run { start_sector: start, sectors: count, layer: Some(index), file_offset: offset });
                     return Ok(());
                 }
                 (LayerState::Full { offset }, Some(left)) => {
@@ -170,20 +162,12 @@ impl Chain {
                     }
                 }
             }
-            if unresolved
-                .as_ref()
-                .is_some_and(|left| left.iter().all(|b| *b == 0))
-            {
+            if unresolved.as_ref().is_some_and(|left| left.iter().all(|b| *b == 0)) {
                 break;
             }
         }
         if owners.is_empty() {
-            runs.push(Run {
-                start_sector: start,
-                sectors: count,
-                layer: None,
-                file_offset: 0,
-            });
+            runs.push(Run { start_sector: start, sectors: count, layer: None, file_offset: 0 });
             return Ok(());
         }
         let owner_of = |i: usize| owners.iter().find(|(_, _, bits)| bit(bits, i));
@@ -191,9 +175,7 @@ impl Chain {
         while i < count_usize {
             let owner = owner_of(i).map(|(layer, offset, _)| (*layer, *offset));
             let mut j = i + 1;
-            while j < count_usize
-                && owner_of(j).map(|(layer, offset, _)| (*layer, *offset)) == owner
-            {
+            while j < count_usize && owner_of(j).map(|(layer, offset, _)| (*layer, *offset)) == owner {
                 j += 1;
             }
             let rel = u64::try_from(i).unwrap_or(0);
@@ -205,37 +187,9 @@ impl Chain {
                     layer: Some(layer),
                     file_offset: offset + rel * SECTOR_SIZE,
                 },
-                None => Run {
-                    start_sector: start + rel,
-                    sectors: len,
-                    layer: None,
-                    file_offset: 0,
-                },
+                None => Run { start_sector: start + rel, sectors: len, layer: None, file_offset: 0 },
             });
             i = j;
-        }
-        Ok(())
-    }
-
-    /// Reads the runs into `buf` (which starts at the first run's sector); zero runs are zero-filled.
-    pub fn read_runs(&self, runs: &[Run], buf: &mut [u8]) -> Result<()> {
-        let Some(first) = runs.first() else {
-            return Ok(());
-        };
-        for run in runs {
-            let at = usize::try_from((run.start_sector - first.start_sector) * SECTOR_SIZE)
-                .unwrap_or(usize::MAX);
-            let len = usize::try_from(run.sectors * SECTOR_SIZE).unwrap_or(usize::MAX);
-            let dst = buf.get_mut(at..at.saturating_add(len)).ok_or_else(|| {
-                VhdError::invalid_argument(None, "read buffer smaller than the runs it must hold")
-            })?;
-            match run.layer {
-                Some(layer) => {
-                    let disk = &self.layers[layer];
-                    read_exact_at(&disk.file, &disk.path, dst, run.file_offset)?;
-                }
-                None => dst.fill(0),
-            }
         }
         Ok(())
     }
@@ -243,43 +197,41 @@ impl Chain {
     /// Reads `buf.len()` bytes of the flattened disk at byte `offset`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
-        let end = offset
-            .checked_add(len)
-            .filter(|end| *end <= self.virtual_size())
-            .ok_or_else(|| {
-                VhdError::invalid_argument(
-                    Some(&self.leaf().path),
-                    format!(
-                        "read of {len} bytes at offset {offset} is past the disk's end ({})",
-                        self.virtual_size()
-                    ),
-                )
-            })?;
+        let end = offset.checked_add(len).filter(|end| *end <= self.virtual_size()).ok_or_else(|| {
+            VhdError::invalid_argument(
+                Some(&self.leaf().path),
+                format!("read of {len} bytes at offset {offset} is past the disk's end ({})", self.virtual_size()),
+            )
+        })?;
         let grain = self.grain();
         let mut runs = Vec::new();
-        let mut window_buf: Vec<u8> = Vec::new();
         let mut pos = offset;
         while pos < end {
             let w = pos / grain;
             runs.clear();
             self.resolve_window(w, &mut runs)?;
             let (start, count) = self.window_sectors(w);
-            let window_start = start * SECTOR_SIZE;
-            let window_end = window_start + count * SECTOR_SIZE;
-            let dst_at = usize::try_from(pos - offset).unwrap_or(0);
-            if pos == window_start && window_end <= end {
-                // The whole window is wanted: read straight into the caller's buffer.
-                let n = usize::try_from(count * SECTOR_SIZE).unwrap_or(0);
-                self.read_runs(&runs, &mut buf[dst_at..dst_at + n])?;
-                pos = window_end;
-                continue;
+            let stop = end.min((start + count) * SECTOR_SIZE);
+            // Only the part of each run that was asked for is read: a window may be far larger than the request.
+            for run in &runs {
+                let run_start = run.start_sector * SECTOR_SIZE;
+                let from = run_start.max(pos);
+                let to = (run_start + run.sectors * SECTOR_SIZE).min(stop);
+                if from >= to {
+                    continue;
+                }
+                let at = usize::try_from(from - offset).unwrap_or(usize::MAX);
+                let n = usize::try_from(to - from).unwrap_or(usize::MAX);
+                let dst = &mut buf[at..at + n];
+                match run.layer {
+                    Some(layer) => {
+                        let disk = &self.layers[layer];
+                        read_exact_at(&disk.file, &disk.path, dst, run.file_offset + (from - run_start))?;
+                    }
+                    None => dst.fill(0),
+                }
             }
-            window_buf.resize(usize::try_from(count * SECTOR_SIZE).unwrap_or(0), 0);
-            self.read_runs(&runs, &mut window_buf)?;
-            let from = usize::try_from(pos - window_start).unwrap_or(0);
-            let to = usize::try_from(end.min(window_end) - window_start).unwrap_or(0);
-            buf[dst_at..dst_at + (to - from)].copy_from_slice(&window_buf[from..to]);
-            pos = end.min(window_end);
+            pos = stop;
         }
         Ok(())
     }

@@ -10,15 +10,14 @@ use crate::chain::{Chain, MAX_CHAIN_DEPTH};
 use crate::disk::{read_exact_at, Disk};
 use crate::error::{Result, VhdError};
 use crate::format::{
-    bitmap_size, chs_geometry, encode_utf16, now_vhd_timestamp, DiskType, Footer, Header,
-    ParentLocatorEntry, CREATOR_APP, CREATOR_HOST_OS, FEATURE_RESERVED, FILE_FORMAT_VERSION,
-    FIXED_DATA_OFFSET, FOOTER_COOKIE, FOOTER_SIZE, HEADER_COOKIE, HEADER_SIZE, HEADER_VERSION,
-    MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE, PLATFORM_W2KU, PLATFORM_W2RU, SECTOR_SIZE,
+    bitmap_size, chs_geometry, encode_utf16, now_vhd_timestamp, DiskType, Footer, Header, ParentLocatorEntry,
+    CREATOR_APP, CREATOR_HOST_OS, FEATURE_RESERVED, FILE_FORMAT_VERSION, FIXED_DATA_OFFSET, FOOTER_COOKIE, FOOTER_SIZE,
+    HEADER_COOKIE, HEADER_SIZE, HEADER_VERSION, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE, PLATFORM_W2KU,
+    PLATFORM_W2RU, SECTOR_SIZE,
 };
 
 fn write_all_at(file: &File, path: &Path, buf: &[u8], offset: u64) -> Result<()> {
-    file.write_all_at(buf, offset)
-        .map_err(|e| VhdError::io(path, "write", e))
+    file.write_all_at(buf, offset).map_err(|e| VhdError::io(path, "write", e))
 }
 
 /// A sealed footer for a new disk.
@@ -27,11 +26,7 @@ pub(crate) fn new_footer(disk_type: DiskType, size: u64, uuid: [u8; 16]) -> Foot
     footer.cookie = *FOOTER_COOKIE;
     footer.features.set(FEATURE_RESERVED);
     footer.file_format_version.set(FILE_FORMAT_VERSION);
-    footer.data_offset.set(if disk_type == DiskType::Fixed {
-        FIXED_DATA_OFFSET
-    } else {
-        FOOTER_SIZE
-    });
+    footer.data_offset.set(if disk_type == DiskType::Fixed { FIXED_DATA_OFFSET } else { FOOTER_SIZE });
     footer.timestamp.set(now_vhd_timestamp());
     footer.creator_app = *CREATOR_APP;
     footer.creator_version.set(0x0001_0000);
@@ -60,11 +55,7 @@ pub(crate) fn sparse_layout(size: u64, block_size: u32) -> Result<SparseLayout> 
         .map_err(|_| VhdError::invalid_argument(None, "too many blocks for a VHD"))?;
     let table_offset = FOOTER_SIZE + HEADER_SIZE;
     let table_bytes = (u64::from(entries) * 4).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-    Ok(SparseLayout {
-        table_offset,
-        entries,
-        table_bytes,
-    })
+    Ok(SparseLayout { table_offset, entries, table_bytes })
 }
 
 pub(crate) fn new_header(layout: &SparseLayout, block_size: u32) -> Header {
@@ -95,24 +86,16 @@ fn validate_new(path: &Path, size: u64, block_size: u32) -> Result<u64> {
 }
 
 fn create_new_file(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                VhdError::invalid_argument(
-                    Some(path),
-                    format!(
-                        "{} already exists; refusing to overwrite it",
-                        path.display()
-                    ),
-                )
-            } else {
-                VhdError::io(path, "create", e)
-            }
-        })
+    OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            VhdError::invalid_argument(
+                Some(path),
+                format!("{} already exists; refusing to overwrite it", path.display()),
+            )
+        } else {
+            VhdError::io(path, "create", e)
+        }
+    })
 }
 
 /// Writes an empty sparse disk (footer copy, header, empty BAT, footer); returns the end of the metadata.
@@ -136,8 +119,7 @@ pub fn create(path: &Path, size: u64, disk_type: DiskType, block_size: u32) -> R
     let file = create_new_file(path)?;
     match disk_type {
         DiskType::Fixed => {
-            file.set_len(size)
-                .map_err(|e| VhdError::io(path, "extend", e))?;
+            file.set_len(size).map_err(|e| VhdError::io(path, "extend", e))?;
             write_all_at(&file, path, footer.as_bytes(), size)?;
         }
         DiskType::Dynamic => {
@@ -145,18 +127,10 @@ pub fn create(path: &Path, size: u64, disk_type: DiskType, block_size: u32) -> R
             let mut header = new_header(&layout, block_size);
             header.seal();
             write_sparse_skeleton(&file, path, &footer, &header, &layout)?;
-            write_all_at(
-                &file,
-                path,
-                footer.as_bytes(),
-                layout.table_offset + layout.table_bytes,
-            )?;
+            write_all_at(&file, path, footer.as_bytes(), layout.table_offset + layout.table_bytes)?;
         }
         DiskType::Differencing => {
-            return Err(VhdError::invalid_argument(
-                Some(path),
-                "a differencing disk is made with snapshot(parent)",
-            ));
+            return Err(VhdError::invalid_argument(Some(path), "a differencing disk is made with snapshot(parent)"));
         }
     }
     file.sync_all().map_err(|e| VhdError::io(path, "sync", e))?;
@@ -166,40 +140,21 @@ pub fn create(path: &Path, size: u64, disk_type: DiskType, block_size: u32) -> R
 
 /// The relative path from the child's folder to the parent, as locators store it.
 fn relative_parent_name(parent: &Path, child: &Path) -> Result<String> {
-    let parent_abs =
-        std::fs::canonicalize(parent).map_err(|e| VhdError::io(parent, "resolve", e))?;
-    let child_dir = child
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let child_dir =
-        std::fs::canonicalize(child_dir).map_err(|e| VhdError::io(child_dir, "resolve", e))?;
+    let parent_abs = std::fs::canonicalize(parent).map_err(|e| VhdError::io(parent, "resolve", e))?;
+    let child_dir = child.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let child_dir = std::fs::canonicalize(child_dir).map_err(|e| VhdError::io(child_dir, "resolve", e))?;
     let parent_dir = parent_abs.parent().unwrap_or(Path::new("/"));
     let name = parent_abs
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| {
-            VhdError::invalid_argument(Some(parent), "parent file name is not valid UTF-8")
-        })?;
+        .ok_or_else(|| VhdError::invalid_argument(Some(parent), "parent file name is not valid UTF-8"))?;
     // Walk up from the child's folder to the common ancestor, then down to the parent.
-    let common = child_dir
-        .ancestors()
-        .find(|a| parent_dir.starts_with(a))
-        .unwrap_or(Path::new("/"));
-    let ups = child_dir
-        .strip_prefix(common)
-        .map(|p| p.components().count())
-        .unwrap_or(0);
-    let down: PathBuf = parent_dir
-        .strip_prefix(common)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let common = child_dir.ancestors().find(|a| parent_dir.starts_with(a)).unwrap_or(Path::new("/"));
+    let ups = child_dir.strip_prefix(common).map(|p| p.components().count()).unwrap_or(0);
+    let down: PathBuf = parent_dir.strip_prefix(common).map(Path::to_path_buf).unwrap_or_default();
     let mut parts: Vec<String> = vec![".".into()];
     parts.extend(std::iter::repeat_n("..".to_string(), ups));
-    parts.extend(
-        down.components()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
-    );
+    parts.extend(down.components().map(|c| c.as_os_str().to_string_lossy().into_owned()));
     parts.push(name.to_string());
     Ok(parts.join("/"))
 }
@@ -208,9 +163,7 @@ fn relative_parent_name(parent: &Path, child: &Path) -> Result<String> {
 pub fn snapshot(parent: &Path, child: &Path) -> Result<Disk> {
     let parent_disk = Disk::open(parent)?;
     let size = parent_disk.virtual_size;
-    let block_size = parent_disk
-        .block_size()
-        .unwrap_or(crate::format::DEFAULT_BLOCK_SIZE);
+    let block_size = parent_disk.block_size().unwrap_or(crate::format::DEFAULT_BLOCK_SIZE);
     let relative = relative_parent_name(parent, child)?;
     let windows_relative = relative.replace('/', "\\");
     let file_name = relative.rsplit('/').next().unwrap_or(&relative).to_string();
@@ -219,25 +172,20 @@ pub fn snapshot(parent: &Path, child: &Path) -> Result<Disk> {
     let layout = sparse_layout(size, block_size)?;
     let mut header = new_header(&layout, block_size);
     header.parent_unique_id = parent_disk.uuid();
-    header
-        .parent_timestamp
-        .set(parent_disk.footer.timestamp.get());
+    header.parent_timestamp.set(parent_disk.footer.timestamp.get());
     let name = encode_utf16(&file_name, true);
     let name_len = name.len().min(header.parent_unicode_name.len());
     header.parent_unicode_name[..name_len].copy_from_slice(&name[..name_len]);
     let locator = encode_utf16(&windows_relative, false);
-    let locator_len = u32::try_from(locator.len()).map_err(|_| {
-        VhdError::invalid_argument(Some(child), "parent path too long for a locator")
-    })?;
+    let locator_len = u32::try_from(locator.len())
+        .map_err(|_| VhdError::invalid_argument(Some(child), "parent path too long for a locator"))?;
     let locator_space = u64::from(locator_len).div_ceil(SECTOR_SIZE).max(1) * SECTOR_SIZE;
     let mut next = layout.table_offset + layout.table_bytes;
     for (slot, code) in [PLATFORM_W2RU, PLATFORM_W2KU].into_iter().enumerate() {
         let mut entry = ParentLocatorEntry::default();
         entry.platform_code.set(code);
         // The spec counts the space in sectors; Windows writes bytes. Readers use the length, so give sectors.
-        entry
-            .platform_data_space
-            .set(u32::try_from(locator_space / SECTOR_SIZE).unwrap_or(1));
+        entry.platform_data_space.set(u32::try_from(locator_space / SECTOR_SIZE).unwrap_or(1));
         entry.platform_data_length.set(locator_len);
         entry.platform_data_offset.set(next);
         header.parent_locators[slot] = entry;
@@ -268,18 +216,12 @@ pub fn snapshot(parent: &Path, child: &Path) -> Result<Disk> {
 pub fn write(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
     let disk = Disk::open_writable(path)?;
     let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
-    let end = offset
-        .checked_add(len)
-        .filter(|e| *e <= disk.virtual_size)
-        .ok_or_else(|| {
-            VhdError::invalid_argument(
-                Some(path),
-                format!(
-                    "write of {len} bytes at offset {offset} is past the disk's end ({})",
-                    disk.virtual_size
-                ),
-            )
-        })?;
+    let end = offset.checked_add(len).filter(|e| *e <= disk.virtual_size).ok_or_else(|| {
+        VhdError::invalid_argument(
+            Some(path),
+            format!("write of {len} bytes at offset {offset} is past the disk's end ({})", disk.virtual_size),
+        )
+    })?;
     if data.is_empty() {
         return Ok(());
     }
@@ -287,11 +229,7 @@ pub fn write(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
         return write_all_at(&disk.file, path, data, offset);
     }
     // Partial sectors of a differencing disk take their old bytes from the chain below.
-    let chain = if disk.disk_type == DiskType::Differencing {
-        Some(Chain::open(path, MAX_CHAIN_DEPTH)?)
-    } else {
-        None
-    };
+    let chain = if disk.disk_type == DiskType::Differencing { Some(Chain::open(path, MAX_CHAIN_DEPTH)?) } else { None };
     let mut writer = SparseWriter { disk, chain };
     let block_size = u64::from(writer.block_size());
     let mut pos = offset;
@@ -313,35 +251,22 @@ struct SparseWriter {
 
 impl SparseWriter {
     fn block_size(&self) -> u32 {
-        self.disk
-            .sparse
-            .as_ref()
-            .map_or(crate::format::DEFAULT_BLOCK_SIZE, |s| s.block_size)
+        self.disk.sparse.as_ref().map_or(crate::format::DEFAULT_BLOCK_SIZE, |s| s.block_size)
     }
 
     /// Allocates block `index` at the end of the file: bitmap and zeroed data, then the footer, then the BAT entry,
     /// so a crash in between leaves at worst an unreferenced block.
     fn allocate(&mut self, index: u64) -> Result<u64> {
         let path = self.disk.path.clone();
-        let sparse = self
-            .disk
-            .sparse
-            .as_ref()
-            .ok_or_else(|| VhdError::invalid_argument(Some(&path), "not sparse"))?;
+        let sparse = self.disk.sparse.as_ref().ok_or_else(|| VhdError::invalid_argument(Some(&path), "not sparse"))?;
         let at = self.disk.footer_offset.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
         let span = sparse.bitmap_size + u64::from(sparse.block_size);
-        let sector = u32::try_from(at / SECTOR_SIZE).map_err(|_| {
-            VhdError::invalid_argument(Some(&path), "disk file too large for another block")
-        })?;
-        let fill = if self.disk.disk_type == DiskType::Dynamic {
-            0xFF
-        } else {
-            0x00
-        };
+        let sector = u32::try_from(at / SECTOR_SIZE)
+            .map_err(|_| VhdError::invalid_argument(Some(&path), "disk file too large for another block"))?;
+        let fill = if self.disk.disk_type == DiskType::Dynamic { 0xFF } else { 0x00 };
         let bitmap = vec![fill; usize::try_from(sparse.bitmap_size).unwrap_or(0)];
         let file = &self.disk.file;
-        file.set_len(at + span)
-            .map_err(|e| VhdError::io(&path, "extend", e))?;
+        file.set_len(at + span).map_err(|e| VhdError::io(&path, "extend", e))?;
         write_all_at(file, &path, &bitmap, at)?;
         write_all_at(file, &path, self.disk.footer.as_bytes(), at + span)?;
         let entry_at = sparse.table_offset + index * 4;
@@ -349,10 +274,7 @@ impl SparseWriter {
         self.disk.footer_offset = at + span;
         self.disk.file_size = at + span + FOOTER_SIZE;
         if let Some(sparse) = self.disk.sparse.as_mut() {
-            if let Some(slot) = sparse
-                .bat
-                .get_mut(usize::try_from(index).unwrap_or(usize::MAX))
-            {
+            if let Some(slot) = sparse.bat.get_mut(usize::try_from(index).unwrap_or(usize::MAX)) {
                 *slot = sector;
             }
         }
@@ -361,11 +283,7 @@ impl SparseWriter {
 
     fn write_in_block(&mut self, index: u64, within: u64, data: &[u8]) -> Result<()> {
         let path = self.disk.path.clone();
-        let sparse = self
-            .disk
-            .sparse
-            .as_ref()
-            .ok_or_else(|| VhdError::invalid_argument(Some(&path), "not sparse"))?;
+        let sparse = self.disk.sparse.as_ref().ok_or_else(|| VhdError::invalid_argument(Some(&path), "not sparse"))?;
         let bitmap_bytes = sparse.bitmap_size;
         let block_sectors = sparse.sectors_per_block();
         let block_at = match sparse.block_offset(index) {
@@ -380,24 +298,14 @@ impl SparseWriter {
         let last_sector = (within + len).div_ceil(SECTOR_SIZE);
         // Build the touched sectors whole: old bytes where the write covers a sector only in part.
         let span_start = first_sector * SECTOR_SIZE;
-        let mut span =
-            vec![0u8; usize::try_from((last_sector - first_sector) * SECTOR_SIZE).unwrap_or(0)];
+        let mut span = vec![0u8; usize::try_from((last_sector - first_sector) * SECTOR_SIZE).unwrap_or(0)];
         let head_partial = !within.is_multiple_of(SECTOR_SIZE);
         let tail_partial = !(within + len).is_multiple_of(SECTOR_SIZE);
-        for (sector, partial) in [
-            (first_sector, head_partial),
-            (last_sector - 1, tail_partial),
-        ] {
+        for (sector, partial) in [(first_sector, head_partial), (last_sector - 1, tail_partial)] {
             if partial {
                 let at = usize::try_from((sector - first_sector) * SECTOR_SIZE).unwrap_or(0);
                 let dst = &mut span[at..at + 512];
-                self.old_sector(
-                    index * block_sectors + sector,
-                    data_at + sector * SECTOR_SIZE,
-                    &bitmap,
-                    sector,
-                    dst,
-                )?;
+                self.old_sector(index * block_sectors + sector, data_at + sector * SECTOR_SIZE, &bitmap, sector, dst)?;
             }
         }
         let at = usize::try_from(within - span_start).unwrap_or(0);
@@ -419,14 +327,7 @@ impl SparseWriter {
     }
 
     /// The current content of one sector: this layer's if its bit is set, else the chain below, else zeros.
-    fn old_sector(
-        &self,
-        disk_sector: u64,
-        file_at: u64,
-        bitmap: &[u8],
-        sector: u64,
-        dst: &mut [u8],
-    ) -> Result<()> {
+    fn old_sector(&self, disk_sector: u64, file_at: u64, bitmap: &[u8], sector: u64, dst: &mut [u8]) -> Result<()> {
         let byte = usize::try_from(sector / 8).unwrap_or(0);
         let present = bitmap[byte] & (0x80u8 >> (sector % 8)) != 0;
         if present || self.disk.disk_type == DiskType::Dynamic {
