@@ -285,14 +285,14 @@ fn wrap_chain(chain: vhdcore::Chain) -> Chain {
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, max_depth = vhdcore::MAX_CHAIN_DEPTH))]
+#[pyo3(signature = (path, max_depth = vhdcore::MAX_CHAIN_DEPTH), text_signature = "(path, max_depth=30)")]
 fn open_chain(py: Python<'_>, path: PathBuf, max_depth: usize) -> PyResult<Chain> {
     let chain = py.allow_threads(|| vhdcore::Chain::open(&path, max_depth)).or_raise(py)?;
     Ok(wrap_chain(chain))
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, max_depth = vhdcore::MAX_CHAIN_DEPTH))]
+#[pyo3(signature = (path, max_depth = vhdcore::MAX_CHAIN_DEPTH), text_signature = "(path, max_depth=30)")]
 fn check(py: Python<'_>, path: PathBuf, max_depth: usize) -> Vec<Problem> {
     let problems = py.allow_threads(|| vhdcore::check(&path, max_depth));
     problems
@@ -308,7 +308,7 @@ fn check(py: Python<'_>, path: PathBuf, max_depth: usize) -> Vec<Problem> {
 }
 
 #[pyfunction]
-#[pyo3(signature = (old, new, max_depth = vhdcore::MAX_CHAIN_DEPTH))]
+#[pyo3(signature = (old, new, max_depth = vhdcore::MAX_CHAIN_DEPTH), text_signature = "(old, new, max_depth=30)")]
 fn diff(py: Python<'_>, old: PathBuf, new: PathBuf, max_depth: usize) -> PyResult<Diff> {
     let result = py
         .allow_threads(|| {

@@ -99,6 +99,8 @@ impl Chain {
 
 fn find_parent(child: &Disk, parent_uuid: [u8; 16], seen: &mut HashSet<PathBuf>, v: &mut Validator) -> Result<Disk> {
     let hints = child.parent_path_hints()?;
+    let header_offset = child.sparse.as_ref().map_or(0, |s| s.header_offset);
+    let uuid_offset = header_offset + 40;
     let mut tried: Vec<PathBuf> = Vec::new();
     let mut mismatch: Option<(PathBuf, [u8; 16])> = None;
     for hint in &hints {
@@ -112,7 +114,7 @@ fn find_parent(child: &Disk, parent_uuid: [u8; 16], seen: &mut HashSet<PathBuf>,
             }
             let canon = canonical(&candidate);
             if seen.contains(&canon) {
-                return Err(VhdError::ChainCycle { path: child.path.clone(), parent: candidate });
+                return Err(VhdError::ChainCycle { path: child.path.clone(), offset: uuid_offset, parent: candidate });
             }
             let parent = Disk::open_validated(&candidate, v, false)?;
             if parent.uuid() != parent_uuid {
@@ -126,6 +128,7 @@ fn find_parent(child: &Disk, parent_uuid: [u8; 16], seen: &mut HashSet<PathBuf>,
     if let Some((parent, found)) = mismatch {
         return Err(VhdError::ParentMismatch {
             path: child.path.clone(),
+            offset: uuid_offset,
             parent,
             expected: uuid_string(&parent_uuid),
             found: uuid_string(&found),
@@ -133,6 +136,7 @@ fn find_parent(child: &Disk, parent_uuid: [u8; 16], seen: &mut HashSet<PathBuf>,
     }
     Err(VhdError::MissingParent {
         path: child.path.clone(),
+        offset: header_offset + 576,
         parent_name: child.parent_name().unwrap_or_default(),
         parent_uuid: uuid_string(&parent_uuid),
         tried,

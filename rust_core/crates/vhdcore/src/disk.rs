@@ -140,8 +140,8 @@ impl Disk {
                 if footer_offset < virtual_size {
                     return Err(VhdError::Truncated {
                         path: path.to_path_buf(),
-                        field: "fixed disk data".into(),
-                        offset: 0,
+                        field: "footer.current_size".into(),
+                        offset: footer_offset + 48,
                         needed: virtual_size,
                         file_size: footer_offset,
                     });
@@ -344,7 +344,7 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
     if header_end > disk.footer_offset {
         return Err(VhdError::Truncated {
             path: path.clone(),
-            field: "footer.data_offset (dynamic header)".into(),
+            field: "footer.data_offset".into(),
             offset: disk.footer_offset + 16,
             needed: header_end,
             file_size: disk.footer_offset,
@@ -402,7 +402,7 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
     if table_end > disk.footer_offset {
         return Err(VhdError::Truncated {
             path: path.clone(),
-            field: "header.table_offset (BAT)".into(),
+            field: "header.table_offset".into(),
             offset: header_offset + 16,
             needed: table_end,
             file_size: disk.footer_offset,

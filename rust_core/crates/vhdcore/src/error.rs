@@ -66,11 +66,11 @@ pub enum VhdError {
     #[error("{}: {field} at offset {offset}: {what} is not supported", path.display())]
     Unsupported { path: PathBuf, field: String, offset: u64, what: String },
     #[error("{}: parent {parent_name:?} (uuid {parent_uuid}) not found; tried {}", path.display(), fmt_paths(tried))]
-    MissingParent { path: PathBuf, parent_name: String, parent_uuid: String, tried: Vec<PathBuf> },
+    MissingParent { path: PathBuf, offset: u64, parent_name: String, parent_uuid: String, tried: Vec<PathBuf> },
     #[error("{}: header.parent_uuid expects parent uuid {expected}, but {} has uuid {found}", path.display(), parent.display())]
-    ParentMismatch { path: PathBuf, parent: PathBuf, expected: String, found: String },
+    ParentMismatch { path: PathBuf, offset: u64, parent: PathBuf, expected: String, found: String },
     #[error("{}: parent {} is already in the chain (cycle)", path.display(), parent.display())]
-    ChainCycle { path: PathBuf, parent: PathBuf },
+    ChainCycle { path: PathBuf, offset: u64, parent: PathBuf },
     #[error("{}: chain is deeper than the cap of {max_depth} layers", path.display())]
     ChainTooDeep { path: PathBuf, max_depth: usize },
     #[error("{what}")]
@@ -161,7 +161,10 @@ impl VhdError {
             | VhdError::InvalidField { offset, .. }
             | VhdError::BatOutOfRange { offset, .. }
             | VhdError::OverlappingBlocks { offset, .. }
-            | VhdError::Unsupported { offset, .. } => Some(*offset),
+            | VhdError::Unsupported { offset, .. }
+            | VhdError::MissingParent { offset, .. }
+            | VhdError::ParentMismatch { offset, .. }
+            | VhdError::ChainCycle { offset, .. } => Some(*offset),
             _ => None,
         }
     }

@@ -1,0 +1,129 @@
+"""Shared pieces of the `imaging` command line: errors, sizes, JSON and plain-text output."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+KIB = 1024
+UNITS = {"": 1, "b": 1, "k": KIB, "m": KIB**2, "g": KIB**3, "t": KIB**4, "p": KIB**5}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+class UserError(click.ClickException):
+    """A bad input: one `error:` line on stderr, an optional `hint:` line, exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        out = file if file is not None else sys.stderr
+        click.echo(f"error: {one_line(self.format_message())}", file=out)
+        if self.hint:
+            click.echo(f"hint: {one_line(self.hint)}", file=out)
+
+
+def one_line(text: str) -> str:
+    """Fold a message onto one line so that every error is exactly one line."""
+    return " ".join(text.split())
+
+
+def parse_size(text: str) -> int:
+    """Parse a size in bytes: "1048576", "512M", "10G", "1.5GiB", "4k" (units are powers of 1024, like qemu-img)."""
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (use bytes or a number with K, M, G, T, e.g. 10G)")
+    number, unit = match.groups()
+    value = float(number) * UNITS[unit.lower()]
+    if value != int(value):
+        raise ValueError(f"not a whole number of bytes: {text!r}")
+    return int(value)
+
+
+class SizeParam(click.ParamType[int]):
+    """A click parameter holding a size in bytes, written with or without a binary unit."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+SIZE = SizeParam()
+
+
+def human_size(n: int) -> str:
+    """A size for people: "10 GiB", "1.5 MiB", "512 B"."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < KIB or unit == "TiB":
+            if unit == "B":
+                return f"{n} B"
+            text = f"{value:.2f}".rstrip("0").rstrip(".")
+            return f"{text} {unit}"
+        value /= KIB
+    raise AssertionError("unreachable")
+
+
+def size_with_bytes(n: int) -> str:
+    """A size in human units followed by the exact number of bytes: "10 GiB (10737418240 bytes)"."""
+    if n < KIB:
+        return f"{n} bytes"
+    return f"{human_size(n)} ({n} bytes)"
+
+
+def json_option(func: F) -> F:
+    """The `--json` flag every command takes: machine-readable output on stdout."""
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(func)
+
+
+def print_json(value: object) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+def print_fields(rows: Sequence[tuple[str, str]]) -> None:
+    """Print `label: value` lines with the values aligned."""
+    width = max((len(label) for label, _ in rows), default=0) + 1
+    for label, value in rows:
+        click.echo(f"{label + ':':<{width}} {value}")
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> None:
+    """Print a plain-text table; columns listed in `right` are right-aligned (numbers)."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(cells)]
+        return "  ".join(parts).rstrip()
+
+    out = [line(headers)]
+    out.extend(line(row) for row in rows)
+    click.echo("\n".join(out))
+
+
+def require_file(path: str) -> None:
+    """Fail with exit code 1 (a bad input, not a usage error) when an input file is missing."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such file", hint="check the path; a chain is opened from its leaf file")
+    if p.is_dir():
+        raise UserError(f"{path}: is a directory, not a VHD file")

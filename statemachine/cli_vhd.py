@@ -1,0 +1,433 @@
+"""`imaging vhd ...`: thin commands over vhdcore to inspect, check, compare, flatten, create and write VHD chains."""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import click
+
+import vhdcore
+from statemachine.cli_common import (
+    SIZE,
+    UserError,
+    human_size,
+    json_option,
+    print_fields,
+    print_json,
+    print_table,
+    require_file,
+    size_with_bytes,
+)
+
+WRITE_CHUNK = 16 * 1024 * 1024
+
+
+@click.group()
+def vhd() -> None:
+    """Inspect, check, compare, flatten, create and write VHD chains (fixed, dynamic, differencing).
+
+    A chain is named by its leaf file; parents are found from it (by name and locators, checked by UUID).
+    Sizes accept binary units: 1048576, 512M, 10G.
+    """
+
+
+def block_size_text(layer: vhdcore.Layer) -> str:
+    return size_with_bytes(layer.block_size) if layer.block_size else "none (fixed disk)"
+
+
+def allocated_text(layer: vhdcore.Layer) -> str:
+    if layer.disk_type == "fixed":
+        return "all (fixed disk)"
+    return f"{layer.allocated_blocks} of {layer.max_table_entries}"
+
+
+def parent_dict(chain: vhdcore.Chain) -> dict[str, Any] | None:
+    leaf = chain.leaf
+    if leaf.parent_uuid is None:
+        return None
+    return {
+        "uuid": leaf.parent_uuid,
+        "name": leaf.parent_name,
+        "path": chain.layers[1].path if chain.depth > 1 else None,
+    }
+
+
+@vhd.command()
+@click.argument("path")
+@json_option
+def info(path: str, as_json: bool) -> None:
+    """Show a disk and its whole chain: type, sizes, blocks, UUIDs, parents, warnings."""
+    require_file(path)
+    chain = vhdcore.open_chain(path)
+    leaf = chain.leaf
+    parent = parent_dict(chain)
+    if as_json:
+        print_json(
+            {
+                "path": leaf.path,
+                "type": leaf.disk_type,
+                "virtual_size": chain.virtual_size,
+                "file_size": leaf.file_size,
+                "block_size": leaf.block_size,
+                "allocated_blocks": leaf.allocated_blocks,
+                "max_table_entries": leaf.max_table_entries,
+                "uuid": leaf.uuid,
+                "parent": parent,
+                "depth": chain.depth,
+                "chain": [layer.to_dict() for layer in chain.layers],
+                "warnings": list(chain.warnings),
+            }
+        )
+        return
+    parent_text = "none"
+    if parent is not None:
+        parent_text = f"{parent['path'] or parent['name']} (uuid {parent['uuid']})"
+    print_fields(
+        [
+            ("path", leaf.path),
+            ("type", leaf.disk_type),
+            ("virtual size", size_with_bytes(chain.virtual_size)),
+            ("file size", size_with_bytes(leaf.file_size)),
+            ("block size", block_size_text(leaf)),
+            ("allocated blocks", allocated_text(leaf)),
+            ("uuid", leaf.uuid),
+            ("parent", parent_text),
+            ("chain", f"{chain.depth} layer{'s' if chain.depth != 1 else ''}, leaf first"),
+        ]
+    )
+    rows = [
+        [
+            str(i),
+            layer.disk_type,
+            human_size(layer.file_size),
+            "-" if layer.disk_type == "fixed" else f"{layer.allocated_blocks}/{layer.max_table_entries}",
+            layer.uuid,
+            layer.path,
+        ]
+        for i, layer in enumerate(chain.layers)
+    ]
+    click.echo()
+    print_table(["#", "type", "file size", "blocks", "uuid", "path"], rows, right=[0, 2, 3])
+    if chain.warnings:
+        click.echo("\nwarnings:")
+        for warning in chain.warnings:
+            click.echo(f"  - {warning}")
+
+
+def problem_dict(problem: vhdcore.Problem) -> dict[str, Any]:
+    return {
+        "kind": problem.kind,
+        "path": problem.path,
+        "field": problem.field,
+        "offset": problem.offset,
+        "message": problem.message,
+    }
+
+
+@vhd.command()
+@click.argument("path")
+@json_option
+def check(path: str, as_json: bool) -> None:
+    """Validate the whole chain of PATH and list every problem found (exit code 1 if there is any)."""
+    require_file(path)
+    problems = vhdcore.check(path)
+    if as_json:
+        print_json({"path": path, "ok": not problems, "problems": [problem_dict(p) for p in problems]})
+    elif not problems:
+        click.echo(f"ok: {path}: no problems found in the chain")
+    else:
+        for problem in problems:
+            click.echo(f"{problem.kind}: {problem.message}")
+    if problems:
+        count = len(problems)
+        raise UserError(f"{count} problem{'s' if count != 1 else ''} found in the chain of {path}")
+
+
+@vhd.command(name="map")
+@click.argument("path")
+@json_option
+def map_(path: str, as_json: bool) -> None:
+    """Print the extents of the flattened disk: start, length, and the layer holding them (or zero)."""
+    require_file(path)
+    chain = vhdcore.open_chain(path)
+    extents = chain.map()
+    paths = [layer.path for layer in chain.layers]
+    if as_json:
+        print_json(
+            {
+                "path": chain.leaf.path,
+                "virtual_size": chain.virtual_size,
+                "layers": paths,
+                "extents": [
+                    {
+                        "start": e.start,
+                        "length": e.length,
+                        "layer": e.layer,
+                        "path": None if e.layer is None else paths[e.layer],
+                    }
+                    for e in extents
+                ],
+            }
+        )
+        return
+    rows = [
+        [
+            str(e.start),
+            str(e.length),
+            human_size(e.length),
+            "zero" if e.layer is None else f"[{e.layer}] {paths[e.layer]}",
+        ]
+        for e in extents
+    ]
+    print_table(["start", "length", "", "source"], rows, right=[0, 1, 2])
+    totals: dict[int | None, int] = defaultdict(int)
+    for e in extents:
+        totals[e.layer] += e.length
+    click.echo(f"\n{len(extents)} extents over {size_with_bytes(chain.virtual_size)}:")
+    for index in [*range(len(paths)), None]:
+        if index in totals:
+            name = "zero" if index is None else f"[{index}] {paths[index]}"
+            click.echo(f"  {name}: {size_with_bytes(totals[index])}")
+
+
+@vhd.command(name="diff")
+@click.argument("old")
+@click.argument("new")
+@json_option
+def diff_(old: str, new: str, as_json: bool) -> None:
+    """Print the byte ranges (sector granularity) where the flattened contents of OLD and NEW differ, and the total.
+
+    Base layers that both chains share are skipped without reading. The exit code is 0 whether or not they differ.
+    """
+    require_file(old)
+    require_file(new)
+    result = vhdcore.diff(old, new)
+    if as_json:
+        print_json(
+            {
+                "old": old,
+                "new": new,
+                "ranges": [{"start": start, "length": length} for start, length in result.ranges],
+                "total": result.total,
+                "shared_layers": result.shared_layers,
+            }
+        )
+        return
+    if result.ranges:
+        rows = [[str(start), str(length), human_size(length)] for start, length in result.ranges]
+        print_table(["start", "length", ""], rows, right=[0, 1, 2])
+        click.echo()
+    count = len(result.ranges)
+    shared = f"{result.shared_layers} shared base layer{'s' if result.shared_layers != 1 else ''} skipped"
+    if count == 0:
+        click.echo(f"identical: no differing bytes ({shared})")
+    else:
+        click.echo(f"total: {size_with_bytes(result.total)} in {count} range{'s' if count != 1 else ''} ({shared})")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+@contextmanager
+def export_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr (bytes, speed, ETA) fed by vhdcore's callback, or no callback at all."""
+    if not enabled:
+        yield None
+        return
+    # Imported here: rich is only needed for the bar, and the other commands start faster without it.
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    progress = Progress(
+        TextColumn("exporting"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = progress.add_task("export", total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+@vhd.command()
+@click.argument("path")
+@click.argument("out")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["raw", "vhd"]),
+    default="raw",
+    show_default=True,
+    help="raw: the flattened disk (sparse); vhd: a dynamic VHD with all-zero blocks left unallocated.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar on stderr (default: when stderr is a terminal and --json is not given).",
+)
+@json_option
+def export(path: str, out: str, fmt: Literal["raw", "vhd"], force: bool, progress: bool | None, as_json: bool) -> None:
+    """Flatten the chain of PATH into OUT, as a raw disk or as a dynamic VHD."""
+    require_file(path)
+    chain = vhdcore.open_chain(path)
+    out_path = Path(out)
+    if out_path.exists() or out_path.is_symlink():
+        if any(same_file(out_path, Path(layer.path)) for layer in chain.layers):
+            raise UserError(f"{out}: is a layer of the chain being exported", hint="choose another output file")
+        if not out_path.is_file():
+            raise UserError(f"{out}: exists and is not a regular file", hint="export writes a new regular file")
+        if not force:
+            raise UserError(f"{out}: already exists", hint="pass --force to replace it")
+        out_path.unlink()
+    show = progress if progress is not None else (sys.stderr.isatty() and not as_json)
+    try:
+        with export_progress(show) as callback:
+            stats = chain.export(out, format=fmt, progress=callback)
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise
+    seconds = stats.seconds
+    speed = f"{human_size(int(stats.virtual_size / seconds))}/s" if seconds > 0 else "-"
+    if as_json:
+        print_json(
+            {
+                "path": path,
+                "out": out,
+                "format": stats.format,
+                "depth": chain.depth,
+                "virtual_size": stats.virtual_size,
+                "bytes_written": stats.bytes_written,
+                "data_bytes": stats.data_bytes,
+                "zero_bytes": stats.zero_bytes,
+                "seconds": seconds,
+            }
+        )
+        return
+    click.echo(f"exported {path} (chain of {chain.depth}) to {out} as {stats.format}")
+    print_fields(
+        [
+            ("virtual size", size_with_bytes(stats.virtual_size)),
+            ("written", size_with_bytes(stats.bytes_written)),
+            ("data", size_with_bytes(stats.data_bytes)),
+            ("zeros", size_with_bytes(stats.zero_bytes)),
+            ("time", f"{seconds:.3f} s ({speed} of virtual disk)"),
+        ]
+    )
+
+
+def print_layer(layer: vhdcore.Layer) -> None:
+    rows = [
+        ("path", layer.path),
+        ("type", layer.disk_type),
+        ("virtual size", size_with_bytes(layer.virtual_size)),
+        ("file size", size_with_bytes(layer.file_size)),
+        ("block size", block_size_text(layer)),
+        ("uuid", layer.uuid),
+    ]
+    if layer.parent_uuid is not None:
+        rows.append(("parent", f"{layer.parent_name} (uuid {layer.parent_uuid})"))
+    print_fields(rows)
+
+
+@vhd.command()
+@click.argument("path")
+@click.argument("size", type=SIZE)
+@click.option(
+    "--type",
+    "disk_type",
+    type=click.Choice(["dynamic", "fixed"]),
+    default="dynamic",
+    show_default=True,
+    help="dynamic: blocks allocated on first write; fixed: the whole disk preallocated.",
+)
+@click.option("--block-size", type=SIZE, default=None, help="Block size of a dynamic disk (default 2M).")
+@json_option
+def create(path: str, size: int, disk_type: Literal["dynamic", "fixed"], block_size: int | None, as_json: bool) -> None:
+    """Create an empty VHD of SIZE bytes at PATH (e.g. 10G, 512M, 1048576; rounded up to 512 bytes)."""
+    if block_size is not None and disk_type == "fixed":
+        raise click.UsageError("--block-size applies to dynamic disks only")
+    if Path(path).exists():
+        raise UserError(f"{path}: already exists", hint="creating a disk never overwrites a file")
+    layer = vhdcore.create(path, size, disk_type, block_size if block_size is not None else vhdcore.DEFAULT_BLOCK_SIZE)
+    if as_json:
+        print_json(layer.to_dict())
+        return
+    click.echo(f"created {layer.disk_type} VHD {layer.path}")
+    print_layer(layer)
+
+
+@vhd.command()
+@click.argument("path")
+@click.argument("new")
+@json_option
+def snapshot(path: str, new: str, as_json: bool) -> None:
+    """Create NEW, an empty differencing child of PATH: PATH becomes read-only, writes go to NEW."""
+    require_file(path)
+    if Path(new).exists():
+        raise UserError(f"{new}: already exists", hint="a snapshot never overwrites a file")
+    layer = vhdcore.snapshot(path, new)
+    if as_json:
+        print_json(layer.to_dict())
+        return
+    click.echo(f"created differencing VHD {layer.path} on top of {path}")
+    print_layer(layer)
+
+
+def source_chunks(source: IO[bytes]) -> Iterator[bytes]:
+    while chunk := source.read(WRITE_CHUNK):
+        yield chunk
+
+
+@vhd.command()
+@click.argument("path")
+@click.argument("offset", type=SIZE)
+@click.argument("source")
+@json_option
+def write(path: str, offset: int, source: str, as_json: bool) -> None:
+    """Write the bytes of the file SOURCE (`-` for stdin) into the disk PATH at byte OFFSET.
+
+    For a differencing disk the data goes into PATH itself; partial sectors are completed from the chain below.
+    """
+    require_file(path)
+    if source != "-":
+        require_file(source)
+    virtual_size = vhdcore.open_chain(path).virtual_size
+
+    def past_end(end: int, written: int = 0) -> UserError:
+        done = f"; {written} bytes from the start of the input were written" if written else ""
+        return UserError(
+            f"{path}: write ends at byte {end}, past the end of the disk ({virtual_size} bytes){done}",
+            hint=f"the disk's virtual size is {size_with_bytes(virtual_size)}",
+        )
+
+    end = offset + (Path(source).stat().st_size if source != "-" else 0)
+    if end > virtual_size:
+        raise past_end(end)
+    written = 0
+    with click.open_file(source, "rb") as stream:
+        for chunk in source_chunks(stream):
+            if offset + written + len(chunk) > virtual_size:
+                raise past_end(offset + written + len(chunk), written)
+            vhdcore.write(path, offset + written, chunk)
+            written += len(chunk)
+    if as_json:
+        print_json({"path": path, "offset": offset, "bytes": written})
+    else:
+        click.echo(f"wrote {size_with_bytes(written)} at offset {offset} into {path}")

@@ -1,0 +1,36 @@
+"""Small file helpers for the tests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def snapshot_files(paths: Iterable[str | os.PathLike[str]]) -> dict[str, tuple[str, int, int]]:
+    """sha256, size and mtime (ns) of each file, to prove that nothing touched them."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for p in paths:
+        st = Path(p).stat()
+        out[str(p)] = (sha256_file(p), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def supports_sparse_files(folder: Path) -> bool:
+    """True when `folder`'s file system stores holes (so a sparse export can be checked)."""
+    probe = folder / ".sparse-probe"
+    with probe.open("wb") as fh:
+        fh.truncate(16 * 1024 * 1024)
+    try:
+        return probe.stat().st_blocks * 512 < 1024 * 1024
+    finally:
+        probe.unlink()
