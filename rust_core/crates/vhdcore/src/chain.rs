@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::disk::{Disk, Validator};
 use crate::error::{Result, VhdError};
-use crate::format::{uuid_string, DEFAULT_BLOCK_SIZE};
+use crate::format::uuid_string;
 
 /// xapi refuses chains deeper than this; so do we unless told otherwise.
 pub const MAX_CHAIN_DEPTH: usize = 30;
@@ -84,16 +84,6 @@ impl Chain {
 
     pub fn leaf(&self) -> &Disk {
         &self.layers[0]
-    }
-
-    pub fn virtual_size(&self) -> u64 {
-        self.leaf().virtual_size
-    }
-
-    /// The unit of work for mapping and copying: the smallest block size in the chain.
-    pub fn grain(&self) -> u64 {
-        let smallest = self.layers.iter().filter_map(Disk::block_size).min().unwrap_or(DEFAULT_BLOCK_SIZE);
-        u64::from(smallest)
     }
 }
 

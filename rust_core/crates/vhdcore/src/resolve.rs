@@ -1,16 +1,19 @@
 //! Which layer holds each sector of the flattened disk, window by window, and reading the flattened bytes.
 //!
-//! A window is `Chain::grain()` bytes (the smallest block size in the chain), so it never straddles a block of
-//! any layer: each layer answers for a window with one state (absent, full, or a bitmap of present sectors).
+//! A window is `grain()` bytes (the smallest block size in the chain), so it never straddles a block of any layer:
+//! each layer answers for a window with one state (absent, full, or a bitmap of present sectors).
+//!
+//! The logic is written once over [`LayerSource`]: the files of an open [`Chain`], or the bytes a worker fetched
+//! for its chunk plan (see `plan`), so both paths build the very same bytes.
 
 use crate::chain::Chain;
 use crate::disk::{read_exact_at, Disk};
 use crate::error::{Result, VhdError};
-use crate::format::{DiskType, SECTOR_SIZE};
+use crate::format::{DiskType, DEFAULT_BLOCK_SIZE, SECTOR_SIZE};
 
 /// What one layer holds of one window.
 #[derive(Debug, Clone)]
-pub(crate) enum LayerState {
+pub enum LayerState {
     Absent,
     /// Every sector of the window is in this layer, contiguous in the file from `offset`.
     Full {
@@ -36,7 +39,46 @@ fn prefix_bits(n: usize, present: usize) -> Vec<u8> {
     bits
 }
 
+/// The shape of a layer: all the resolver needs besides its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerGeometry {
+    #[serde(with = "disk_type_name")]
+    pub disk_type: DiskType,
+    pub virtual_size: u64,
+    /// Zero for fixed disks.
+    pub block_size: u32,
+    pub bitmap_size: u64,
+}
+
+mod disk_type_name {
+    use crate::format::DiskType;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DiskType, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(t.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DiskType, D::Error> {
+        let name = String::deserialize(d)?;
+        match name.as_str() {
+            "fixed" => Ok(DiskType::Fixed),
+            "dynamic" => Ok(DiskType::Dynamic),
+            "differencing" => Ok(DiskType::Differencing),
+            other => Err(serde::de::Error::custom(format!("unknown disk type {other:?}"))),
+        }
+    }
+}
+
 impl Disk {
+    pub fn geometry(&self) -> LayerGeometry {
+        LayerGeometry {
+            disk_type: self.disk_type,
+            virtual_size: self.virtual_size,
+            block_size: self.block_size().unwrap_or(0),
+            bitmap_size: self.sparse.as_ref().map_or(0, |s| s.bitmap_size),
+        }
+    }
+
     /// File offset of `sector`'s bytes in this layer, or None when the layer does not hold it.
     pub(crate) fn sector_location(&self, sector: u64) -> Result<Option<u64>> {
         if sector >= self.virtual_size / SECTOR_SIZE {
@@ -58,10 +100,45 @@ impl Disk {
         read_exact_at(&self.file, &self.path, &mut byte, block_offset + within / 8)?;
         Ok((byte[0] & (0x80 >> (within % 8)) != 0).then_some(data))
     }
+}
 
-    /// The state of the window of `n` sectors starting at `start` (a multiple of `n`, `n` dividing the block size).
-    pub(crate) fn window_state(&self, start: u64, n: u64) -> Result<LayerState> {
-        let size_sectors = self.virtual_size / SECTOR_SIZE;
+/// A run of sectors of the flattened disk and where its bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub start_sector: u64,
+    pub sectors: u64,
+    /// Index into the layers (0 = leaf), or None when no layer holds these sectors (they read as zeros).
+    pub layer: Option<usize>,
+    pub file_offset: u64,
+}
+
+/// Where the layers' bytes come from. Offsets are the layers' own file offsets.
+pub trait LayerSource: Sync {
+    fn layer_count(&self) -> usize;
+    fn geometry(&self, layer: usize) -> LayerGeometry;
+    /// File offset of the bitmap of block `index` of a sparse layer, None when the block is not allocated.
+    fn block_location(&self, layer: usize, index: u64) -> Option<u64>;
+    fn read(&self, layer: usize, offset: u64, dst: &mut [u8]) -> Result<()>;
+
+    fn virtual_size(&self) -> u64 {
+        self.geometry(0).virtual_size
+    }
+
+    /// The unit of work for mapping and copying: the smallest block size in the chain.
+    fn grain(&self) -> u64 {
+        let smallest = (0..self.layer_count())
+            .map(|l| self.geometry(l).block_size)
+            .filter(|b| *b != 0)
+            .min()
+            .unwrap_or(DEFAULT_BLOCK_SIZE);
+        u64::from(smallest)
+    }
+
+    /// The state of `layer` over the window of `n` sectors at `start` (a multiple of `n`, `n` dividing the block).
+    #[doc(hidden)]
+    fn window_state(&self, layer: usize, start: u64, n: u64) -> Result<LayerState> {
+        let geometry = self.geometry(layer);
+        let size_sectors = geometry.virtual_size / SECTOR_SIZE;
         if start >= size_sectors {
             return Ok(LayerState::Absent);
         }
@@ -75,22 +152,22 @@ impl Disk {
                 LayerState::Partial { offset, bits: prefix_bits(n_usize, inside_usize) }
             }
         };
-        let Some(sparse) = &self.sparse else {
+        if geometry.disk_type == DiskType::Fixed {
             return Ok(clip(start * SECTOR_SIZE));
-        };
-        let spb = sparse.sectors_per_block();
+        }
+        let spb = u64::from(geometry.block_size) / SECTOR_SIZE;
         let block = start / spb;
-        let Some(block_offset) = sparse.block_offset(block) else {
+        let Some(block_offset) = self.block_location(layer, block) else {
             return Ok(LayerState::Absent);
         };
         let within = start % spb;
-        let data = block_offset + sparse.bitmap_size + within * SECTOR_SIZE;
-        if self.disk_type == DiskType::Dynamic {
+        let data = block_offset + geometry.bitmap_size + within * SECTOR_SIZE;
+        if geometry.disk_type == DiskType::Dynamic {
             // Like qemu, a dynamic disk's allocated block is all data; its bitmap is not consulted.
             return Ok(clip(data));
         }
         let mut bits = vec![0u8; n_usize.div_ceil(8)];
-        read_exact_at(&self.file, &self.path, &mut bits, block_offset + within / 8)?;
+        self.read(layer, block_offset + within / 8, &mut bits)?;
         if inside < n {
             let mask = prefix_bits(n_usize, inside_usize);
             bits.iter_mut().zip(mask).for_each(|(b, m)| *b &= m);
@@ -103,25 +180,13 @@ impl Disk {
             LayerState::Partial { offset: data, bits }
         })
     }
-}
 
-/// A run of sectors of the flattened disk and where its bytes are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
-    pub start_sector: u64,
-    pub sectors: u64,
-    /// Index into `Chain::layers`, or None when no layer holds these sectors (they read as zeros).
-    pub layer: Option<usize>,
-    pub file_offset: u64,
-}
-
-impl Chain {
-    pub fn window_count(&self) -> u64 {
+    fn window_count(&self) -> u64 {
         self.virtual_size().div_ceil(self.grain())
     }
 
     /// Sectors of window `w`: `(first sector, count)`, the last window clipped to the disk.
-    pub fn window_sectors(&self, w: u64) -> (u64, u64) {
+    fn window_sectors(&self, w: u64) -> (u64, u64) {
         let spw = self.grain() / SECTOR_SIZE;
         let start = w * spw;
         let total = self.virtual_size() / SECTOR_SIZE;
@@ -129,7 +194,7 @@ impl Chain {
     }
 
     /// Appends to `runs` the runs of window `w`, in order, covering it exactly.
-    pub fn resolve_window(&self, w: u64, runs: &mut Vec<Run>) -> Result<()> {
+    fn resolve_window(&self, w: u64, runs: &mut Vec<Run>) -> Result<()> {
         let spw = self.grain() / SECTOR_SIZE;
         let (start, count) = self.window_sectors(w);
         if count == 0 {
@@ -138,8 +203,8 @@ impl Chain {
         let count_usize = usize::try_from(count).unwrap_or(usize::MAX);
         let mut unresolved: Option<Vec<u8>> = None; // None = every sector still unresolved
         let mut owners: Vec<(usize, u64, Vec<u8>)> = Vec::new();
-        for (index, layer) in self.layers.iter().enumerate() {
-            let state = layer.window_state(start, spw)?;
+        for index in 0..self.layer_count() {
+            let state = self.window_state(index, start, spw)?;
             match (state, &mut unresolved) {
                 (LayerState::Absent, _) => continue,
                 (LayerState::Full { offset }, None) => {
@@ -195,11 +260,11 @@ impl Chain {
     }
 
     /// Reads `buf.len()` bytes of the flattened disk at byte `offset`.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
         let end = offset.checked_add(len).filter(|end| *end <= self.virtual_size()).ok_or_else(|| {
             VhdError::invalid_argument(
-                Some(&self.leaf().path),
+                None,
                 format!("read of {len} bytes at offset {offset} is past the disk's end ({})", self.virtual_size()),
             )
         })?;
@@ -224,15 +289,54 @@ impl Chain {
                 let n = usize::try_from(to - from).unwrap_or(usize::MAX);
                 let dst = &mut buf[at..at + n];
                 match run.layer {
-                    Some(layer) => {
-                        let disk = &self.layers[layer];
-                        read_exact_at(&disk.file, &disk.path, dst, run.file_offset + (from - run_start))?;
-                    }
+                    Some(layer) => self.read(layer, run.file_offset + (from - run_start), dst)?,
                     None => dst.fill(0),
                 }
             }
             pos = stop;
         }
         Ok(())
+    }
+}
+
+impl LayerSource for Chain {
+    fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn geometry(&self, layer: usize) -> LayerGeometry {
+        self.layers[layer].geometry()
+    }
+
+    fn block_location(&self, layer: usize, index: u64) -> Option<u64> {
+        self.layers[layer].sparse.as_ref()?.block_offset(index)
+    }
+
+    fn read(&self, layer: usize, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let disk = &self.layers[layer];
+        read_exact_at(&disk.file, &disk.path, dst, offset)
+    }
+}
+
+impl Chain {
+    pub fn virtual_size(&self) -> u64 {
+        self.leaf().virtual_size
+    }
+
+    pub fn grain(&self) -> u64 {
+        LayerSource::grain(self)
+    }
+
+    pub fn window_count(&self) -> u64 {
+        LayerSource::window_count(self)
+    }
+
+    pub fn resolve_window(&self, w: u64, runs: &mut Vec<Run>) -> Result<()> {
+        LayerSource::resolve_window(self, w, runs)
+    }
+
+    /// Reads `buf.len()` bytes of the flattened disk at byte `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        LayerSource::read_at(self, offset, buf)
     }
 }
