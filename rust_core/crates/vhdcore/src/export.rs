@@ -110,7 +110,7 @@ impl Target {
     }
 }
 
-fn is_zero(buf: &[u8]) -> bool {
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
     // OR-folding fixed 64-byte chunks is what the compiler vectorizes best.
     let mut chunks = buf.chunks_exact(64);
     chunks.by_ref().all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0) && chunks.remainder().iter().all(|b| *b == 0)

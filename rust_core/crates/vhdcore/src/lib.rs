@@ -5,22 +5,29 @@
 
 pub mod chain;
 pub mod check;
+pub mod compress;
 pub mod diff;
 pub mod disk;
 pub mod error;
 pub mod export;
 pub mod format;
 pub mod map;
+pub mod plan;
 pub mod resolve;
 pub mod writer;
 
 pub use chain::{Chain, MAX_CHAIN_DEPTH};
 pub use check::check;
+pub use compress::{
+    build_chunk, build_head, compress_chunk, compress_fetched_chunk, compress_head, compress_image, head_length,
+    ChunkFrame, ImageStats, DEFAULT_LEVEL,
+};
 pub use diff::{diff, DiffResult};
 pub use disk::Disk;
 pub use error::{ErrorKind, Result, VhdError};
 pub use export::{export, ExportFormat, ExportStats};
 pub use format::{DiskType, DEFAULT_BLOCK_SIZE, MAX_VIRTUAL_SIZE};
-pub use map::Extent;
-pub use resolve::Run;
+pub use map::{Extent, Occupancy};
+pub use plan::{ChunkPlan, FetchedChunk, ImagePlan, PlanLayer, SourceRead, DEFAULT_CHUNK_SIZE, IMAGE_BLOCK_SIZE};
+pub use resolve::{LayerGeometry, LayerSource, Run};
 pub use writer::{create, snapshot, write};

@@ -22,12 +22,17 @@ fn write_all_at(file: &File, path: &Path, buf: &[u8], offset: u64) -> Result<()>
 
 /// A sealed footer for a new disk.
 pub(crate) fn new_footer(disk_type: DiskType, size: u64, uuid: [u8; 16]) -> Footer {
+    new_footer_at(disk_type, size, uuid, now_vhd_timestamp())
+}
+
+/// A sealed footer with a given modification time (every worker of one image must write the same footer).
+pub(crate) fn new_footer_at(disk_type: DiskType, size: u64, uuid: [u8; 16], timestamp: u32) -> Footer {
     let mut footer = Footer::new_zeroed();
     footer.cookie = *FOOTER_COOKIE;
     footer.features.set(FEATURE_RESERVED);
     footer.file_format_version.set(FILE_FORMAT_VERSION);
     footer.data_offset.set(if disk_type == DiskType::Fixed { FIXED_DATA_OFFSET } else { FOOTER_SIZE });
-    footer.timestamp.set(now_vhd_timestamp());
+    footer.timestamp.set(timestamp);
     footer.creator_app = *CREATOR_APP;
     footer.creator_version.set(0x0001_0000);
     footer.creator_host_os = *CREATOR_HOST_OS;

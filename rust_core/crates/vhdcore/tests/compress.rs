@@ -1,0 +1,111 @@
+//! The compressed image decompresses to a VHD of exactly the flattened chain, and chunk plans executed one by one
+//! from their reads give the same frames as the all-in-one path.
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+
+use vhdcore::{Chain, DiskType};
+
+const MIB: u64 = 1024 * 1024;
+
+fn fill(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|i| {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            // Half text-like (compressible), half noise.
+            if (i / 4096) % 2 == 0 {
+                b"the quick brown fox "[i % 20]
+            } else {
+                (x >> 33).to_le_bytes()[0]
+            }
+        })
+        .collect()
+}
+
+fn sample_chain(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+    let size = 40 * MIB + 3 * 512; // not a multiple of the block size
+    let mut model = vec![0u8; usize::try_from(size).unwrap()];
+    let base = dir.join("base.vhd");
+    vhdcore::create(&base, size, DiskType::Dynamic, 1024 * 1024).unwrap();
+    let mut put = |path: &std::path::Path, offset: u64, data: Vec<u8>| {
+        vhdcore::write(path, offset, &data).unwrap();
+        let at = usize::try_from(offset).unwrap();
+        model[at..at + data.len()].copy_from_slice(&data);
+    };
+    put(&base, 0, fill(1, 5 * 1024 * 1024));
+    put(&base, 20 * MIB, vec![0u8; 2 * 1024 * 1024]); // allocated but all zero: must not be stored
+    put(&base, size - 1000, fill(2, 1000));
+    let leaf = dir.join("leaf.vhd");
+    vhdcore::snapshot(&base, &leaf).unwrap();
+    put(&leaf, 3 * MIB + 7, fill(3, 100_000));
+    put(&leaf, 33 * MIB, fill(4, 4096));
+    (leaf, model)
+}
+
+fn decompress(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(bytes).unwrap().read_to_end(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn image_decompresses_to_a_vhd_of_the_flattened_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, model) = sample_chain(dir.path());
+    let chain = Chain::open(&leaf, 30).unwrap();
+    let plan = chain.plan(8 * MIB).unwrap();
+    let out = dir.path().join("image.vhd.zst");
+    let stats = vhdcore::compress_image(&chain, &plan, 3, &out, &mut |_, _| true).unwrap();
+    let compressed = std::fs::read(&out).unwrap();
+    assert_eq!(stats.compressed_bytes, u64::try_from(compressed.len()).unwrap());
+    let image = decompress(&compressed);
+    assert_eq!(stats.image_bytes, u64::try_from(image.len()).unwrap());
+    let vhd = dir.path().join("image.vhd");
+    std::fs::write(&vhd, &image).unwrap();
+    let back = Chain::open(&vhd, 1).unwrap();
+    let mut flat = vec![0u8; model.len()];
+    back.read_at(0, &mut flat).unwrap();
+    assert!(flat == model, "the image does not hold the flattened chain");
+    // The all-zero block and the never-written ones are left out.
+    let stored: usize = stats.chunks.iter().map(|c| c.stored_blocks.len()).sum();
+    assert_eq!(u64::from(back.layers[0].allocated_blocks()), u64::try_from(stored).unwrap());
+    assert!(!stats.chunks.iter().any(|c| c.stored_blocks.contains(&10)), "zero block 10 was stored");
+}
+
+#[test]
+fn chunk_plans_from_fetched_reads_match_the_all_in_one_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, _) = sample_chain(dir.path());
+    let chain = Chain::open(&leaf, 30).unwrap();
+    let plan = vhdcore::ImagePlan::from_json(&chain.plan(8 * MIB).unwrap().to_json()).unwrap();
+    let files: Vec<std::fs::File> = plan.layers.iter().map(|l| std::fs::File::open(&l.path).unwrap()).collect();
+    for chunk in &plan.chunks {
+        let data: Vec<Vec<u8>> = chunk
+            .reads
+            .iter()
+            .map(|r| {
+                let mut buf = vec![0u8; usize::try_from(r.length).unwrap()];
+                files[r.layer].read_exact_at(&mut buf, r.file_offset).unwrap();
+                buf
+            })
+            .collect();
+        let remote = vhdcore::compress_fetched_chunk(&plan, chunk.index, &data, 3).unwrap();
+        let local = vhdcore::compress_chunk(&chain, &plan, chunk, 3).unwrap();
+        assert_eq!(remote.frame, local.frame, "chunk {}", chunk.index);
+        assert_eq!(remote.sha256, local.sha256);
+        assert_eq!(remote.crc32c, crc32c::crc32c(&remote.frame));
+    }
+}
+
+#[test]
+fn a_worker_given_short_reads_gets_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, _) = sample_chain(dir.path());
+    let chain = Chain::open(&leaf, 30).unwrap();
+    let plan = chain.plan(8 * MIB).unwrap();
+    let chunk = plan.chunks.iter().find(|c| !c.reads.is_empty()).unwrap();
+    let short: Vec<Vec<u8>> = chunk.reads.iter().map(|r| vec![0u8; usize::try_from(r.length).unwrap() - 1]).collect();
+    let err = vhdcore::compress_fetched_chunk(&plan, chunk.index, &short, 3).unwrap_err();
+    assert_eq!(err.kind(), vhdcore::ErrorKind::InvalidArgument);
+}
