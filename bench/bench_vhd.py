@@ -439,7 +439,9 @@ def cat_files(files: list[Path]) -> None:
 
 
 def unlink(path: Path) -> None:
+    """Deletes an output, then flushes the file system so its write-back does not land in the next timed run."""
     path.unlink(missing_ok=True)
+    os.sync()
 
 
 @dataclass
@@ -695,6 +697,9 @@ def machine_info(workdir: Path) -> dict[str, Any]:
         package = version("cloud-imaging")
     except Exception:  # any metadata problem: just unknown
         package = None
+    # The installed native module may be older than the checkout: say when it was built.
+    native = getattr(getattr(vhdcore, "_vhdcore", None), "__file__", None) or vhdcore.__file__
+    built = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(native).stat().st_mtime)) if native else None
     df = subprocess.run(["df", "--output=fstype", str(workdir)], capture_output=True, text=True, check=False)
     fs = df.stdout.split()[-1] if df.returncode == 0 and df.stdout.split() else None
     return {
@@ -703,7 +708,7 @@ def machine_info(workdir: Path) -> dict[str, Any]:
         "ram_bytes": ram,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "vhdcore": {"package": package, "module": vhdcore.__file__, "repo_rev": rev},
+        "vhdcore": {"package": package, "module": native, "module_built": built, "checkout_rev": rev},
         "qemu_img": _first_line(["qemu-img", "--version"]),
         "cat": _first_line(["cat", "--version"]),
         "workdir": str(workdir),
@@ -740,7 +745,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['nproc']} CPUs (nproc), {m['cpu']}, {ram} RAM, kernel {m['kernel']}, "
         f"work dir on {m['workdir_fs']}; Python {m['python']}; vhdcore {m['vhdcore']['package']} "
-        f"(repo {m['vhdcore']['repo_rev']}); {m['qemu_img'] or 'qemu-img: not found'}; "
+        f"(native module built {m['vhdcore']['module_built']}; checkout {m['vhdcore']['checkout_rev']}); "
+        f"{m['qemu_img'] or 'qemu-img: not found'}; "
         f"load average {m['loadavg_start']} at start, {m['loadavg_end']} at end",
         "",
         "| benchmark | ours | peer | ratio | target | met |",

@@ -7,6 +7,8 @@ DiskType = Literal["fixed", "dynamic", "differencing"]
 ExportFormat = Literal["raw", "vhd"]
 
 DEFAULT_BLOCK_SIZE: int
+DEFAULT_CHUNK_SIZE: int
+DEFAULT_LEVEL: int
 MAX_CHAIN_DEPTH: int
 MAX_VIRTUAL_SIZE: int
 
@@ -80,6 +82,73 @@ class Problem:
     message: str
 
 @final
+class SourceRead:
+    """One contiguous read of a layer's file: whole blocks with their bitmaps, or a fixed layer's bytes."""
+
+    layer: int
+    file_offset: int
+    length: int
+    first_block: int
+    blocks: int
+
+@final
+class ChunkPlan:
+    index: int
+    start: int
+    length: int
+    reads: list[SourceRead]
+    unallocated: list[tuple[int, int]]
+    read_bytes: int
+
+@final
+class ImagePlan:
+    """The flattened disk cut into chunks, each with the reads that hold its data (from metadata alone)."""
+
+    @property
+    def virtual_size(self) -> int: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def layer_paths(self) -> list[str]: ...
+    @property
+    def chunks(self) -> list[ChunkPlan]: ...
+    def to_json(self) -> str: ...
+    @staticmethod
+    def from_json(text: str) -> ImagePlan: ...
+    def __len__(self) -> int: ...
+
+@final
+class ChunkFrame:
+    """One independent zstd frame of the image; `index` is None for the head (footer copy, header, BAT).
+
+    In ImageStats the frames are already in the image file: `frame` is empty there, and `object_offset` and
+    `compressed_bytes` say where each one is.
+    """
+
+    index: int | None
+    frame: bytes
+    logical_bytes: int
+    sha256: str
+    crc32c: int
+    stored_blocks: list[int]
+    virtual_bytes: int
+    read_bytes: int
+    compressed_bytes: int
+    object_offset: int | None
+
+@final
+class ImageStats:
+    level: int
+    virtual_size: int
+    image_bytes: int
+    compressed_bytes: int
+    data_bytes: int
+    read_bytes: int
+    head: ChunkFrame
+    chunks: list[ChunkFrame]
+    seconds: float
+
+@final
 class Chain:
     layers: list[Layer]
     virtual_size: int
@@ -96,6 +165,15 @@ class Chain:
         format: ExportFormat = "raw",
         progress: Callable[[int, int], None] | None = None,
     ) -> ExportStats: ...
+    def plan(self, chunk_size: int = 67108864) -> ImagePlan: ...
+    def compress(
+        self,
+        out: str,
+        level: int = 3,
+        chunk_size: int = 67108864,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ImageStats: ...
+    def compress_chunk(self, plan: ImagePlan, index: int, level: int = 3) -> ChunkFrame: ...
 
 def open_chain(path: str, max_depth: int = 30) -> Chain: ...
 def check(path: str, max_depth: int = 30) -> list[Problem]: ...
@@ -105,3 +183,5 @@ def create(
 ) -> Layer: ...
 def snapshot(parent: str, child: str) -> Layer: ...
 def write(path: str, offset: int, data: bytes) -> None: ...
+def compress_fetched_chunk(plan: ImagePlan, index: int, reads: list[bytes], level: int = 3) -> ChunkFrame: ...
+def compress_head(plan: ImagePlan, chunks: list[tuple[list[int], int]], level: int = 3) -> ChunkFrame: ...

@@ -234,29 +234,7 @@ impl Chain {
             }
         };
         let inner = Arc::clone(&self.inner);
-        let mut callback_error: Option<PyErr> = None;
-        let result = py.allow_threads(|| {
-            let mut report = |done: u64, total: u64| {
-                Python::with_gil(|py| {
-                    let outcome = py.check_signals().and_then(|()| match &progress {
-                        Some(cb) => cb.call1(py, (done, total)).map(|_| ()),
-                        None => Ok(()),
-                    });
-                    match outcome {
-                        Ok(()) => true,
-                        Err(e) => {
-                            callback_error = Some(e);
-                            false
-                        }
-                    }
-                })
-            };
-            vhdcore::export(&inner, &out, format, &mut report)
-        });
-        if let Some(e) = callback_error {
-            return Err(e);
-        }
-        let stats = result.or_raise(py)?;
+        let stats = with_progress(py, progress, |report| vhdcore::export(&inner, &out, format, report))?;
         Ok(ExportStats {
             format: stats.format.as_str().to_string(),
             virtual_size: stats.virtual_size,
@@ -267,6 +245,46 @@ impl Chain {
         })
     }
 
+    #[pyo3(signature = (chunk_size = vhdcore::DEFAULT_CHUNK_SIZE), text_signature = "(self, chunk_size=67108864)")]
+    fn plan(&self, py: Python<'_>, chunk_size: u64) -> PyResult<ImagePlan> {
+        let inner = Arc::clone(&self.inner);
+        let plan = py.allow_threads(|| inner.plan(chunk_size)).or_raise(py)?;
+        Ok(ImagePlan { inner: Arc::new(plan) })
+    }
+
+    #[pyo3(
+        signature = (out, level = vhdcore::DEFAULT_LEVEL, chunk_size = vhdcore::DEFAULT_CHUNK_SIZE, progress = None),
+        text_signature = "(self, out, level=3, chunk_size=67108864, progress=None)"
+    )]
+    fn compress(
+        &self,
+        py: Python<'_>,
+        out: PathBuf,
+        level: i32,
+        chunk_size: u64,
+        progress: Option<PyObject>,
+    ) -> PyResult<ImageStats> {
+        let inner = Arc::clone(&self.inner);
+        let stats = with_progress(py, progress, |report| {
+            let plan = inner.plan(chunk_size)?;
+            vhdcore::compress_image(&inner, &plan, level, &out, report)
+        })?;
+        ImageStats::from_core(py, stats)
+    }
+
+    #[pyo3(signature = (plan, index, level = vhdcore::DEFAULT_LEVEL), text_signature = "(self, plan, index, level=3)")]
+    fn compress_chunk(&self, py: Python<'_>, plan: &ImagePlan, index: usize, level: i32) -> PyResult<ChunkFrame> {
+        let inner = Arc::clone(&self.inner);
+        let image_plan = Arc::clone(&plan.inner);
+        let frame = py
+            .allow_threads(|| {
+                let chunk = image_plan.chunk(index)?;
+                vhdcore::compress_chunk(&*inner, &image_plan, chunk, level)
+            })
+            .or_raise(py)?;
+        Ok(ChunkFrame::from_core(py, frame))
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Chain(leaf={:?}, depth={}, virtual_size={})",
@@ -275,6 +293,212 @@ impl Chain {
             self.virtual_size
         )
     }
+}
+
+/// Runs `work` without the GIL, giving it a progress callback that calls `progress` (with the GIL) and stops the
+/// work when that raises or a signal (Ctrl-C) is pending.
+fn with_progress<T: Send>(
+    py: Python<'_>,
+    progress: Option<PyObject>,
+    work: impl FnOnce(&mut dyn FnMut(u64, u64) -> bool) -> vhdcore::Result<T> + Send,
+) -> PyResult<T> {
+    let mut callback_error: Option<PyErr> = None;
+    let result = py.allow_threads(|| {
+        let mut report = |done: u64, total: u64| {
+            Python::with_gil(|py| {
+                let outcome = py.check_signals().and_then(|()| match &progress {
+                    Some(cb) => cb.call1(py, (done, total)).map(|_| ()),
+                    None => Ok(()),
+                });
+                match outcome {
+                    Ok(()) => true,
+                    Err(e) => {
+                        callback_error = Some(e);
+                        false
+                    }
+                }
+            })
+        };
+        work(&mut report)
+    });
+    if let Some(e) = callback_error {
+        return Err(e);
+    }
+    result.or_raise(py)
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct SourceRead {
+    layer: usize,
+    file_offset: u64,
+    length: u64,
+    first_block: u64,
+    blocks: u64,
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct ChunkPlan {
+    index: usize,
+    start: u64,
+    length: u64,
+    reads: Vec<Py<SourceRead>>,
+    unallocated: Vec<(u64, u64)>,
+    read_bytes: u64,
+}
+
+#[pyclass(frozen, module = "vhdcore._vhdcore")]
+struct ImagePlan {
+    inner: Arc<vhdcore::ImagePlan>,
+}
+
+#[pymethods]
+impl ImagePlan {
+    #[getter]
+    fn virtual_size(&self) -> u64 {
+        self.inner.virtual_size
+    }
+
+    #[getter]
+    fn chunk_size(&self) -> u64 {
+        self.inner.chunk_size
+    }
+
+    /// The layers' paths, leaf first, as the plan's reads number them.
+    #[getter]
+    fn layer_paths(&self) -> Vec<String> {
+        self.inner.layers.iter().map(|l| l.path.clone()).collect()
+    }
+
+    #[getter]
+    fn chunks(&self, py: Python<'_>) -> PyResult<Vec<ChunkPlan>> {
+        self.inner
+            .chunks
+            .iter()
+            .map(|c| {
+                let reads = c
+                    .reads
+                    .iter()
+                    .map(|r| {
+                        let read = SourceRead {
+                            layer: r.layer,
+                            file_offset: r.file_offset,
+                            length: r.length,
+                            first_block: r.first_block,
+                            blocks: r.blocks,
+                        };
+                        Py::new(py, read)
+                    })
+                    .collect::<PyResult<_>>()?;
+                Ok(ChunkPlan {
+                    index: c.index,
+                    start: c.start,
+                    length: c.length,
+                    reads,
+                    unallocated: c.unallocated.clone(),
+                    read_bytes: c.read_bytes(),
+                })
+            })
+            .collect()
+    }
+
+    fn to_json(&self) -> String {
+        self.inner.to_json()
+    }
+
+    #[staticmethod]
+    fn from_json(py: Python<'_>, text: &str) -> PyResult<ImagePlan> {
+        let plan = vhdcore::ImagePlan::from_json(text).or_raise(py)?;
+        Ok(ImagePlan { inner: Arc::new(plan) })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.chunks.len()
+    }
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct ChunkFrame {
+    index: Option<usize>,
+    frame: Py<PyBytes>,
+    logical_bytes: u64,
+    sha256: String,
+    crc32c: u32,
+    stored_blocks: Vec<u64>,
+    virtual_bytes: u64,
+    read_bytes: u64,
+    compressed_bytes: u64,
+    object_offset: Option<u64>,
+}
+
+impl ChunkFrame {
+    fn from_core(py: Python<'_>, f: vhdcore::ChunkFrame) -> ChunkFrame {
+        ChunkFrame {
+            index: (f.index != usize::MAX).then_some(f.index),
+            frame: PyBytes::new(py, &f.frame).unbind(),
+            logical_bytes: f.logical_bytes,
+            sha256: f.sha256,
+            crc32c: f.crc32c,
+            stored_blocks: f.stored_blocks,
+            virtual_bytes: f.virtual_bytes,
+            read_bytes: f.read_bytes,
+            compressed_bytes: f.compressed_bytes,
+            object_offset: f.object_offset,
+        }
+    }
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct ImageStats {
+    level: i32,
+    virtual_size: u64,
+    image_bytes: u64,
+    compressed_bytes: u64,
+    data_bytes: u64,
+    read_bytes: u64,
+    head: Py<ChunkFrame>,
+    chunks: Vec<Py<ChunkFrame>>,
+    seconds: f64,
+}
+
+impl ImageStats {
+    fn from_core(py: Python<'_>, s: vhdcore::ImageStats) -> PyResult<ImageStats> {
+        let wrap = |f: vhdcore::ChunkFrame| Py::new(py, ChunkFrame::from_core(py, f));
+        Ok(ImageStats {
+            level: s.level,
+            virtual_size: s.virtual_size,
+            image_bytes: s.image_bytes,
+            compressed_bytes: s.compressed_bytes,
+            data_bytes: s.data_bytes,
+            read_bytes: s.read_bytes,
+            head: wrap(s.head)?,
+            chunks: s.chunks.into_iter().map(wrap).collect::<PyResult<_>>()?,
+            seconds: s.seconds,
+        })
+    }
+}
+
+/// A worker's job: the plan, the chunk's index and the bytes of its reads (in the plan's order) in; the frame out.
+#[pyfunction]
+#[pyo3(signature = (plan, index, reads, level = vhdcore::DEFAULT_LEVEL), text_signature = "(plan, index, reads, level=3)")]
+fn compress_fetched_chunk(
+    py: Python<'_>,
+    plan: &ImagePlan,
+    index: usize,
+    reads: Vec<Vec<u8>>,
+    level: i32,
+) -> PyResult<ChunkFrame> {
+    let image_plan = Arc::clone(&plan.inner);
+    let frame = py.allow_threads(|| vhdcore::compress_fetched_chunk(&image_plan, index, &reads, level)).or_raise(py)?;
+    Ok(ChunkFrame::from_core(py, frame))
+}
+
+/// The head frame (footer copy, header, BAT) once every chunk is done: `(stored_blocks, logical_bytes)` per chunk.
+#[pyfunction]
+#[pyo3(signature = (plan, chunks, level = vhdcore::DEFAULT_LEVEL), text_signature = "(plan, chunks, level=3)")]
+fn compress_head(py: Python<'_>, plan: &ImagePlan, chunks: Vec<(Vec<u64>, u64)>, level: i32) -> PyResult<ChunkFrame> {
+    let image_plan = Arc::clone(&plan.inner);
+    let frame = py.allow_threads(|| vhdcore::compress_head(&image_plan, &chunks, level)).or_raise(py)?;
+    Ok(ChunkFrame::from_core(py, frame))
 }
 
 fn wrap_chain(chain: vhdcore::Chain) -> Chain {
@@ -371,6 +595,15 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Diff>()?;
     m.add_class::<Problem>()?;
     m.add_class::<Chain>()?;
+    m.add_class::<SourceRead>()?;
+    m.add_class::<ChunkPlan>()?;
+    m.add_class::<ImagePlan>()?;
+    m.add_class::<ChunkFrame>()?;
+    m.add_class::<ImageStats>()?;
+    m.add("DEFAULT_CHUNK_SIZE", vhdcore::DEFAULT_CHUNK_SIZE)?;
+    m.add("DEFAULT_LEVEL", vhdcore::DEFAULT_LEVEL)?;
+    m.add_function(wrap_pyfunction!(compress_fetched_chunk, m)?)?;
+    m.add_function(wrap_pyfunction!(compress_head, m)?)?;
     m.add_function(wrap_pyfunction!(open_chain, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(diff, m)?)?;

@@ -44,6 +44,10 @@ pub struct ChunkFrame {
     pub stored_blocks: Vec<u64>,
     pub virtual_bytes: u64,
     pub read_bytes: u64,
+    /// Length of the frame; kept when `frame` itself has been written away and dropped.
+    pub compressed_bytes: u64,
+    /// Where the frame starts in the image object, once placed there.
+    pub object_offset: Option<u64>,
 }
 
 impl ChunkFrame {
@@ -52,6 +56,8 @@ impl ChunkFrame {
         ChunkFrame {
             index,
             crc32c: crc32c::crc32c(&frame),
+            compressed_bytes: u64::try_from(frame.len()).unwrap_or(u64::MAX),
+            object_offset: None,
             frame,
             logical_bytes: u64::try_from(logical.len()).unwrap_or(u64::MAX),
             sha256,
@@ -248,6 +254,7 @@ pub fn compress_image(
                 group.par_iter().map(|chunk| compress_chunk(chain, plan, chunk, level)).collect::<Result<_>>()?;
             for mut frame in frames {
                 write(&frame.frame, at)?;
+                frame.object_offset = Some(at);
                 at += u64::try_from(frame.frame.len()).unwrap_or(0);
                 done_virtual += frame.virtual_bytes;
                 frame.frame = Vec::new();
@@ -263,6 +270,8 @@ pub fn compress_image(
         let gap = reserved
             .checked_sub(head_size + 8)
             .ok_or_else(|| VhdError::invalid_argument(None, "head frame larger than its reserved room"))?;
+        let mut head = head;
+        head.object_offset = Some(0);
         write(&head.frame, 0)?;
         let mut skippable = SKIPPABLE_MAGIC.to_le_bytes().to_vec();
         skippable.extend_from_slice(&u32::try_from(gap).unwrap_or(0).to_le_bytes());
