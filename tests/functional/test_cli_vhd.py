@@ -350,6 +350,24 @@ def test_export_raw_and_vhd(run_imaging: RunImaging, tmp_path: Path, qemu_img: s
     assert flat.depth == 1 and flat.leaf.disk_type == "dynamic"
 
 
+def test_export_compressed_image(
+    run_imaging: RunImaging, tmp_path: Path, qemu_img: str, zstd_exe: str, cli_chain: DiskModel
+) -> None:
+    image = tmp_path / "image.vhd.zst"
+    stats = ok_json(
+        run_imaging("vhd", "export", cli_chain.leaf, image, "--format", "vhd.zst", "--chunk-size", "4M", "--json")
+    )
+    assert stats["compressed_bytes"] == image.stat().st_size
+    assert stats["virtual_size"] == cli_chain.virtual_size
+    assert len(stats["chunks"]) == 1 + -(-cli_chain.virtual_size // (4 * 1024 * 1024))
+    vhd = tmp_path / "image.vhd"
+    subprocess.run([zstd_exe, "-q", "-d", str(image), "-o", str(vhd)], check=True)
+    assert vhd.stat().st_size == stats["image_bytes"]
+    assert qemu_to_raw(qemu_img, vhd, tmp_path / "via-qemu.raw") == cli_chain.data
+    human = run_imaging("vhd", "export", cli_chain.leaf, tmp_path / "again.zst", "--format", "vhd.zst", "--level", "1")
+    assert human.returncode == 0 and "zstd level 1" in human.stdout
+
+
 def test_export_human_output_and_progress(run_imaging: RunImaging, tmp_path: Path, chain3: DiskModel) -> None:
     out = tmp_path / "flat.raw"
     result = run_imaging("vhd", "export", chain3.leaf, out, "--progress")
