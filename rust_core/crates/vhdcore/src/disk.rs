@@ -46,12 +46,13 @@ pub struct Sparse {
     pub header_offset: u64,
     pub table_offset: u64,
     pub block_size: u32,
-    /// Sector offsets of each block's bitmap, `BAT_UNUSED` where unallocated. Entries past the disk are dropped.
-    pub bat: Vec<u32>,
     pub bitmap_size: u64,
     pub allocated_blocks: u32,
-    /// Indices of the allocated blocks, ascending.
+    /// Indices of the allocated blocks, ascending. Only allocated entries are kept: a 2 TiB disk's BAT has a
+    /// million entries, mostly unused, and a chain has up to 30 of them.
     pub allocated: Vec<u32>,
+    /// Sector offset of each allocated block's bitmap, parallel to `allocated`.
+    pub sectors: Vec<u32>,
 }
 
 impl Sparse {
@@ -61,8 +62,21 @@ impl Sparse {
 
     /// File offset of block `index`'s bitmap, if allocated.
     pub fn block_offset(&self, index: u64) -> Option<u64> {
-        let entry = *self.bat.get(usize::try_from(index).ok()?)?;
-        (entry != BAT_UNUSED).then(|| u64::from(entry) * SECTOR_SIZE)
+        let index = u32::try_from(index).ok()?;
+        let at = self.allocated.binary_search(&index).ok()?;
+        Some(u64::from(self.sectors[at]) * SECTOR_SIZE)
+    }
+
+    /// Records block `index` as stored at `sector` (the writer's allocation).
+    pub(crate) fn set_block(&mut self, index: u32, sector: u32) {
+        match self.allocated.binary_search(&index) {
+            Ok(at) => self.sectors[at] = sector,
+            Err(at) => {
+                self.allocated.insert(at, index);
+                self.sectors.insert(at, sector);
+                self.allocated_blocks = u32::try_from(self.allocated.len()).unwrap_or(u32::MAX);
+            }
+        }
     }
 }
 
@@ -421,73 +435,70 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
         value: max_entries.to_string(),
         reason: "too many entries for this machine".into(),
     })?;
-    let mut raw = vec![0u8; used_entries * 4];
-    read_exact_at(&disk.file, path, &mut raw, table_offset)?;
-    let mut bat: Vec<u32> = raw.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect();
     let bitmap_bytes = bitmap_size(block_size);
     let block_span = bitmap_bytes + u64::from(block_size);
     let data_end = disk.footer_offset;
-    let mut placed: Vec<(u64, u64, usize)> = Vec::new();
-    for (index, entry) in bat.iter_mut().enumerate() {
-        if *entry == BAT_UNUSED {
-            continue;
+    // The BAT is read in slices through one small buffer, keeping only the allocated entries.
+    let mut placed: Vec<(u64, u64, usize, u32)> = Vec::new();
+    let mut slice = vec![0u8; 64 * 1024];
+    let total_bytes = used_entries * 4;
+    let mut done = 0usize;
+    while done < total_bytes {
+        let n = slice.len().min(total_bytes - done);
+        let read_at = table_offset + u64::try_from(done).unwrap_or(u64::MAX);
+        read_exact_at(&disk.file, path, &mut slice[..n], read_at)?;
+        for (i, raw) in slice[..n].chunks_exact(4).enumerate() {
+            let entry = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
+            if entry == BAT_UNUSED {
+                continue;
+            }
+            let index = done / 4 + i;
+            let start = u64::from(entry) * SECTOR_SIZE;
+            let end = start + block_span;
+            if end > data_end {
+                v.report(VhdError::BatOutOfRange {
+                    path: path.clone(),
+                    field: format!("bat[{index}]"),
+                    offset: table_offset + 4 * u64::try_from(index).unwrap_or(0),
+                    sector: entry,
+                    block_end: end,
+                    data_end,
+                })?;
+                continue;
+            }
+            placed.push((start, end, index, entry));
         }
-        let start = u64::from(*entry) * SECTOR_SIZE;
-        let end = start + block_span;
-        let entry_offset = table_offset + 4 * u64::try_from(index).unwrap_or(0);
-        if end > data_end {
-            v.report(VhdError::BatOutOfRange {
-                path: path.clone(),
-                field: format!("bat[{index}]"),
-                offset: entry_offset,
-                sector: *entry,
-                block_end: end,
-                data_end,
-            })?;
-            *entry = BAT_UNUSED;
-            continue;
-        }
-        placed.push((start, end, index));
+        done += n;
     }
-    // Metadata regions a block must not overlap; usize::MAX marks them in the sweep below.
     let metadata = [
         (0, FOOTER_SIZE.min(header_offset), "the footer copy"),
         (header_offset, header_end, "the dynamic header"),
         (table_offset, table_end, "the BAT"),
     ];
     placed.sort_unstable();
-    let mut dropped = vec![false; placed.len()];
-    for (i, &(start, end, index)) in placed.iter().enumerate() {
+    let mut kept: Vec<(u32, u32)> = Vec::with_capacity(placed.len());
+    for (i, &(start, end, index, entry)) in placed.iter().enumerate() {
         let overlap_meta = metadata.iter().find(|(ms, me, _)| start < *me && *ms < end && ms < me);
-        let overlap_prev = i.checked_sub(1).map(|p| placed[p]).filter(|(_, pend, _)| *pend > start);
+        let overlap_prev = i.checked_sub(1).map(|p| placed[p]).filter(|(_, pend, _, _)| *pend > start);
         let other = match (overlap_meta, overlap_prev) {
             (Some((_, _, what)), _) => Some((*what).to_string()),
-            (None, Some((_, _, pidx))) => Some(format!("the block of bat[{pidx}]")),
+            (None, Some((_, _, pidx, _))) => Some(format!("the block of bat[{pidx}]")),
             (None, None) => None,
         };
-        if let Some(other) = other {
-            v.report(VhdError::OverlappingBlocks {
+        match other {
+            Some(other) => v.report(VhdError::OverlappingBlocks {
                 path: path.clone(),
                 field: format!("bat[{index}]"),
                 offset: table_offset + 4 * u64::try_from(index).unwrap_or(0),
                 start,
                 end,
                 other,
-            })?;
-            dropped[i] = true;
+            })?,
+            None => kept.push((u32::try_from(index).unwrap_or(u32::MAX), entry)),
         }
     }
-    for (i, &(_, _, index)) in placed.iter().enumerate() {
-        if dropped[i] {
-            bat[index] = BAT_UNUSED;
-        }
-    }
-    let allocated: Vec<u32> = bat
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| **e != BAT_UNUSED)
-        .map(|(i, _)| u32::try_from(i).unwrap_or(u32::MAX))
-        .collect();
+    kept.sort_unstable();
+    let (allocated, sectors): (Vec<u32>, Vec<u32>) = kept.into_iter().unzip();
     let allocated_blocks = u32::try_from(allocated.len()).unwrap_or(u32::MAX);
     if disk.disk_type == DiskType::Differencing && header.parent_unique_id == [0u8; 16] {
         v.report(VhdError::InvalidField {
@@ -503,10 +514,10 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
         header_offset,
         table_offset,
         block_size,
-        bat,
         bitmap_size: bitmap_bytes,
         allocated_blocks,
         allocated,
+        sectors,
     })
 }
 

@@ -116,6 +116,25 @@ pub(crate) fn is_zero(buf: &[u8]) -> bool {
     chunks.by_ref().all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0) && chunks.remainder().iter().all(|b| *b == 0)
 }
 
+/// Writes the 4 KiB pages of `data` that hold anything but zeros (the file's holes already read as zeros).
+fn write_nonzero_pages(target: &Target, data: &[u8], offset: u64) -> Result<()> {
+    const PAGE: usize = 4096;
+    let at = |i: usize| offset + u64::try_from(i).unwrap_or(0);
+    let mut run: Option<usize> = None;
+    for (i, page) in data.chunks(PAGE).enumerate() {
+        let here = i * PAGE;
+        if !is_zero(page) {
+            run.get_or_insert(here);
+        } else if let Some(start) = run.take() {
+            target.write_at(&data[start..here], at(start))?;
+        }
+    }
+    if let Some(start) = run {
+        target.write_at(&data[start..], at(start))?;
+    }
+    Ok(())
+}
+
 /// Fills `buf` with unit `u` of the flattened disk; returns false (buffer untouched) when it is all zeros.
 fn read_unit(chain: &Chain, occupied: &Occupancy, u: u64, buf: &mut [u8]) -> Result<bool> {
     let start = u * UNIT;
@@ -166,40 +185,70 @@ fn run_export(
         target.file().set_len(size).map_err(|e| VhdError::io(target.path(), "extend", e))?;
     }
     let per_batch = usize::try_from(BATCH_BYTES / UNIT).unwrap_or(1).max(1);
-    let mut pool: Vec<Vec<u8>> = (0..per_batch).map(|_| vec![0u8; usize::try_from(UNIT).unwrap_or(0)]).collect();
-    let zeros = vec![0u8; usize::try_from(UNIT).unwrap_or(0)];
+    let unit_bytes = usize::try_from(UNIT).unwrap_or(0);
+    let front = bitmap.len();
+    // Each buffer keeps the block's bitmap in front of its data, so a VHD block goes out in one write.
+    let mut pool: Vec<Vec<u8>> = (0..per_batch)
+        .map(|_| {
+            let mut buf = vec![0u8; front + unit_bytes];
+            buf[..front].copy_from_slice(&bitmap);
+            buf
+        })
+        .collect();
+    let zeros = vec![0u8; unit_bytes];
+    let direct = format == ExportFormat::Raw && !streaming;
     let mut data_bytes = 0u64;
     let mut batch_start = 0u64;
     while batch_start < units {
         let batch_end = (batch_start + u64::try_from(per_batch).unwrap_or(1)).min(units);
         let unit_len = |u: u64| usize::try_from(UNIT.min(size - u * UNIT)).unwrap_or(0);
         let count = usize::try_from(batch_end - batch_start).unwrap_or(0);
+        // Read in parallel; a raw file is written by the same workers, each unit having its own place.
         let results: Vec<bool> = pool[..count]
             .par_iter_mut()
             .enumerate()
             .map(|(i, buf)| {
                 let u = batch_start + u64::try_from(i).unwrap_or(0);
-                read_unit(chain, &occupied, u, &mut buf[..unit_len(u)])
+                let len = unit_len(u);
+                let (data, tail) = buf[front..].split_at_mut(len);
+                tail.fill(0);
+                let has_data = read_unit(chain, &occupied, u, data)?;
+                if has_data && direct {
+                    write_nonzero_pages(target, data, u * UNIT)?;
+                }
+                Ok(has_data)
             })
             .collect::<Result<_>>()?;
         for (i, has_data) in results.iter().enumerate() {
-            let u = batch_start + u64::try_from(i).unwrap_or(0);
-            let len = unit_len(u);
-            let data = &pool[i][..len];
             if *has_data {
-                data_bytes += u64::try_from(len).unwrap_or(0);
+                data_bytes += u64::try_from(unit_len(batch_start + u64::try_from(i).unwrap_or(0))).unwrap_or(0);
             }
-            match (format, *has_data) {
-                (ExportFormat::Raw, true) => target.write_at(data, u * UNIT)?,
-                (ExportFormat::Raw, false) if streaming => target.write_at(&zeros[..len], u * UNIT)?,
-                (ExportFormat::Raw, false) | (ExportFormat::Vhd, false) => {}
-                (ExportFormat::Vhd, true) => {
-                    target.write_at(&bitmap, next_block)?;
-                    target.write_at(data, next_block + bitmap_len)?;
-                    bat[i + usize::try_from(batch_start).unwrap_or(0)] = u32::try_from(next_block / SECTOR_SIZE)
-                        .map_err(|_| VhdError::invalid_argument(Some(target.path()), "output too large"))?;
-                    next_block += bitmap_len + UNIT;
+        }
+        match format {
+            ExportFormat::Raw if streaming => {
+                for (i, has_data) in results.iter().enumerate() {
+                    let u = batch_start + u64::try_from(i).unwrap_or(0);
+                    let len = unit_len(u);
+                    let data = if *has_data { &pool[i][front..front + len] } else { &zeros[..len] };
+                    target.write_at(data, u * UNIT)?;
                 }
+            }
+            ExportFormat::Raw => {}
+            ExportFormat::Vhd => {
+                // Stored blocks are placed in disk order, then written in parallel.
+                let mut places: Vec<Option<u64>> = vec![None; count];
+                for (i, has_data) in results.iter().enumerate() {
+                    if *has_data {
+                        places[i] = Some(next_block);
+                        bat[i + usize::try_from(batch_start).unwrap_or(0)] = u32::try_from(next_block / SECTOR_SIZE)
+                            .map_err(|_| VhdError::invalid_argument(Some(target.path()), "output too large"))?;
+                        next_block += bitmap_len + UNIT;
+                    }
+                }
+                pool[..count].par_iter().zip(places).try_for_each(|(buf, place)| match place {
+                    Some(at) => target.write_at(buf, at),
+                    None => Ok(()),
+                })?;
             }
         }
         batch_start = batch_end;

@@ -233,9 +233,7 @@ pub fn write(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
     if disk.disk_type == DiskType::Fixed {
         return write_all_at(&disk.file, path, data, offset);
     }
-    // Partial sectors of a differencing disk take their old bytes from the chain below.
-    let chain = if disk.disk_type == DiskType::Differencing { Some(Chain::open(path, MAX_CHAIN_DEPTH)?) } else { None };
-    let mut writer = SparseWriter { disk, chain };
+    let mut writer = SparseWriter { disk, chain: None };
     let block_size = u64::from(writer.block_size());
     let mut pos = offset;
     while pos < end {
@@ -251,6 +249,7 @@ pub fn write(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
 
 struct SparseWriter {
     disk: Disk,
+    /// The chain under a differencing disk, opened only when a partial sector needs its old bytes.
     chain: Option<Chain>,
 }
 
@@ -279,9 +278,7 @@ impl SparseWriter {
         self.disk.footer_offset = at + span;
         self.disk.file_size = at + span + FOOTER_SIZE;
         if let Some(sparse) = self.disk.sparse.as_mut() {
-            if let Some(slot) = sparse.bat.get_mut(usize::try_from(index).unwrap_or(usize::MAX)) {
-                *slot = sector;
-            }
+            sparse.set_block(u32::try_from(index).unwrap_or(u32::MAX), sector);
         }
         Ok(at)
     }
@@ -332,15 +329,18 @@ impl SparseWriter {
     }
 
     /// The current content of one sector: this layer's if its bit is set, else the chain below, else zeros.
-    fn old_sector(&self, disk_sector: u64, file_at: u64, bitmap: &[u8], sector: u64, dst: &mut [u8]) -> Result<()> {
+    fn old_sector(&mut self, disk_sector: u64, file_at: u64, bitmap: &[u8], sector: u64, dst: &mut [u8]) -> Result<()> {
         let byte = usize::try_from(sector / 8).unwrap_or(0);
         let present = bitmap[byte] & (0x80u8 >> (sector % 8)) != 0;
         if present || self.disk.disk_type == DiskType::Dynamic {
             return read_exact_at(&self.disk.file, &self.disk.path, dst, file_at);
         }
+        if self.chain.is_none() {
+            self.chain = Some(Chain::open(&self.disk.path, MAX_CHAIN_DEPTH)?);
+        }
         match &self.chain {
             Some(chain) => chain.read_below_leaf(disk_sector, dst),
-            _ => {
+            None => {
                 dst.fill(0);
                 Ok(())
             }
