@@ -7,12 +7,13 @@
 //! are built and compressed anywhere, in any order; the head, which holds the BAT, is built last from their results.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use zerocopy::IntoBytes;
 
@@ -206,6 +207,55 @@ pub fn compress_head(plan: &ImagePlan, chunks: &[(Vec<u64>, u64)], level: i32) -
     Ok(ChunkFrame::new(usize::MAX, &head, frame, Vec::new(), 0))
 }
 
+/// Compresses every chunk on all cores and hands the frames to `place` in chunk order, as they become ready, so
+/// writing overlaps compressing. Workers take chunks in order, so at most a few frames wait to be placed.
+/// Returns false when `place` asked to stop.
+fn compress_in_order<S: LayerSource>(
+    src: &S,
+    plan: &ImagePlan,
+    level: i32,
+    place: &mut dyn FnMut(ChunkFrame) -> Result<bool>,
+) -> Result<bool> {
+    let workers = rayon::current_num_threads().clamp(1, plan.chunks.len().max(1));
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<ChunkFrame>>(workers);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (next, stop) = (&next, &stop);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(chunk) = plan.chunks.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                    if tx.send(compress_chunk(src, plan, chunk, level)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut waiting: BTreeMap<usize, ChunkFrame> = BTreeMap::new();
+        let mut wanted = 0usize;
+        let outcome = (|| {
+            for frame in rx.iter() {
+                let frame = frame?;
+                waiting.insert(frame.index, frame);
+                while let Some(frame) = waiting.remove(&wanted) {
+                    wanted += 1;
+                    if !place(frame)? {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok(true)
+        })();
+        // Whatever happened, let the workers finish their current chunk and leave.
+        stop.store(true, Ordering::Relaxed);
+        drop(rx);
+        outcome
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct ImageStats {
     pub level: i32,
@@ -245,24 +295,20 @@ pub fn compress_image(
         .map_err(|e| VhdError::io(&temp, "create", e))?;
     let result = (|| {
         let write = |buf: &[u8], at: u64| file.write_all_at(buf, at).map_err(|e| VhdError::io(&temp, "write", e));
-        let batch = rayon::current_num_threads().max(1) * 2;
         let mut at = reserved;
         let mut chunks: Vec<ChunkFrame> = Vec::with_capacity(plan.chunks.len());
         let mut done_virtual = 0u64;
-        for group in plan.chunks.chunks(batch) {
-            let frames: Vec<ChunkFrame> =
-                group.par_iter().map(|chunk| compress_chunk(chain, plan, chunk, level)).collect::<Result<_>>()?;
-            for mut frame in frames {
-                write(&frame.frame, at)?;
-                frame.object_offset = Some(at);
-                at += u64::try_from(frame.frame.len()).unwrap_or(0);
-                done_virtual += frame.virtual_bytes;
-                frame.frame = Vec::new();
-                chunks.push(frame);
-            }
-            if !progress(done_virtual, plan.virtual_size) {
-                return Err(VhdError::Interrupted { path: chain.leaf().path.clone() });
-            }
+        let mut place = |mut frame: ChunkFrame| -> Result<bool> {
+            write(&frame.frame, at)?;
+            frame.object_offset = Some(at);
+            at += u64::try_from(frame.frame.len()).unwrap_or(0);
+            done_virtual += frame.virtual_bytes;
+            frame.frame = Vec::new();
+            chunks.push(frame);
+            Ok(progress(done_virtual, plan.virtual_size))
+        };
+        if !compress_in_order(chain, plan, level, &mut place)? {
+            return Err(VhdError::Interrupted { path: chain.leaf().path.clone() });
         }
         let summary: Vec<(Vec<u64>, u64)> = chunks.iter().map(|c| (c.stored_blocks.clone(), c.logical_bytes)).collect();
         let head = compress_head(plan, &summary, level)?;
