@@ -222,16 +222,19 @@ def render(report: dict[str, Any]) -> str:
                 f"{'yes' if c['ours_mbps'] >= 2000 else '**NO**'} |"
             )
     acc = report["accuracy"]
-    worst = max(abs(r["error"]) for r in acc)
-    lines.append(
-        f"| estimate worst error over {len(acc)} mixes | {worst:.2%} | (the size then produced) | — | ≤ 2% | "
-        f"{'yes' if worst <= 0.02 else '**NO**'} |"
-    )
-    inside = sum(r["in_range"] for r in acc)
-    lines.append(
-        f"| truth inside the low-high range | {inside} of {len(acc)} | — | — | all | "
-        f"{'yes' if inside == len(acc) else '**NO**'} |"
-    )
+    if not acc:
+        lines.append("| estimate | not in this build (issue 3, in progress) | — | — | — | — |")
+    if acc:
+        worst = max((abs(r["error"]) for r in acc), default=0.0)
+        lines.append(
+            f"| estimate worst error over {len(acc)} mixes | {worst:.2%} | (the size then produced) | — | ≤ 2% | "
+            f"{'yes' if worst <= 0.02 else '**NO**'} |"
+        )
+        inside = sum(r["in_range"] for r in acc)
+        lines.append(
+            f"| truth inside the low-high range | {inside} of {len(acc)} | — | — | all | "
+            f"{'yes' if inside == len(acc) else '**NO**'} |"
+        )
     for c in report["cost"]:
         target = 0.15 if c["virtual_size"] <= 2 * GiB else 0.02
         lines.append(
@@ -275,9 +278,10 @@ def main() -> int:
     chain3 = build_chain3(args.workdir, 2 * GiB, 1, corpus)
     compressed_mix = {"zeros": 0.0, "text": 0.0, "elf": 0.0, "compressed": 0.7, "random": 0.3}
     already = build_disk(args.workdir, "already-compressed", GiB, compressed_mix, 1.0, 7, corpus)
-    one_gib = build_disk(args.workdir, "mixed-1g", GiB, MIXES[0][1], 0.8, 8, corpus)
+    has_estimate = hasattr(vhdcore.Chain, "estimate")
+    one_gib = build_disk(args.workdir, "mixed-1g", GiB, MIXES[0][1], 0.8, 8, corpus) if has_estimate else None
     # 32 GiB virtual, sparse but realistic: ~10% allocated, the usual mix.
-    big = build_disk(args.workdir, "sparse-32g", 32 * GiB, MIXES[0][1], 0.10, 9, corpus)
+    big = build_disk(args.workdir, "sparse-32g", 32 * GiB, MIXES[0][1], 0.10, 9, corpus) if has_estimate else None
     report: dict[str, Any] = {
         "runs": args.runs,
         "load_start": load_start,
@@ -288,12 +292,18 @@ def main() -> int:
             ),
             compress_rows("already-compressed", already, args.workdir, args.level, args.runs),
         ],
-        "accuracy": accuracy_rows(args.workdir, corpus, args.level),
-        "cost": [
+    }
+    # The estimate lands with issue 3's last part; until then the compressor rows run alone.
+    has_estimate = hasattr(vhdcore.Chain, "estimate")
+    report["accuracy"] = accuracy_rows(args.workdir, corpus, args.level) if has_estimate else []
+    report["cost"] = (
+        [
             cost_row("1 GiB mixed disk (80% allocated)", one_gib, args.level),
             cost_row("32 GiB sparse-but-realistic disk (10% allocated)", big, args.level),
-        ],
-    }
+        ]
+        if has_estimate
+        else []
+    )
     report["machine"] = machine_info(args.workdir)
     report["total_seconds"] = time.perf_counter() - started
     print(json.dumps(report, indent=2) if args.json else render(report))
