@@ -19,6 +19,8 @@ use crate::writer::{bitmap_all_present, new_footer, new_header, sparse_layout};
 
 const UNIT: u64 = DEFAULT_BLOCK_SIZE as u64;
 const BATCH_BYTES: u64 = 64 * 1024 * 1024;
+/// Units between two progress reports when writing a raw file (1 GiB).
+const DIRECT_BATCH_UNITS: u64 = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {
@@ -199,9 +201,33 @@ fn run_export(
     let direct = format == ExportFormat::Raw && !streaming;
     let mut data_bytes = 0u64;
     let mut batch_start = 0u64;
+    let unit_len = |u: u64| usize::try_from(UNIT.min(size - u * UNIT)).unwrap_or(0);
+    while batch_start < units && direct {
+        // A raw file: every unit has its own place, so workers read and write with no barrier but the
+        // progress report every DIRECT_BATCH_UNITS.
+        let batch_end = (batch_start + DIRECT_BATCH_UNITS).min(units);
+        let stored = (batch_start..batch_end)
+            .into_par_iter()
+            .map_init(
+                || vec![0u8; unit_bytes],
+                |buf, u| {
+                    let data = &mut buf[..unit_len(u)];
+                    if !read_unit(chain, &occupied, u, data)? {
+                        return Ok(0);
+                    }
+                    write_nonzero_pages(target, data, u * UNIT)?;
+                    Ok(u64::try_from(data.len()).unwrap_or(0))
+                },
+            )
+            .try_reduce(|| 0, |a, b| Ok(a + b))?;
+        data_bytes += stored;
+        batch_start = batch_end;
+        if !progress((batch_start * UNIT).min(size), size) {
+            return Err(VhdError::Interrupted { path: chain.leaf().path.clone() });
+        }
+    }
     while batch_start < units {
         let batch_end = (batch_start + u64::try_from(per_batch).unwrap_or(1)).min(units);
-        let unit_len = |u: u64| usize::try_from(UNIT.min(size - u * UNIT)).unwrap_or(0);
         let count = usize::try_from(batch_end - batch_start).unwrap_or(0);
         // Read in parallel; a raw file is written by the same workers, each unit having its own place.
         let results: Vec<bool> = pool[..count]
@@ -212,11 +238,7 @@ fn run_export(
                 let len = unit_len(u);
                 let (data, tail) = buf[front..].split_at_mut(len);
                 tail.fill(0);
-                let has_data = read_unit(chain, &occupied, u, data)?;
-                if has_data && direct {
-                    write_nonzero_pages(target, data, u * UNIT)?;
-                }
-                Ok(has_data)
+                read_unit(chain, &occupied, u, data)
             })
             .collect::<Result<_>>()?;
         for (i, has_data) in results.iter().enumerate() {
