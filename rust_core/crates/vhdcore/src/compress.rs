@@ -8,8 +8,6 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
@@ -19,7 +17,7 @@ use zerocopy::IntoBytes;
 
 use crate::chain::Chain;
 use crate::error::{Result, VhdError};
-use crate::export::is_zero;
+use crate::export::{is_zero, Target};
 use crate::format::{bitmap_size, DiskType, SECTOR_SIZE};
 use crate::plan::{ChunkPlan, FetchedChunk, ImagePlan, IMAGE_BLOCK_SIZE};
 use crate::resolve::LayerSource;
@@ -285,16 +283,9 @@ pub fn compress_image(
     let started = Instant::now();
     let head_len = usize::try_from(head_length(plan)?).unwrap_or(usize::MAX);
     let reserved = u64::try_from(zstd::zstd_safe::compress_bound(head_len)).unwrap_or(u64::MAX) + 64;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-    let temp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&temp)
-        .map_err(|e| VhdError::io(&temp, "create", e))?;
+    let target = Target::staged(out)?;
     let result = (|| {
-        let write = |buf: &[u8], at: u64| file.write_all_at(buf, at).map_err(|e| VhdError::io(&temp, "write", e));
+        let write = |buf: &[u8], at: u64| target.write_at(buf, at);
         let mut at = reserved;
         let mut chunks: Vec<ChunkFrame> = Vec::with_capacity(plan.chunks.len());
         let mut done_virtual = 0u64;
@@ -322,7 +313,7 @@ pub fn compress_image(
         let mut skippable = SKIPPABLE_MAGIC.to_le_bytes().to_vec();
         skippable.extend_from_slice(&u32::try_from(gap).unwrap_or(0).to_le_bytes());
         write(&skippable, head_size)?;
-        file.set_len(at).map_err(|e| VhdError::io(&temp, "extend", e))?;
+        target.file().set_len(at).map_err(|e| VhdError::io(target.path(), "extend", e))?;
         let image_bytes = u64::try_from(head_len).unwrap_or(0) + chunks.iter().map(|c| c.logical_bytes).sum::<u64>();
         let data_bytes = chunks.iter().map(|c| u64::try_from(c.stored_blocks.len()).unwrap_or(0)).sum::<u64>() * BLOCK;
         Ok(ImageStats {
@@ -339,12 +330,12 @@ pub fn compress_image(
     })();
     match result {
         Ok(mut stats) => {
-            std::fs::rename(&temp, out).map_err(|e| VhdError::io(out, "rename into place", e))?;
+            target.finish()?;
             stats.seconds = started.elapsed().as_secs_f64();
             Ok(stats)
         }
         Err(e) => {
-            let _ = std::fs::remove_file(&temp);
+            target.abandon();
             Err(e)
         }
     }

@@ -49,7 +49,7 @@ pub struct ExportStats {
 }
 
 /// Where the bytes go: a temporary file renamed into place, or a device/pipe written straight through.
-enum Target {
+pub(crate) enum Target {
     Staged { file: File, temp: PathBuf, dest: PathBuf },
     Stream { file: File, path: PathBuf },
 }
@@ -69,6 +69,11 @@ impl Target {
             let file = OpenOptions::new().write(true).open(out).map_err(|e| VhdError::io(out, "open", e))?;
             return Ok(Target::Stream { file, path: out.to_path_buf() });
         }
+        Target::staged(out)
+    }
+
+    /// A hidden temporary file beside `out`, renamed over it by `finish`: no partial output is ever visible.
+    pub(crate) fn staged(out: &Path) -> Result<Target> {
         let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
         let temp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
         let file = OpenOptions::new()
@@ -81,31 +86,31 @@ impl Target {
         Ok(Target::Staged { file, temp, dest: out.to_path_buf() })
     }
 
-    fn file(&self) -> &File {
+    pub(crate) fn file(&self) -> &File {
         match self {
             Target::Staged { file, .. } | Target::Stream { file, .. } => file,
         }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         match self {
             Target::Staged { temp, .. } => temp,
             Target::Stream { path, .. } => path,
         }
     }
 
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.file().write_all_at(buf, offset).map_err(|e| VhdError::io(self.path(), "write", e))
     }
 
-    fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         if let Target::Staged { temp, dest, .. } = &self {
             std::fs::rename(temp, dest).map_err(|e| VhdError::io(dest, "rename into place", e))?;
         }
         Ok(())
     }
 
-    fn abandon(self) {
+    pub(crate) fn abandon(self) {
         if let Target::Staged { temp, .. } = &self {
             let _ = std::fs::remove_file(temp);
         }
