@@ -771,7 +771,8 @@ fn bad_options_are_invalid_arguments() {
 }
 
 /// Time of the estimate against a full compression (the reference compressor, chunks in parallel) on a 1 GiB
-/// disk, and on a 32 GiB sparse-but-realistic one (4 GiB allocated). Slow: run with `--ignored`, in release.
+/// disk, and on a 32 GiB sparse-but-realistic one (4 GiB allocated, or `ESTIMATE_BENCH_GIB`). Slow: run with
+/// `--ignored`, in release.
 #[test]
 #[ignore]
 fn bench_estimate_time() {
@@ -788,21 +789,24 @@ fn bench_estimate_time() {
         let truth = true_size(&chain, LEVEL);
         rows.push(Row { name: one.name.into(), truth, est });
     }
-    // 32 GiB virtual, 4 GiB allocated: 256 regions of 16 MiB of office-like data spread over the disk.
+    // 32 GiB virtual, 4 GiB allocated (or `ESTIMATE_BENCH_GIB`): regions of 16 MiB of office-like data spread
+    // over the disk.
+    let regions = std::env::var("ESTIMATE_BENCH_GIB").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(4) * 64;
     let path = dir.path().join("sparse-32g.vhd");
     let size = 32 * 1024 * MIB;
     vhdcore::create(&path, size, DiskType::Dynamic, DEFAULT_BLOCK_SIZE).unwrap();
     let mut rng = SplitMix(33);
     let mut cursors = Cursors([0, 0, 0]);
     let mut region = vec![0u8; 16 * MIB as usize];
-    for i in 0..256u64 {
+    for i in 0..regions {
         let mut pos = 0usize;
         while pos < region.len() {
             let len = (rng.log_uniform(64 * KIB, 4 * MIB) as usize).min(region.len() - pos);
             fill(pick(weights, &mut rng), &mut region[pos..pos + len], &mut rng, &mut cursors);
             pos += len;
         }
-        vhdcore::write(&path, i * (size / 256) + rng.below(64) * BLOCK, &region).unwrap();
+        let stride = size / regions / BLOCK;
+        vhdcore::write(&path, (i * stride + rng.below(stride - 7)) * BLOCK, &region).unwrap();
     }
     let chain = chain_of(&path);
     let _warm = true_size(&chain, LEVEL);
