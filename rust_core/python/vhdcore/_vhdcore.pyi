@@ -149,6 +149,32 @@ class ImageStats:
     seconds: float
 
 @final
+class Estimate:
+    """Predicted size of the compressed image (a point, and a low-high range meant to hold the truth) and time."""
+
+    level: int
+    virtual_size: int
+    allocated_bytes: int
+    unallocated_bytes: int
+    sampled_bytes: int
+    samples: int
+    spans: int
+    zero_fraction: float
+    estimated_nonzero_bytes: int
+    candidate_blocks: int
+    image_blocks: int
+    image_bytes: int
+    compressed_bytes: int
+    low: int
+    high: int
+    context_correction: float
+    sampling_error: float
+    correction_error: float
+    seconds_spent: float
+    predicted_seconds: float
+    threads: int
+
+@final
 class Chain:
     layers: list[Layer]
     virtual_size: int
@@ -174,6 +200,7 @@ class Chain:
         progress: Callable[[int, int], None] | None = None,
     ) -> ImageStats: ...
     def compress_chunk(self, plan: ImagePlan, index: int, level: int = 3) -> ChunkFrame: ...
+    def estimate(self, level: int = 3, chunk_size: int = 67108864, seed: int | None = None) -> Estimate: ...
 
 def open_chain(path: str, max_depth: int = 30) -> Chain: ...
 def check(path: str, max_depth: int = 30) -> list[Problem]: ...

@@ -285,6 +285,20 @@ impl Chain {
         Ok(ChunkFrame::from_core(py, frame))
     }
 
+    #[pyo3(
+        signature = (level = vhdcore::DEFAULT_LEVEL, chunk_size = vhdcore::DEFAULT_CHUNK_SIZE, seed = None),
+        text_signature = "(self, level=3, chunk_size=67108864, seed=None)"
+    )]
+    fn estimate(&self, py: Python<'_>, level: i32, chunk_size: u64, seed: Option<u64>) -> PyResult<Estimate> {
+        let inner = Arc::clone(&self.inner);
+        let mut opts = vhdcore::estimate::EstimateOptions { level, chunk_size, ..Default::default() };
+        if let Some(seed) = seed {
+            opts.seed = seed;
+        }
+        let estimate = py.allow_threads(|| vhdcore::estimate::estimate(&inner, &opts)).or_raise(py)?;
+        Ok(Estimate::from_core(level, estimate))
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Chain(leaf={:?}, depth={}, virtual_size={})",
@@ -501,6 +515,59 @@ fn compress_head(py: Python<'_>, plan: &ImagePlan, chunks: Vec<(Vec<u64>, u64)>,
     Ok(ChunkFrame::from_core(py, frame))
 }
 
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct Estimate {
+    level: i32,
+    virtual_size: u64,
+    allocated_bytes: u64,
+    unallocated_bytes: u64,
+    sampled_bytes: u64,
+    samples: usize,
+    spans: usize,
+    zero_fraction: f64,
+    estimated_nonzero_bytes: u64,
+    candidate_blocks: u64,
+    image_blocks: u64,
+    image_bytes: u64,
+    compressed_bytes: u64,
+    low: u64,
+    high: u64,
+    context_correction: f64,
+    sampling_error: f64,
+    correction_error: f64,
+    seconds_spent: f64,
+    predicted_seconds: f64,
+    threads: usize,
+}
+
+impl Estimate {
+    fn from_core(level: i32, e: vhdcore::estimate::Estimate) -> Estimate {
+        Estimate {
+            level,
+            virtual_size: e.virtual_size,
+            allocated_bytes: e.allocated_bytes,
+            unallocated_bytes: e.unallocated_bytes,
+            sampled_bytes: e.sampled_bytes,
+            samples: e.samples,
+            spans: e.spans,
+            zero_fraction: e.zero_fraction,
+            estimated_nonzero_bytes: e.estimated_nonzero_bytes,
+            candidate_blocks: e.candidate_blocks,
+            image_blocks: e.image_blocks,
+            image_bytes: e.image_bytes,
+            compressed_bytes: e.compressed_bytes,
+            low: e.low,
+            high: e.high,
+            context_correction: e.context_correction,
+            sampling_error: e.sampling_error,
+            correction_error: e.correction_error,
+            seconds_spent: e.seconds_spent,
+            predicted_seconds: e.predicted_seconds,
+            threads: e.threads,
+        }
+    }
+}
+
 fn wrap_chain(chain: vhdcore::Chain) -> Chain {
     let layers = chain.layers.iter().map(Layer::from_disk).collect();
     let virtual_size = chain.virtual_size();
@@ -600,6 +667,7 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ImagePlan>()?;
     m.add_class::<ChunkFrame>()?;
     m.add_class::<ImageStats>()?;
+    m.add_class::<Estimate>()?;
     m.add("DEFAULT_CHUNK_SIZE", vhdcore::DEFAULT_CHUNK_SIZE)?;
     m.add("DEFAULT_LEVEL", vhdcore::DEFAULT_LEVEL)?;
     m.add_function(wrap_pyfunction!(compress_fetched_chunk, m)?)?;

@@ -9,6 +9,7 @@ pub mod compress;
 pub mod diff;
 pub mod disk;
 pub mod error;
+pub mod estimate;
 pub mod export;
 pub mod format;
 pub mod map;
@@ -25,6 +26,7 @@ pub use compress::{
 pub use diff::{diff, DiffResult};
 pub use disk::Disk;
 pub use error::{ErrorKind, Result, VhdError};
+pub use estimate::{estimate, Estimate, EstimateOptions};
 pub use export::{export, ExportFormat, ExportStats};
 pub use format::{DiskType, DEFAULT_BLOCK_SIZE, MAX_VIRTUAL_SIZE};
 pub use map::{Extent, Occupancy};
