@@ -368,6 +368,27 @@ def test_export_compressed_image(
     assert human.returncode == 0 and "zstd level 1" in human.stdout
 
 
+def test_estimate_brackets_the_size_the_compressor_produces(
+    run_imaging: RunImaging, tmp_path: Path, zstd_exe: str, samples_dir: Path
+) -> None:
+    # A realistic sample (64 MiB, 10 MiB allocated): on disks of a few KiB the frames' fixed bytes dominate.
+    sample = samples_dir / "xo-chain3"
+    expected = json.loads((sample / "expected.json").read_text())
+    for item in expected["chain"]:
+        subprocess.run(
+            [zstd_exe, "-q", "-d", str(sample / f"{item['file']}.zst"), "-o", str(tmp_path / item["file"])], check=True
+        )
+    leaf = tmp_path / expected["leaf"]
+    estimate = ok_json(run_imaging("vhd", "estimate", leaf, "--json"))
+    image = tmp_path / "image.vhd.zst"
+    stats = ok_json(run_imaging("vhd", "export", leaf, image, "--format", "vhd.zst", "--json"))
+    assert estimate["low"] <= stats["compressed_bytes"] <= estimate["high"]
+    assert abs(estimate["compressed_bytes"] - stats["compressed_bytes"]) <= 0.02 * stats["compressed_bytes"]
+    assert estimate["allocated_bytes"] + estimate["unallocated_bytes"] == expected["virtual_size"]
+    human = run_imaging("vhd", "estimate", leaf, "--level", "1")
+    assert human.returncode == 0 and "zstd level 1" in human.stdout and "range" in human.stdout
+
+
 def test_export_human_output_and_progress(run_imaging: RunImaging, tmp_path: Path, chain3: DiskModel) -> None:
     out = tmp_path / "flat.raw"
     result = run_imaging("vhd", "export", chain3.leaf, out, "--progress")
