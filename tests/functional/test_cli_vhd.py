@@ -368,17 +368,22 @@ def test_export_compressed_image(
     assert human.returncode == 0 and "zstd level 1" in human.stdout
 
 
+def unpack_xo_sample(samples_dir: Path, zstd_exe: str, into: Path) -> tuple[Path, dict[str, Any]]:
+    """The shared xo-chain3 sample (made by another VHD implementation), decompressed; its leaf and expected.json."""
+    sample = samples_dir / "xo-chain3"
+    expected: dict[str, Any] = json.loads((sample / "expected.json").read_text())
+    for item in expected["chain"]:
+        subprocess.run(
+            [zstd_exe, "-q", "-d", str(sample / f"{item['file']}.zst"), "-o", str(into / item["file"])], check=True
+        )
+    return into / expected["leaf"], expected
+
+
 def test_estimate_brackets_the_size_the_compressor_produces(
     run_imaging: RunImaging, tmp_path: Path, zstd_exe: str, samples_dir: Path
 ) -> None:
     # A realistic sample (64 MiB, 10 MiB allocated): on disks of a few KiB the frames' fixed bytes dominate.
-    sample = samples_dir / "xo-chain3"
-    expected = json.loads((sample / "expected.json").read_text())
-    for item in expected["chain"]:
-        subprocess.run(
-            [zstd_exe, "-q", "-d", str(sample / f"{item['file']}.zst"), "-o", str(tmp_path / item["file"])], check=True
-        )
-    leaf = tmp_path / expected["leaf"]
+    leaf, expected = unpack_xo_sample(samples_dir, zstd_exe, tmp_path)
     estimate = ok_json(run_imaging("vhd", "estimate", leaf, "--json"))
     image = tmp_path / "image.vhd.zst"
     stats = ok_json(run_imaging("vhd", "export", leaf, image, "--format", "vhd.zst", "--json"))
@@ -414,13 +419,7 @@ def test_export_refuses_to_overwrite_unless_forced(run_imaging: RunImaging, tmp_
 def test_export_of_sample_chain_by_another_implementation(
     run_imaging: RunImaging, tmp_path: Path, zstd_exe: str, samples_dir: Path
 ) -> None:
-    sample = samples_dir / "xo-chain3"
-    expected = json.loads((sample / "expected.json").read_text())
-    for item in expected["chain"]:
-        subprocess.run(
-            [zstd_exe, "-q", "-d", str(sample / f"{item['file']}.zst"), "-o", str(tmp_path / item["file"])], check=True
-        )
-    leaf = tmp_path / expected["leaf"]
+    leaf, expected = unpack_xo_sample(samples_dir, zstd_exe, tmp_path)
     info = ok_json(run_imaging("vhd", "info", leaf, "--json"))
     assert info["depth"] == expected["depth"]
     assert info["virtual_size"] == expected["virtual_size"]

@@ -328,15 +328,7 @@ pub fn compress_image(
             seconds: 0.0,
         })
     })();
-    match result {
-        Ok(mut stats) => {
-            target.finish()?;
-            stats.seconds = started.elapsed().as_secs_f64();
-            Ok(stats)
-        }
-        Err(e) => {
-            target.abandon();
-            Err(e)
-        }
-    }
+    let mut stats = target.complete(result)?;
+    stats.seconds = started.elapsed().as_secs_f64();
+    Ok(stats)
 }

@@ -47,7 +47,6 @@ pub struct Sparse {
     pub table_offset: u64,
     pub block_size: u32,
     pub bitmap_size: u64,
-    pub allocated_blocks: u32,
     /// Indices of the allocated blocks, ascending. Only allocated entries are kept: a 2 TiB disk's BAT has a
     /// million entries, mostly unused, and a chain has up to 30 of them.
     pub allocated: Vec<u32>,
@@ -74,7 +73,6 @@ impl Sparse {
             Err(at) => {
                 self.allocated.insert(at, index);
                 self.sectors.insert(at, sector);
-                self.allocated_blocks = u32::try_from(self.allocated.len()).unwrap_or(u32::MAX);
             }
         }
     }
@@ -203,7 +201,7 @@ impl Disk {
     }
 
     pub fn allocated_blocks(&self) -> u32 {
-        self.sparse.as_ref().map_or(0, |s| s.allocated_blocks)
+        self.sparse.as_ref().map_or(0, |s| u32::try_from(s.allocated.len()).unwrap_or(u32::MAX))
     }
 
     pub fn uuid_string(&self) -> String {
@@ -499,7 +497,6 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
     }
     kept.sort_unstable();
     let (allocated, sectors): (Vec<u32>, Vec<u32>) = kept.into_iter().unzip();
-    let allocated_blocks = u32::try_from(allocated.len()).unwrap_or(u32::MAX);
     if disk.disk_type == DiskType::Differencing && header.parent_unique_id == [0u8; 16] {
         v.report(VhdError::InvalidField {
             path: path.clone(),
@@ -509,16 +506,7 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
             reason: "a differencing disk must name its parent's uuid".into(),
         })?;
     }
-    Ok(Sparse {
-        header,
-        header_offset,
-        table_offset,
-        block_size,
-        bitmap_size: bitmap_bytes,
-        allocated_blocks,
-        allocated,
-        sectors,
-    })
+    Ok(Sparse { header, header_offset, table_offset, block_size, bitmap_size: bitmap_bytes, allocated, sectors })
 }
 
 #[cfg(test)]

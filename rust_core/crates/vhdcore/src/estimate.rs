@@ -65,7 +65,9 @@ use zstd::zstd_safe::{compress_bound, get_error_name, CCtx, CParameter};
 
 use crate::chain::Chain;
 use crate::error::{Result, VhdError};
+use crate::export::is_zero;
 use crate::format::{bitmap_size, DiskType, BAT_UNUSED, DEFAULT_BLOCK_SIZE, FOOTER_SIZE, SECTOR_SIZE};
+use crate::rng::SplitMix;
 use crate::writer::{new_footer, new_header, sparse_layout};
 
 const KIB: usize = 1024;
@@ -211,11 +213,6 @@ fn overflow(what: &str) -> VhdError {
     VhdError::invalid_argument(None, format!("estimate: {what} overflows"))
 }
 
-fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(64);
-    chunks.by_ref().all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0) && chunks.remainder().iter().all(|b| *b == 0)
-}
-
 /// Order-0 entropy of at least 7.98 bits per byte: what zstd stores nearly raw whatever the window (already
 /// compressed or encrypted data). Such bytes are compressed without a prefix: a window cannot help them, and
 /// indexing it would cost more than compressing them.
@@ -244,27 +241,6 @@ fn looks_random(data: &[u8]) -> bool {
         })
         .sum();
     entropy >= 7.98
-}
-
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, n)`; 0 when `n` is 0.
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -703,10 +679,10 @@ fn head_and_tail(size: u64, kept: &[u64], level: i32, seed: u64) -> Result<(u64,
     let layout = sparse_layout(size, DEFAULT_BLOCK_SIZE)?;
     let mut rng = SplitMix(seed);
     let mut uuid = [0u8; 16];
-    uuid[..8].copy_from_slice(&rng.next().to_be_bytes());
-    uuid[8..].copy_from_slice(&rng.next().to_be_bytes());
+    uuid[..8].copy_from_slice(&rng.next_u64().to_be_bytes());
+    uuid[8..].copy_from_slice(&rng.next_u64().to_be_bytes());
     let mut footer = new_footer(DiskType::Dynamic, size, uuid);
-    footer.timestamp.set(u32::try_from(rng.next() >> 33).unwrap_or(0));
+    footer.timestamp.set(u32::try_from(rng.next_u64() >> 33).unwrap_or(0));
     footer.seal();
     let mut header = new_header(&layout, DEFAULT_BLOCK_SIZE);
     header.seal();

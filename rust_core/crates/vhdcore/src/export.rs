@@ -110,6 +110,20 @@ impl Target {
         Ok(())
     }
 
+    /// Puts the output in place when `result` is Ok, removes the staged file when it is not.
+    pub(crate) fn complete<T>(self, result: Result<T>) -> Result<T> {
+        match result {
+            Ok(value) => {
+                self.finish()?;
+                Ok(value)
+            }
+            Err(e) => {
+                self.abandon();
+                Err(e)
+            }
+        }
+    }
+
     pub(crate) fn abandon(self) {
         if let Target::Staged { temp, .. } = &self {
             let _ = std::fs::remove_file(temp);
@@ -160,17 +174,10 @@ pub fn export(
 ) -> Result<ExportStats> {
     let started = Instant::now();
     let target = Target::open(out, format)?;
-    match run_export(chain, &target, format, progress) {
-        Ok(mut stats) => {
-            target.finish()?;
-            stats.seconds = started.elapsed().as_secs_f64();
-            Ok(stats)
-        }
-        Err(e) => {
-            target.abandon();
-            Err(e)
-        }
-    }
+    let result = run_export(chain, &target, format, progress);
+    let mut stats = target.complete(result)?;
+    stats.seconds = started.elapsed().as_secs_f64();
+    Ok(stats)
 }
 
 fn run_export(

@@ -15,6 +15,7 @@ pub mod format;
 pub mod map;
 pub mod plan;
 pub mod resolve;
+pub mod rng;
 pub mod writer;
 
 pub use chain::{Chain, MAX_CHAIN_DEPTH};

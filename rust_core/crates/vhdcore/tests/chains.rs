@@ -2,28 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use vhdcore::rng::SplitMix;
 use vhdcore::{Chain, DiskType, ErrorKind, ExportFormat};
-
-/// A small deterministic generator, so failures replay exactly.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next().to_le_bytes()[0]).collect()
-    }
-}
 
 const SIZE: u64 = 8 * 1024 * 1024;
 const BLOCK: u32 = 512 * 1024;
@@ -44,7 +24,8 @@ fn build_chain(dir: &Path, depth: usize, seed: u64, base_type: DiskType) -> (Vec
                 _ => 1 + rng.below(3 * u64::from(BLOCK)),
             };
             let offset = rng.below(SIZE - len);
-            let data = rng.bytes(usize::try_from(len).unwrap());
+            let mut data = vec![0u8; usize::try_from(len).unwrap()];
+            rng.fill(&mut data);
             vhdcore::write(&leaf, offset, &data).unwrap();
             let at = usize::try_from(offset).unwrap();
             model[at..at + data.len()].copy_from_slice(&data);

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use rayon::prelude::*;
+use vhdcore::rng::SplitMix;
 use vhdcore::{estimate, Chain, DiskType, Estimate, EstimateOptions, DEFAULT_BLOCK_SIZE, MAX_CHAIN_DEPTH};
 
 const KIB: u64 = 1024;
@@ -19,36 +20,17 @@ const BLOCK: u64 = DEFAULT_BLOCK_SIZE as u64;
 const CHUNK: u64 = 64 * MIB;
 const LEVEL: i32 = 3;
 
-/// A small deterministic generator, so failures replay exactly.
-#[derive(Clone)]
-struct SplitMix(u64);
+/// Lengths of written extents: log-uniform in `[lo, hi]`, rounded to sectors.
+trait LogUniform {
+    fn log_uniform(&mut self, lo: u64, hi: u64) -> u64;
+}
 
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// Log-uniform in `[lo, hi]`, rounded to sectors.
+impl LogUniform for SplitMix {
     fn log_uniform(&mut self, lo: u64, hi: u64) -> u64 {
         let (l, h) = ((lo as f64).ln(), (hi as f64).ln());
-        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         let v = (l + (h - l) * u).exp() as u64;
         (v / 512).max(1) * 512
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let bytes = self.next().to_le_bytes();
-            chunk.copy_from_slice(&bytes[..chunk.len()]);
-        }
     }
 }
 
@@ -166,7 +148,7 @@ fn pools() -> &'static Pools {
         if elf.len() < min {
             // Structured binary stand-in: little-endian integers of skewed sizes and repeated opcode runs.
             let mut rng = SplitMix(12);
-            elf = (0..(32 << 20) / 8).flat_map(|_| (rng.next() & 0x0000_00FF_00FF_0F3F).to_le_bytes()).collect();
+            elf = (0..(32 << 20) / 8).flat_map(|_| (rng.next_u64() & 0x0000_00FF_00FF_0F3F).to_le_bytes()).collect();
             origin[1] = "synthetic";
         }
         if gz.len() < min {
@@ -238,7 +220,7 @@ fn fill(kind: Kind, buf: &mut [u8], rng: &mut SplitMix, cursors: &mut Cursors) {
                 let text = format!(
                     "{t} host-{} INFO {msg} id={} took={}ms\n",
                     rng.below(8),
-                    rng.next() % 1_000_000,
+                    rng.next_u64() % 1_000_000,
                     rng.below(900)
                 );
                 line.extend_from_slice(text.as_bytes());
