@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -76,3 +76,26 @@ def run_imaging(imaging_exe: str, tmp_path: Path) -> Callable[..., subprocess.Co
         return subprocess.run(argv, input=input, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """One moto server (S3, DynamoDB, ...) over HTTP for the whole test session; tests use unique buckets/tables."""
+    from tests.support.moto_server import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def aws_test_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake credentials and a region, so boto3 never reaches real AWS or reads the developer's profile."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+    }.items():
+        monkeypatch.setenv(name, value)
