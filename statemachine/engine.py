@@ -1,0 +1,409 @@
+"""The embedded engine: runs an Amazon States Language file in-process, unchanged from what AWS Step Functions runs.
+
+It starts moto's server on a loopback port with its Step Functions interpreter switched on (moto ≥ 5.2, the
+interpreter taken from LocalStack) and registers each Python handler as a Lambda function there. A Task state whose
+`Resource` is such a function's ARN calls the handler in this process: the invoke goes from the interpreter to the
+server, whose simple (docker-less) Lambda backend is patched, in this one module, to dispatch to the registered
+callable. A handler that raises answers like Lambda does (`FunctionError: Unhandled`, a payload with `errorType` and
+`errorMessage`), so the ASL's `Retry` and `Catch` match the exception's class name exactly as on AWS.
+
+The engine is generic: it knows ASL, Lambda and moto, and nothing of what the state machine does. Not supported by
+the interpreter (see DESIGN §3): JSONata and `Assign`, `startExecution.sync`, EXPRESS child workflows; state
+machine creation does not check `Next` targets (lint the ASL separately); a Task's payload must be a JSON object
+(moto's Lambda parses it as one).
+
+The handlers' own boto3 calls are not intercepted: they go wherever their clients point (real files, a real S3 or
+a separate moto server), which is why this does not use `moto.mock_aws`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any, Protocol
+from zipfile import ZipFile
+
+import boto3
+from moto.awslambda_simple.models import LambdaSimpleBackend
+from moto.server import ThreadedMotoServer
+from moto.stepfunctions.parser.backend.execution import Execution as InterpreterExecution
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+# moto's Lambda wants the functions' role to exist in its IAM; nothing checks what the role allows.
+EXECUTION_ROLE_NAME = "local-engine"
+EXECUTION_ROLE = f"arn:aws:iam::{ACCOUNT}:role/{EXECUTION_ROLE_NAME}"
+_TRUST_POLICY = json.dumps(
+    {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": ["lambda.amazonaws.com", "states.amazonaws.com"]},
+                "Action": "sts:AssumeRole",
+            }
+        ],
+    }
+)
+DEFAULT_FUNCTION_TIMEOUT_S = 900
+TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
+
+
+class LambdaContextLike(Protocol):
+    """The attributes of AWS's LambdaContext that handlers (and Powertools) read."""
+
+    function_name: str
+    function_version: str
+    invoked_function_arn: str
+    memory_limit_in_mb: int
+    aws_request_id: str
+    log_group_name: str
+    log_stream_name: str
+
+    def get_remaining_time_in_millis(self) -> int: ...
+
+
+Handler = Callable[[Any, Any], Any]
+
+
+@dataclass
+class LocalLambdaContext:
+    """A LambdaContext for an in-process invoke: the remaining time counts down from the function's timeout."""
+
+    function_name: str
+    invoked_function_arn: str
+    timeout_s: float
+    memory_limit_in_mb: int = 1024
+    function_version: str = "$LATEST"
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    log_group_name: str = ""
+    log_stream_name: str = "local"
+    _deadline: float = field(default=0.0, repr=False)
+
+    def __post_init__(self) -> None:
+        self._deadline = time.monotonic() + self.timeout_s
+        self.log_group_name = self.log_group_name or f"/aws/lambda/{self.function_name}"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+@dataclass(frozen=True)
+class _Registered:
+    handler: Handler
+    timeout_s: float
+    arn: str
+
+
+class EngineError(Exception):
+    """The engine could not start, deploy or run something (not a failure of the state machine itself)."""
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """How an execution ended: its status, its output (parsed JSON) or its error and cause, and its history."""
+
+    execution_arn: str
+    status: str
+    output: Any
+    error: str | None
+    cause: str | None
+    events: list[dict[str, Any]]
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "SUCCEEDED"
+
+    def states_entered(self) -> list[str]:
+        """Names of the states entered, in order (Map iterations included)."""
+        names = []
+        for event in self.events:
+            details = event.get("stateEnteredEventDetails")
+            if details:
+                names.append(str(details["name"]))
+        return names
+
+
+# Function ARN -> handler, for every engine of this process. The patched invoke reads it.
+_REGISTRY: dict[str, _Registered] = {}
+_REGISTRY_LOCK = threading.Lock()
+_ORIGINAL_INVOKE = LambdaSimpleBackend.invoke
+_ACTIVE_ENGINE: LocalEngine | None = None
+
+
+def _lambda_error_payload(error: BaseException) -> bytes:
+    payload = {
+        "errorType": type(error).__name__,
+        "errorMessage": str(error),
+        "stackTrace": traceback.format_exception(error)[-8:],
+    }
+    return json.dumps(payload).encode()
+
+
+def _invoke_registered(
+    self: LambdaSimpleBackend,
+    function_name: str,
+    qualifier: str | None,
+    body: Any,
+    headers: Any,
+    response_headers: Any,
+) -> str | bytes | None:
+    """moto's simple Lambda backend, dispatching registered functions to their Python handlers."""
+    arn = function_name if function_name.startswith("arn:") else _arn_of(function_name)
+    with _REGISTRY_LOCK:
+        registered = _REGISTRY.get(arn)
+    if registered is None:
+        return _ORIGINAL_INVOKE(self, function_name, qualifier, body, headers, response_headers)
+    text = body.decode() if isinstance(body, bytes) else body
+    event = json.loads(text) if text else {}
+    name = arn.rsplit(":", 1)[-1]
+    context = LocalLambdaContext(function_name=name, invoked_function_arn=arn, timeout_s=registered.timeout_s)
+    try:
+        result = registered.handler(event, context)
+    except Exception as error:  # every handler failure becomes a Lambda function error, as on AWS
+        response_headers["x-amz-function-error"] = "Unhandled"
+        return _lambda_error_payload(error)
+    return json.dumps(result).encode()
+
+
+def _arn_of(function_name: str) -> str:
+    return f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{function_name}"
+
+
+LambdaSimpleBackend.invoke = _invoke_registered  # type: ignore[method-assign]
+
+
+def _shared_on_deepcopy(self: InterpreterExecution, memo: dict[int, Any]) -> InterpreterExecution:
+    return self
+
+
+# moto deep-copies a state machine, with its past executions, when it starts a new one; a past execution's worker
+# holds locks that cannot be copied, so every second execution failed with HTTP 500. The copy only needs the
+# definition: past executions are shared, not copied.
+InterpreterExecution.__deepcopy__ = _shared_on_deepcopy  # type: ignore[attr-defined]
+
+
+def _function_zip() -> bytes:
+    """A placeholder deployment package: the code that runs is the registered handler."""
+    buffer = BytesIO()
+    with ZipFile(buffer, "w") as archive:
+        archive.writestr("handler.py", "# runs in-process through statemachine.engine\n")
+    return buffer.getvalue()
+
+
+def substitute(definition: str, substitutions: Mapping[str, str]) -> str:
+    """Replace every `${Name}` in an ASL text, as CloudFormation's DefinitionSubstitutions do; unknown names fail."""
+    out = definition
+    for name, value in substitutions.items():
+        out = out.replace("${" + name + "}", value)
+    start = out.find("${")
+    if start >= 0:
+        end = out.find("}", start)
+        raise EngineError(f"no substitution given for {out[start : end + 1]} in the state machine definition")
+    return out
+
+
+class LocalEngine:
+    """Runs ASL state machines in this process on moto's Step Functions interpreter.
+
+    Use as a context manager; one engine runs per process at a time (the interpreter finds the server through
+    the `MOTO_PORT` environment variable).
+    """
+
+    def __init__(self, *, quiet: bool = True, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._host = host
+        self._port = port
+        self._quiet = quiet
+        self._server: ThreadedMotoServer | None = None
+        self._endpoint = ""
+        self._arns: list[str] = []
+        self._previous_port: str | None = None
+        self._sfn: Any = None
+
+    # --- life cycle --------------------------------------------------------------------------------------------
+    def __enter__(self) -> LocalEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        global _ACTIVE_ENGINE
+        with _REGISTRY_LOCK:
+            if _ACTIVE_ENGINE is not None:
+                raise EngineError("another local engine is already running in this process")
+            _ACTIVE_ENGINE = self
+        try:
+            if self._quiet:
+                # The interpreter logs every failed state as an exception; the execution history says it better.
+                for name in ("moto", "werkzeug"):
+                    logging.getLogger(name).setLevel(logging.CRITICAL)
+            port = self._port or _free_port(self._host)
+            self._server = ThreadedMotoServer(ip_address=self._host, port=port, verbose=False)
+            self._server.start()
+            self._endpoint = f"http://{self._host}:{port}"
+            self._previous_port = os.environ.get("MOTO_PORT")
+            os.environ["MOTO_PORT"] = str(port)
+            config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
+            request = urllib.request.Request(
+                f"{self._endpoint}/moto-api/config",
+                data=json.dumps(config).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                if answer.status >= 300:
+                    raise EngineError(f"moto refused the engine's configuration: HTTP {answer.status}")
+            self._sfn = self.client("stepfunctions")
+            self.client("iam").create_role(RoleName=EXECUTION_ROLE_NAME, AssumeRolePolicyDocument=_TRUST_POLICY)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        global _ACTIVE_ENGINE
+        with _REGISTRY_LOCK:
+            for arn in self._arns:
+                _REGISTRY.pop(arn, None)
+            self._arns.clear()
+            if _ACTIVE_ENGINE is self:
+                _ACTIVE_ENGINE = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+            if self._previous_port is None:
+                os.environ.pop("MOTO_PORT", None)
+            else:
+                os.environ["MOTO_PORT"] = self._previous_port
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def client(self, service: str) -> Any:
+        """A boto3 client for the engine's own server (stepfunctions, lambda, iam)."""
+        if not self._endpoint:
+            raise EngineError("the engine is not running")
+        make_client: Any = boto3.client  # the stubs type each service's client; this one is generic
+        return make_client(
+            service,
+            endpoint_url=self._endpoint,
+            region_name=REGION,
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+        )
+
+    # --- deployment --------------------------------------------------------------------------------------------
+    def register_function(self, name: str, handler: Handler, *, timeout_s: float = DEFAULT_FUNCTION_TIMEOUT_S) -> str:
+        """Create a Lambda function `name` whose invocations run `handler(event, context)` here; returns its ARN."""
+        arn = _arn_of(name)
+        with _REGISTRY_LOCK:
+            if arn in _REGISTRY:
+                raise EngineError(f"a function named {name!r} is already registered")
+        created = self.client("lambda").create_function(
+            FunctionName=name,
+            Runtime="python3.12",
+            Role=EXECUTION_ROLE,
+            Handler="handler.handler",
+            Code={"ZipFile": _function_zip()},
+            Timeout=int(timeout_s),
+        )
+        if created["FunctionArn"] != arn:
+            raise EngineError(f"unexpected ARN {created['FunctionArn']} for function {name}")
+        with _REGISTRY_LOCK:
+            _REGISTRY[arn] = _Registered(handler=handler, timeout_s=timeout_s, arn=arn)
+            self._arns.append(arn)
+        return arn
+
+    def create_state_machine(self, name: str, definition: str, substitutions: Mapping[str, str] | None = None) -> str:
+        """Create (or update) a STANDARD state machine from an ASL text with its `${...}` substitutions applied."""
+        text = substitute(definition, substitutions or {})
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            raise EngineError(f"the state machine definition is not JSON: {error}") from error
+        for machine in self._sfn.list_state_machines()["stateMachines"]:
+            if machine["name"] == name:
+                self._sfn.update_state_machine(stateMachineArn=machine["stateMachineArn"], definition=text)
+                return str(machine["stateMachineArn"])
+        created = self._sfn.create_state_machine(name=name, definition=text, roleArn=EXECUTION_ROLE)
+        return str(created["stateMachineArn"])
+
+    # --- executions --------------------------------------------------------------------------------------------
+    def start_execution(self, state_machine_arn: str, payload: Any, name: str | None = None) -> str:
+        """Start an execution (always named: moto needs it) and return its ARN without waiting."""
+        started = self._sfn.start_execution(
+            stateMachineArn=state_machine_arn, name=name or str(uuid.uuid4()), input=json.dumps(payload)
+        )
+        return str(started["executionArn"])
+
+    def status(self, execution_arn: str) -> str:
+        return str(self._sfn.describe_execution(executionArn=execution_arn)["status"])
+
+    def wait(self, execution_arn: str, timeout_s: float | None = None) -> ExecutionResult:
+        """Wait until the execution ends (polling its status, as a Step Functions client does) and return it."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        interval = 0.005
+        while True:
+            described = self._sfn.describe_execution(executionArn=execution_arn)
+            if described["status"] in TERMINAL_STATUSES:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise EngineError(f"execution {execution_arn} still running after {timeout_s} s")
+            time.sleep(interval)
+            interval = min(interval * 2, 0.1)
+        output = described.get("output")
+        return ExecutionResult(
+            execution_arn=execution_arn,
+            status=str(described["status"]),
+            output=json.loads(output) if output else None,
+            error=described.get("error"),
+            cause=described.get("cause"),
+            events=list(self.history(execution_arn)),
+        )
+
+    def run(
+        self, state_machine_arn: str, payload: Any, name: str | None = None, timeout_s: float | None = None
+    ) -> ExecutionResult:
+        """Start an execution and wait for its end."""
+        return self.wait(self.start_execution(state_machine_arn, payload, name), timeout_s)
+
+    def history(self, execution_arn: str) -> Iterator[dict[str, Any]]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"executionArn": execution_arn, "maxResults": 1000}
+            if token:
+                kwargs["nextToken"] = token
+            page = self._sfn.get_execution_history(**kwargs)
+            yield from page["events"]
+            token = page.get("nextToken")
+            if not token:
+                return
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+__all__ = [
+    "EngineError",
+    "ExecutionResult",
+    "LambdaContextLike",
+    "LocalEngine",
+    "LocalLambdaContext",
+    "substitute",
+]
