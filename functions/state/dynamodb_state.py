@@ -9,7 +9,7 @@ Table layout (infra's SAM template reproduces it; `create_table` below is the ex
   expired items lazily (hours later), so every read and conditional write also compares `expires_at` with now.
 
 | record      | pk               | sk               | gsi1pk / gsi1sk                       | gsi2pk / gsi2sk          |
-|-------------|------------------|------------------|---------------------------------------|---------------------------|
+|-------------|------------------|------------------|---------------------------------------|--------------------------|
 | server      | SERVER#<id>      | SERVER           | TENANT#<tenant> / SERVER#<id>         |                          |
 | schedule    | SERVER#<id>      | SCHEDULE         | TENANT#<tenant> / SCHEDULE#<id>       | SCHEDULES / <server id>  |
 | job         | JOB#<id>         | JOB              | SERVER#<server> / JOB#<created>#<id>  |                          |
