@@ -14,6 +14,7 @@ from pathlib import Path
 import boto3
 import pytest
 from moto import mock_aws
+from moto.dynamodb.models import DynamoDBBackend
 
 from functions.state import StateStore, create_table, open_state_store, persistence_layer_for
 from functions.state.idempotency import BasePersistenceLayer
@@ -21,6 +22,28 @@ from tests.functional.state.clocks import ManualClock
 from tests.support.moto_server import TEST_CREDENTIALS, TEST_REGION
 
 BACKENDS = ["sqlite", "dynamodb-inprocess", "dynamodb-server"]
+
+
+_MOTO_WRITE_GUARD = threading.RLock()
+
+
+@pytest.fixture(autouse=True)
+def atomic_moto_dynamodb_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make moto's DynamoDB evaluate each write's condition and apply it as one step, as DynamoDB does.
+
+    moto checks a ConditionExpression and then writes with no lock between the two, so two threads can both pass
+    the same condition (seen here: an idempotent function run twice by 20 racing duplicates). The race tests are
+    about our conditions, not moto's thread safety: serialise moto's writes (in-process and in the moto server,
+    which runs in this process too). A write without the right condition still lets every racer win.
+    """
+    for name in ("put_item", "update_item", "delete_item", "transact_write_items"):
+        original = getattr(DynamoDBBackend, name)
+
+        def serialised(*args: object, __original: Callable[..., object] = original, **kwargs: object) -> object:
+            with _MOTO_WRITE_GUARD:
+                return __original(*args, **kwargs)
+
+        monkeypatch.setattr(DynamoDBBackend, name, serialised)
 
 
 @pytest.fixture
