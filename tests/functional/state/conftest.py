@@ -10,16 +10,20 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import boto3
 import pytest
+from aws_lambda_powertools.utilities.idempotency import BasePersistenceLayer
 from moto import mock_aws
 from moto.dynamodb.models import DynamoDBBackend
 
 from functions.state import StateStore, create_table, open_state_store, persistence_layer_for
-from functions.state.idempotency import BasePersistenceLayer
 from tests.functional.state.clocks import ManualClock
 from tests.support.moto_server import TEST_CREDENTIALS, TEST_REGION
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.client import DynamoDBClient
 
 BACKENDS = ["sqlite", "dynamodb-inprocess", "dynamodb-server"]
 
@@ -52,7 +56,7 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, object]]:
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, DynamoDBClient | None]]:
     """(state URL, DynamoDB client or None) of the backend named by the test's `backend` parameter."""
     backend: str = request.param
     if backend == "sqlite":
@@ -62,7 +66,13 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tupl
     request.getfixturevalue("aws_test_env")
     if backend == "dynamodb-server":
         endpoint: str = request.getfixturevalue("moto_endpoint")
-        client = boto3.client("dynamodb", endpoint_url=endpoint, region_name=TEST_REGION, **TEST_CREDENTIALS)
+        client = boto3.client(
+            "dynamodb",
+            endpoint_url=endpoint,
+            region_name=TEST_REGION,
+            aws_access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
+            aws_secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"],
+        )
         create_table(client, table)
         yield f"dynamodb://{table}", client
         client.delete_table(TableName=table)
@@ -79,18 +89,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def store(backend_url: tuple[str, object], clock: ManualClock) -> Iterator[StateStore]:
+def store(backend_url: tuple[str, DynamoDBClient | None], clock: ManualClock) -> Iterator[StateStore]:
     url, client = backend_url
-    opened = open_state_store(url, client=client, clock=clock)  # type: ignore[arg-type]
+    opened = open_state_store(url, client=client, clock=clock)
     yield opened
     opened.close()
 
 
 @pytest.fixture
-def persistence_layer(backend_url: tuple[str, object]) -> BasePersistenceLayer:
+def persistence_layer(backend_url: tuple[str, DynamoDBClient | None]) -> BasePersistenceLayer:
     """The idempotency layer of the backend, on the system clock like Powertools itself."""
     url, client = backend_url
-    return persistence_layer_for(url, client=client)  # type: ignore[arg-type]
+    return persistence_layer_for(url, client=client)
 
 
 @pytest.fixture

@@ -5,16 +5,14 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig, idempotent_function
+from aws_lambda_powertools.utilities.idempotency import BasePersistenceLayer, IdempotencyConfig, idempotent_function
 from aws_lambda_powertools.utilities.idempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyValidationError,
 )
-
-from functions.state.idempotency import BasePersistenceLayer
 
 CreateImage = Callable[..., dict[str, Any]]
 
@@ -49,7 +47,7 @@ class Recorder:
         config = IdempotencyConfig(event_key_jmespath="key", payload_validation_jmespath="body")
         config.register_lambda_context(self.context)  # type: ignore[arg-type]
 
-        @idempotent_function(data_keyword_argument="request", persistence_store=layer, config=config)
+        @idempotent_function(data_keyword_argument="request", persistence_store=layer, config=config)  # type: ignore[untyped-decorator]
         def create_image(request: dict[str, Any]) -> dict[str, Any]:
             with self._guard:
                 self.runs.append(request)
@@ -65,7 +63,7 @@ class Recorder:
             # A fresh id per run: a second run would answer differently from the first.
             return {"image_id": f"img-{uuid.uuid4().hex}", "server": request["body"]["server"]}
 
-        return create_image
+        return cast(CreateImage, create_image)
 
 
 @pytest.fixture

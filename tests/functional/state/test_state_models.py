@@ -15,6 +15,7 @@ from functions.state import (
     InvalidTransitionError,
     Job,
     Schedule,
+    ScheduleFrequency,
     Server,
     Status,
     hash_token,
@@ -51,7 +52,7 @@ def test_models_refuse_junk_ids(field: str) -> None:
 def test_models_refuse_unknown_fields_naive_times_and_control_characters() -> None:
     fields: dict[str, Any] = {"id": "srv-1", "tenant": "t", "name": "web", "disk": "/d.vhd", "created_at": T0}
     with pytest.raises(ValidationError, match="extra"):
-        Server(**fields, owner="root")
+        Server(**{**fields, "owner": "root"})
     with pytest.raises(ValidationError, match="timezone"):
         Server(**{**fields, "created_at": datetime(2026, 3, 1, 12, 0)})
     with pytest.raises(ValidationError, match="control"):
@@ -94,18 +95,18 @@ def test_transitions_go_forward_one_step_or_to_error() -> None:
 
 def test_schedules_are_daily_or_weekly_at_a_whole_minute() -> None:
     fields: dict[str, Any] = {"server_id": "srv-1", "tenant": "t", "retention": 3, "created_at": T0}
-    Schedule(**fields, frequency="daily", at=time(23, 59))
-    Schedule(**fields, frequency="weekly", at=time(0, 0), weekday=0)
+    Schedule(**fields, frequency=ScheduleFrequency.DAILY, at=time(23, 59))
+    Schedule(**fields, frequency=ScheduleFrequency.WEEKLY, at=time(0, 0), weekday=0)
     with pytest.raises(ValidationError, match="weekday"):
-        Schedule(**fields, frequency="weekly", at=time(1, 0))
+        Schedule(**fields, frequency=ScheduleFrequency.WEEKLY, at=time(1, 0))
     with pytest.raises(ValidationError, match="weekday"):
-        Schedule(**fields, frequency="daily", at=time(1, 0), weekday=2)
+        Schedule(**fields, frequency=ScheduleFrequency.DAILY, at=time(1, 0), weekday=2)
     with pytest.raises(ValidationError, match="HH:MM"):
-        Schedule(**fields, frequency="daily", at=time(1, 0, 30))
+        Schedule(**fields, frequency=ScheduleFrequency.DAILY, at=time(1, 0, 30))
     with pytest.raises(ValidationError):
-        Schedule(**{**fields, "retention": 0}, frequency="daily", at=time(1, 0))
+        Schedule(**{**fields, "retention": 0}, frequency=ScheduleFrequency.DAILY, at=time(1, 0))
     with pytest.raises(ValidationError):
-        Schedule(**fields, frequency="hourly", at=time(1, 0))
+        Schedule(**{**fields, "frequency": "hourly"}, at=time(1, 0))
 
 
 def test_issued_tokens_are_random_and_stored_hashed() -> None:
