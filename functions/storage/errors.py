@@ -71,3 +71,9 @@ class UploadFailedError(StorageError):
 
 class VerificationFailedError(StorageError):
     hint = "the completed object does not match the local file: delete it and upload again"
+
+
+class PartPlanError(StorageError):
+    """A part plan that S3 would refuse or that does not cover the file exactly."""
+
+    hint = "parts must be contiguous, 5 MiB..5 GiB (the last may be smaller) and at most 10,000"
