@@ -58,8 +58,8 @@ _TRANSIENT_CODES = frozenset(
         "OperationAborted",
     }
 )
-_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFoundError", "404"})
-_PART_CODES = frozenset({"InvalidPartError", "InvalidPartOrder", "EntityTooSmall", "EntityTooLarge", "InvalidArgument"})
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+_PART_CODES = frozenset({"InvalidPart", "InvalidPartOrder", "EntityTooSmall", "EntityTooLarge", "InvalidArgument"})
 _CHECKSUM_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"})
 _NETWORK_ERRORS = (BotoConnectionError, HTTPClientError, ReadTimeoutError, IncompleteReadError, ResponseStreamingError)
 
@@ -76,9 +76,9 @@ def _raise_storage_error(error: Exception, key: str | None) -> NoReturn:
             raise NotFoundError(message, key=key, hint="create the bucket or fix the store URL") from error
         if code in _NOT_FOUND_CODES:
             raise NotFoundError(message, key=key) from error
-        if code == "PreconditionFailedError" or status == 412:
+        if code == "PreconditionFailed" or status == 412:
             raise PreconditionFailedError(message, key=key) from error
-        if code == "InvalidRangeError" or status == 416:
+        if code == "InvalidRange" or status == 416:
             raise InvalidRangeError(message, key=key) from error
         if code in _CHECKSUM_CODES:
             raise ChecksumMismatchError(message, key=key) from error
