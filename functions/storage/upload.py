@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -253,21 +253,30 @@ def _report_phase(options: UploadOptions, phase: str) -> None:
 
 
 def _send_parts(sender: _PartSender, plan: Sequence[PartPlan], concurrency: int) -> list[UploadedPart]:
-    """Run every part through the sender; stop at the first error, keeping the upload for a resume."""
+    """Run every part through the sender; after the first error no new part starts (those running finish), and
+    the upload is kept for a resume."""
+    failed = threading.Event()
+
+    def run(part: PartPlan) -> UploadedPart | None:
+        if failed.is_set():
+            return None
+        try:
+            return sender.run(part)
+        except BaseException:
+            failed.set()
+            raise
+
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upload-part") as pool:
-        futures: list[Future[UploadedPart]] = [pool.submit(sender.run, part) for part in plan]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((future for future in futures if future in done and future.exception() is not None), None)
-        if failed is not None:
-            for future in pending:
-                future.cancel()
-            error = failed.exception()
-            raise UploadFailedError(
-                f"storing parts of multipart upload {sender.upload_id} failed: {error}",
-                key=sender.key,
-                upload_id=sender.upload_id,
-            ) from error
-    return [future.result() for future in futures]
+        futures = [pool.submit(run, part) for part in plan]
+    error = next((future.exception() for future in futures if future.exception() is not None), None)
+    if error is not None:
+        raise UploadFailedError(
+            f"storing parts of multipart upload {sender.upload_id} failed: {error}",
+            key=sender.key,
+            upload_id=sender.upload_id,
+        ) from error
+    results = [future.result() for future in futures]
+    return [result for result in results if result is not None]
 
 
 def _complete(
