@@ -7,8 +7,9 @@
 - Resume: given an upload id, ListParts, keep every stored part whose size and checksum (CRC32C when the store
   reports it, else the MD5 ETag) match the local bytes, and send only the missing or mismatching ones.
 - Verify after completion: the object's size; its composite CRC32C when the store reports one; its multipart ETag
-  when every part ETag is an MD5; and the bytes of sampled ranges (first, last and seeded random ones) re-read and
-  compared with the file. Any mismatch is VerificationFailedError (the object stays, for inspection).
+  when every part ETag is an MD5; and the bytes of sampled ranges re-read and compared with the file: the first and
+  the last MiB always, plus `verify_samples` seeded random ranges when the store reported no checksum. Any mismatch
+  is VerificationFailedError (the object stays, for inspection).
 - On failure the multipart upload is kept (UploadFailedError carries its id) so the caller resumes or aborts it.
 """
 
@@ -48,7 +49,7 @@ class UploadOptions:
     phase: PhaseCallback | None = None
     """Called with "created"/"resumed", "completing", "verifying", "done"."""
     verify_samples: int = 4
-    """Random ranges re-read after completion, besides the first and the last."""
+    """Random ranges re-read after completion, besides the first and the last, when the store has no checksum."""
     sample_size: int = 1024**2
     seed: int | None = None
     sleep: Callable[[float], None] = time.sleep
@@ -335,7 +336,9 @@ def _verify(
         if info.etag != expected_etag:
             raise VerificationFailedError(f"the object's ETag is {info.etag}, expected {expected_etag}", key=key)
         checked_etag = expected_etag
-    ranges = _sample_ranges(size, options.sample_size, options.verify_samples, random.Random(options.seed))
+    # The composite CRC32C already covers every byte the store received; without it, re-read more of the object.
+    samples = 0 if checked_checksum is not None else options.verify_samples
+    ranges = _sample_ranges(size, options.sample_size, samples, random.Random(options.seed))
     for start, length in ranges:
         stored = call_with_retries(partial(store.get_range, key, start, length), options.retry, sleep=options.sleep)
         if stored != os.pread(fd, length, start):
