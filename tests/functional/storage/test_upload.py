@@ -157,6 +157,8 @@ class LyingStore(HookedStore):
             return replace(info, size=info.size - 1)
         if self.lie == "checksum":
             return replace(info, checksum_crc32c="AAAAAA==-3")
+        if self.lie == "no-checksum":
+            return replace(info, checksum_crc32c=None)
         return info
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
@@ -223,3 +225,19 @@ def test_bandwidth_limit_paces_the_parts(store: ObjectStore, make_file: Callable
     )
     assert sum(waited) == pytest.approx(3.0)  # 20 MiB at 5 MiB/s after a 5 MiB burst
     assert store.get("paced") == path.read_bytes()
+
+
+def test_without_a_store_checksum_more_ranges_are_reread(
+    store: ObjectStore, make_file: Callable[[int, int], Path]
+) -> None:
+    path = make_file(12 * MiB, 10)
+    options = UploadOptions(verify_samples=3, seed=11)
+    result = upload_file(
+        LyingStore(store, "no-checksum"), path, "sampled", plan_fixed_parts(12 * MiB, 5 * MiB), options=options
+    )
+    assert result.verification.checksum_crc32c is None
+    ranges = result.verification.sampled_ranges
+    assert ranges[0] == (0, MiB) and ranges[-1] == (12 * MiB - MiB, MiB)
+    assert len(ranges) == 5  # first, last and three seeded random ones
+    with_checksum = upload_file(store, path, "sampled-2", plan_fixed_parts(12 * MiB, 5 * MiB), options=options)
+    assert with_checksum.verification.sampled_ranges == ((0, MiB), (12 * MiB - MiB, MiB))
