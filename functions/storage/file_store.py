@@ -31,13 +31,13 @@ from pathlib import Path
 
 from functions.storage.checksums import (
     composite_crc32c,
-    crc32c,
     decode_crc32c,
     encode_crc32c,
     md5_etag,
     multipart_etag,
     unquote_etag,
 )
+from functions.storage.checksums import crc32c as _crc32c_of
 from functions.storage.errors import (
     ChecksumMismatchError,
     InvalidKeyError,
@@ -117,7 +117,7 @@ class FileObjectStore:
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> ObjectInfo:
         path = self._object_path(key)
         etag = md5_etag(data)
-        checksum = encode_crc32c(crc32c(data))
+        checksum = encode_crc32c(_crc32c_of(data))
         with self._staged_file() as (staged, fd):
             _write_all(fd, data)
             _set_metadata(fd, etag, checksum)
@@ -404,10 +404,6 @@ class FileObjectStore:
             yield
         finally:
             os.close(fd)  # closing releases the flock
-
-
-def _crc32c_of(data: bytes | memoryview, value: int = 0) -> int:
-    return crc32c(data, value)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

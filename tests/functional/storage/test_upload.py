@@ -241,3 +241,12 @@ def test_without_a_store_checksum_more_ranges_are_reread(
     assert len(ranges) == 5  # first, last and three seeded random ones
     with_checksum = upload_file(store, path, "sampled-2", plan_fixed_parts(12 * MiB, 5 * MiB), options=options)
     assert with_checksum.verification.sampled_ranges == ((0, MiB), (12 * MiB - MiB, MiB))
+
+
+def test_empty_file(store: ObjectStore, tmp_path: Path) -> None:
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    result = upload_file(store, path, "empty")
+    assert result.size == 0 and len(result.parts) == 1
+    assert store.head("empty").size == 0
+    assert result.verification.sampled_ranges == ()
