@@ -168,16 +168,16 @@ class _PartSender:
         if have is not None and _is_same_part(have, data, checksum):
             self.progress.add(plan.length)
             return UploadedPart(plan.number, plan.offset, plan.length, checksum, have.etag, sent=False)
-        if self.options.bandwidth is not None:
-            self.options.bandwidth.acquire(plan.length)
+        bandwidth = self.options.bandwidth
+
+        def send() -> PartInfo:
+            if bandwidth is not None:  # every attempt puts the bytes on the wire again
+                bandwidth.acquire(plan.length)
+            return self.store.upload_part(self.key, self.upload_id, plan.number, data, checksum)
+
         with self._rng_lock:
             rng = random.Random(self._rng.random())
-        info = call_with_retries(
-            lambda: self.store.upload_part(self.key, self.upload_id, plan.number, data, checksum),
-            self.options.retry,
-            sleep=self.options.sleep,
-            rng=rng,
-        )
+        info = call_with_retries(send, self.options.retry, sleep=self.options.sleep, rng=rng)
         self.progress.add(plan.length)
         return UploadedPart(plan.number, plan.offset, plan.length, checksum, info.etag, sent=True)
 
