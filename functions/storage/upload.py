@@ -105,14 +105,20 @@ def find_resumable_upload(store: ObjectStore, key: str) -> str | None:
     return max(uploads, key=lambda upload: upload.initiated).upload_id if uploads else None
 
 
-def abort_upload(store: ObjectStore, key: str, upload_id: str, retry: RetryPolicy | None = None) -> None:
+def abort_upload(
+    store: ObjectStore,
+    key: str,
+    upload_id: str,
+    retry: RetryPolicy | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
     """Abort an upload and make sure no part survives (S3 may keep a part whose upload raced the abort: abort again
     until ListParts says the upload is gone). Aborting an upload that is already gone succeeds."""
     policy = retry or RetryPolicy()
     for _ in range(policy.attempts):
         try:
-            call_with_retries(lambda: store.abort_multipart(key, upload_id), policy)
-            call_with_retries(lambda: store.list_parts(key, upload_id), policy)
+            call_with_retries(lambda: store.abort_multipart(key, upload_id), policy, sleep=sleep)
+            call_with_retries(lambda: store.list_parts(key, upload_id), policy, sleep=sleep)
         except UploadNotFoundError:
             return
     raise StorageError(f"multipart upload {upload_id} still lists parts after {policy.attempts} aborts", key=key)
@@ -221,7 +227,8 @@ def upload_file(
             _report_phase(opts, "created")
         else:
             resumed = upload_id
-            stored = {part.number: part for part in call_with_retries(lambda: store.list_parts(key, resumed), retry)}
+            listed = call_with_retries(lambda: store.list_parts(key, resumed), retry, sleep=opts.sleep)
+            stored = {part.number: part for part in listed}
             _report_phase(opts, "resumed")
         sender = _PartSender(store, key, upload_id, fd, stored, opts, _Progress(size, opts.progress))
         uploaded = _send_parts(sender, plan, opts.concurrency)

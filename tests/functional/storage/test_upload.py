@@ -15,6 +15,7 @@ from functions.storage import (
     NotFoundError,
     ObjectInfo,
     ObjectStore,
+    PartInfo,
     StorageError,
     TransientStorageError,
     UploadFailedError,
@@ -250,3 +251,28 @@ def test_empty_file(store: ObjectStore, tmp_path: Path) -> None:
     assert result.size == 0 and len(result.parts) == 1
     assert store.head("empty").size == 0
     assert result.verification.sampled_ranges == ()
+
+
+class LostCompletionReply(HookedStore):
+    """The first completion succeeds on the store but its reply is lost (a cut connection)."""
+
+    completions = 0
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[PartInfo]) -> ObjectInfo:
+        self.completions += 1
+        info = self.inner.complete_multipart(key, upload_id, parts)
+        if self.completions == 1:
+            raise TransientStorageError("injected: reply lost after the store completed the upload")
+        return info
+
+
+def test_a_completion_whose_reply_was_lost_is_recognised(
+    store: ObjectStore, make_file: Callable[[int, int], Path]
+) -> None:
+    path = make_file(11 * MiB, 12)
+    lossy = LostCompletionReply(store)
+    parts = plan_fixed_parts(11 * MiB, 5 * MiB)
+    result = upload_file(lossy, path, "lost-reply", parts, options=UploadOptions(sleep=no_sleep))
+    assert lossy.completions == 2
+    assert store.get("lost-reply") == path.read_bytes()
+    assert result.verification.size == 11 * MiB
