@@ -77,12 +77,26 @@ class FileObjectStore:
         self._tmp = self._area / "tmp"
         self._uploads = self._area / "uploads"
         self._locks = self._area / "locks"
-        for folder in (self._tmp, self._uploads, self._locks):
-            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            for folder in (self._tmp, self._uploads, self._locks):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"cannot create the file store at {root}: {error.strerror}") from error
+        self._check_extended_attributes()
 
     @property
     def url(self) -> str:
         return self.root.as_uri()
+
+    def _check_extended_attributes(self) -> None:
+        with self._staged_file() as (_, fd):
+            try:
+                _set_metadata(fd, "probe", "probe")
+            except OSError as error:
+                raise StorageError(
+                    f"the file system of {self.root} does not keep user extended attributes ({error.strerror})",
+                    hint="put the file store on ext4, xfs, btrfs or tmpfs (Linux 6.6+), or use an s3:// store",
+                ) from error
 
     # -- objects ----------------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from functions.storage import (
     ObjectStore,
     PreconditionFailedError,
     S3ObjectStore,
+    StorageError,
     UploadNotFoundError,
     open_object_store,
 )
@@ -259,3 +260,9 @@ def test_s3_store_built_from_an_endpoint_url_or_the_standard_settings(
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     from_environment = open_object_store(f"s3://{bucket}/p")
     assert from_environment.get("k") == b"explicit"
+
+
+def test_file_store_that_cannot_be_created_is_a_typed_error(tmp_path: Path) -> None:
+    (tmp_path / "plain-file").write_bytes(b"")
+    with pytest.raises(StorageError, match="cannot create the file store"):
+        open_object_store((tmp_path / "plain-file" / "store").as_uri())
