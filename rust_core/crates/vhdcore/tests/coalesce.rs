@@ -252,8 +252,12 @@ fn a_pending_journal_is_reported_by_open() {
     let mut header = vec![0u8; 1024];
     std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(leaf).unwrap(), &mut header, 512).unwrap();
     header[600] ^= 0xFF;
-    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(leaf).unwrap(), &header, 512)
-        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(leaf).unwrap(),
+        &header,
+        512,
+    )
+    .unwrap();
     let err = Chain::open(leaf, 30).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::CoalescePending, "{err}");
 }
