@@ -6,6 +6,7 @@ killed at random points (SIGKILL) or at the crash hook's write points always lea
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -121,9 +122,7 @@ def test_qemu_reads_the_coalesced_base_alone(tmp_path: Path) -> None:
     vhdcore.coalesce(str(leaf), siblings(tmp_path))
     assert vhdcore.open_chain(str(leaf)).depth == 2
     raw = tmp_path / "base.raw"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(chain.layers[0]), str(raw)], check=True
-    )
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(chain.layers[0]), str(raw)], check=True)
     assert raw.read_bytes() == chain.model
 
 
@@ -201,6 +200,7 @@ CHILD = textwrap.dedent(
     leaf, folder = sys.argv[1], sys.argv[2]
     import os
     files = sorted(os.path.join(folder, n) for n in os.listdir(folder) if not n.startswith(".vhdcore-coalesce"))
+    print("ready", flush=True)
     vhdcore.coalesce(leaf, files, step_bytes=2 * 1024 * 1024)
     """
 )
@@ -241,18 +241,30 @@ def fresh_copy(template: tuple[Path, list[str], str], into: Path) -> Path:
 
 
 def content_sha(leaf: Path) -> str:
-    out = leaf.parent / "flat.raw"
-    digest = hashlib.sha256(export_raw(leaf, out)).hexdigest()
-    return digest
+    return hashlib.sha256(export_raw(leaf, leaf.parent / "flat.raw")).hexdigest()
 
 
 def start_child(leaf: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, str(leaf), str(leaf.parent)],
         env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def wait_ready(child: subprocess.Popen[bytes]) -> None:
+    """Blocks until the child has imported vhdcore and is about to coalesce."""
+    assert child.stdout is not None
+    assert child.stdout.readline() == b"ready\n"
+
+
+def journal_phase(folder: Path) -> str | None:
+    journal = folder / JOURNAL
+    if not journal.exists():
+        return None
+    body = journal.read_bytes().split(b"\n", 2)[2]
+    return str(json.loads(body)["phase"])
 
 
 def finish_and_verify(leaf: Path, expected_sha: str, context: str) -> None:
@@ -266,23 +278,26 @@ def finish_and_verify(leaf: Path, expected_sha: str, context: str) -> None:
 def test_sigkill_at_random_points_is_always_recovered(
     tmp_path: Path, crash_template: tuple[Path, list[str], str]
 ) -> None:
-    """At least 50 runs, each SIGKILLed at a seeded random time within a clean run's duration."""
+    """At least 50 runs, each SIGKILLed at a seeded random time within a clean coalesce's duration."""
     _, _, expected = crash_template
     leaf = fresh_copy(crash_template, tmp_path / "timing")
-    started = time.monotonic()
     child = start_child(leaf)
+    wait_ready(child)
+    started = time.monotonic()
     assert child.wait(timeout=120) == 0, child.stderr.read() if child.stderr else ""
     duration = time.monotonic() - started
     assert content_sha(leaf) == expected
 
     rng = random.Random(5)
     kills = attempts = 0
+    phases: dict[str | None, int] = {}
     while kills < 50:
         attempts += 1
         assert attempts < 200, f"only {kills} kills landed in {attempts} runs"
         leaf = fresh_copy(crash_template, tmp_path / "run")
         child = start_child(leaf)
-        delay = rng.uniform(0.05, duration)
+        wait_ready(child)
+        delay = rng.uniform(0, duration)
         try:
             child.wait(timeout=delay)  # the random kill point; returns early if the run already finished
         except subprocess.TimeoutExpired:
@@ -290,10 +305,14 @@ def test_sigkill_at_random_points_is_always_recovered(
             child.wait()
         if child.returncode == -signal.SIGKILL:
             kills += 1
+            phase = journal_phase(leaf.parent)
+            phases[phase] = phases.get(phase, 0) + 1
         else:
             assert child.returncode == 0
         finish_and_verify(leaf, expected, f"run {attempts} (killed after {delay:.3f} s)")
+    print(f"{kills} kills in {attempts} runs (clean coalesce {duration:.3f} s); journal phase at the kill: {phases}")
     assert kills >= 50
+    assert sum(n for phase, n in phases.items() if phase is not None) >= 25, f"too few kills mid-merge: {phases}"
 
 
 def test_crash_hook_aborts_at_write_points_and_the_next_run_finishes(
