@@ -601,13 +601,13 @@ def write(path: str, offset: int, source: str, as_json: bool) -> None:
 
 
 COALESCE_STEP_BYTES = 64 * 1024 * 1024
-JOURNAL_PREFIX = ".vhdcore-coalesce.journal"
+COALESCE_FILES_PREFIX = ".vhdcore-coalesce"  # the journal and the lock file
 
 
 def sibling_files(leaf: str) -> list[str]:
     """The other files of the leaf's folder: the candidates for other children of the chain's layers."""
     folder = Path(leaf).resolve().parent
-    return sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(JOURNAL_PREFIX))
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(COALESCE_FILES_PREFIX))
 
 
 def merge_dict(merge: vhdcore.CoalesceMerge) -> dict[str, Any]:

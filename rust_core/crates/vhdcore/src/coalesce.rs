@@ -277,6 +277,7 @@ pub fn coalesce_step_with(
     clock: &dyn Fn() -> Duration,
     faults: &Faults,
 ) -> Result<StepReport> {
+    let _lock = lock_folder(&dir_of(leaf))?;
     let mut step = Step { budget, clock, faults, copied: 0, blocks: 0 };
     let mut report = StepReport::default();
     let mut planned_here = false;
@@ -311,6 +312,28 @@ pub fn coalesce_step_with(
     report.bytes_copied = step.copied;
     report.depth = Chain::open_unchecked(leaf, MAX_CHAIN_DEPTH).map(|c| c.layers.len()).unwrap_or(0);
     Ok(report)
+}
+
+/// The lock file that keeps two coalesces of one folder from running the same journal at once.
+pub const LOCK_NAME: &str = ".vhdcore-coalesce.lock";
+
+/// Takes the folder's coalesce lock (released when the file is dropped, or when the process dies).
+fn lock_folder(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_NAME);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| VhdError::io(&path, "create", e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(VhdError::invalid_argument(
+            Some(&path),
+            format!("{}: another coalesce is running in this folder; wait for it to finish", path.display()),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(VhdError::io(&path, "lock", e)),
+    }
 }
 
 struct Step<'a> {
@@ -397,7 +420,16 @@ struct LayerBlock {
 }
 
 impl LayerBlock {
+    /// The block's bitmap only (`data` left empty): what planning needs.
+    fn read_bitmap(layer: &Disk, position: usize) -> Result<LayerBlock> {
+        LayerBlock::read_parts(layer, position, false)
+    }
+
     fn read(layer: &Disk, position: usize) -> Result<LayerBlock> {
+        LayerBlock::read_parts(layer, position, true)
+    }
+
+    fn read_parts(layer: &Disk, position: usize, with_data: bool) -> Result<LayerBlock> {
         let sparse = layer.sparse.as_ref().ok_or_else(|| not_sparse(layer))?;
         let index = u64::from(sparse.allocated[position]);
         let at = u64::from(sparse.sectors[position]) * SECTOR_SIZE;
@@ -406,8 +438,11 @@ impl LayerBlock {
         let sectors = spb.min((layer.virtual_size / SECTOR_SIZE).saturating_sub(first_sector));
         let mut bitmap = vec![0u8; usize::try_from(sparse.bitmap_size).unwrap_or(0)];
         read_exact_at(&layer.file, &layer.path, &mut bitmap, at)?;
-        let mut data = vec![0u8; usize::try_from(sectors * SECTOR_SIZE).unwrap_or(0)];
-        read_exact_at(&layer.file, &layer.path, &mut data, at + sparse.bitmap_size)?;
+        let mut data = Vec::new();
+        if with_data {
+            data = vec![0u8; usize::try_from(sectors * SECTOR_SIZE).unwrap_or(0)];
+            read_exact_at(&layer.file, &layer.path, &mut data, at + sparse.bitmap_size)?;
+        }
         Ok(LayerBlock { first_sector, sectors, bitmap, data })
     }
 
@@ -441,7 +476,7 @@ fn plan(leaf: &Path, chain: &Chain, k: usize) -> Result<Journal> {
     let mut duplicate_sectors = 0u64;
     let mut cache = None;
     for position in 0..sparse.allocated.len() {
-        let block = LayerBlock::read(layer, position)?;
+        let block = LayerBlock::read_bitmap(layer, position)?;
         for (start, end) in block.runs() {
             bytes_total += (end - start) * SECTOR_SIZE;
             for s in start..end {

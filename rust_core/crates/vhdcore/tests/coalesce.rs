@@ -233,6 +233,7 @@ fn a_crash_at_every_write_point_is_recovered() {
         assert_eq!(Chain::open(&leaf, 30).unwrap().layers.len(), 2, "point {point}");
         assert!(!dir.path().join(vhdcore::journal::JOURNAL_NAME).exists(), "point {point}");
     }
+    eprintln!("recovered from a crash at each of {crashes} write points");
     assert!(crashes > 50, "only {crashes} write points");
 }
 
@@ -260,4 +261,18 @@ fn a_pending_journal_is_reported_by_open() {
     .unwrap();
     let err = Chain::open(leaf, 30).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::CoalescePending, "{err}");
+}
+
+#[test]
+fn a_second_coalesce_of_the_same_folder_waits_its_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, _) = build_chain(dir.path(), 3, 61, DiskType::Dynamic);
+    let held = std::fs::File::create(dir.path().join(vhdcore::coalesce::LOCK_NAME)).unwrap();
+    held.lock().unwrap();
+    let err = vhdcore::coalesce(paths.last().unwrap(), &siblings(dir.path()), None).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("another coalesce is running"), "{err}");
+    drop(held);
+    let report = vhdcore::coalesce(paths.last().unwrap(), &siblings(dir.path()), None).unwrap();
+    assert_eq!(report.merges.len(), 1);
 }
