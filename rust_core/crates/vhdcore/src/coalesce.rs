@@ -283,6 +283,9 @@ pub fn coalesce_step_with(
     let mut planned_here = false;
     loop {
         if let Some((dir, journal)) = pending_journal(leaf)? {
+            if !planned_here && journal.phase == Phase::Copy {
+                refuse_new_children(&journal, siblings)?;
+            }
             report.recovered |= !planned_here;
             match run_merge(&dir, journal, &mut step)? {
                 MergeOutcome::Finished(merge) => report.merges.push(merge),
@@ -383,6 +386,29 @@ fn choose(chain: &Chain, siblings: &[PathBuf]) -> (Option<usize>, Vec<Skipped>) 
         }
     }
     (None, skipped)
+}
+
+/// A merge resumed in a later run must still be the parent's only child: a snapshot of the parent taken meanwhile
+/// would see the copied sectors. (The layer is still in the chain, so stopping here loses nothing.)
+fn refuse_new_children(journal: &Journal, siblings: &[PathBuf]) -> Result<()> {
+    for path in siblings {
+        let Ok(disk) = Disk::open(path) else { continue };
+        let Some(parent_uuid) = disk.parent_uuid() else { continue };
+        if crate::format::uuid_string(&parent_uuid) == journal.parent.uuid && canonical(path) != journal.layer.path {
+            return Err(VhdError::invalid_argument(
+                Some(path),
+                format!(
+                    "{} became a child of {} while {} was being merged into it; the merge cannot go on \
+                     (the chain's content is intact; remove {} to abandon the merge)",
+                    path.display(),
+                    journal.parent.path.display(),
+                    journal.layer.path.display(),
+                    journal::journal_path(&dir_of(&journal.parent.path)).display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a parent holds of one sector, before the merge.
