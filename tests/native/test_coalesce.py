@@ -206,7 +206,7 @@ def test_steps_are_bounded_and_resume(tmp_path: Path) -> None:
     assert len(steps) > 3
     assert export_raw(chain.leaf, tmp_path.parent / "steps.raw") == chain.model
     with pytest.raises(vhdcore.InvalidArgumentError):
-        vhdcore.coalesce_step(str(chain.leaf), budget_seconds=float("nan"))
+        vhdcore.coalesce_step(str(chain.leaf), [], budget_seconds=float("nan"))
 
 
 # --- crashes --------------------------------------------------------------------------------------------------
