@@ -8,6 +8,7 @@ pub mod check;
 pub mod compress;
 pub mod diff;
 pub mod disk;
+pub mod early_abort;
 pub mod error;
 pub mod estimate;
 pub mod export;
