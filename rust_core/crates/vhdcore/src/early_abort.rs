@@ -26,8 +26,8 @@
 //! "all literals, no match" when every piece the block overlaps is incompressible, and lets zstd's own match
 //! finder run otherwise. zstd then stores such a block raw (3-byte block header + the bytes) unless Huffman
 //! coding its literals saves space, so a piece called incompressible costs at most its length + 3 bytes. What is
-//! lost: matches from such a piece into earlier data of the frame (duplicated random data); later blocks still
-//! match into it (it stays in zstd's window).
+//! lost: matches of such a piece with other data of the frame (random data duplicated within the frame's window):
+//! zstd neither searches it nor indexes it for later blocks.
 
 /// Bytes of a piece: zstd's largest block (`ZSTD_BLOCKSIZE_MAX`).
 pub const PIECE_SIZE: usize = 128 * 1024;

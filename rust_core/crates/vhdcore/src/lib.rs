@@ -13,6 +13,7 @@ pub mod error;
 pub mod estimate;
 pub mod export;
 pub mod format;
+pub mod frame_encoder;
 pub mod map;
 pub mod plan;
 pub mod resolve;
