@@ -197,4 +197,18 @@ mod tests {
         assert!(frame.len() < 2 * PIECE_SIZE + 2 * 3 + 600, "{}", frame.len());
         assert!(frame.len() >= 2 * PIECE_SIZE);
     }
+
+    #[test]
+    fn a_piece_called_incompressible_is_not_searched() {
+        // Noise repeated: zstd alone finds the copy; early abort stores both copies as they are (the documented
+        // cost of not searching), which shows the producer answered for those blocks.
+        let noise = random(PIECE_SIZE, 3);
+        let data = [noise.clone(), noise].concat();
+        let mut encoder = FrameEncoder::new(3).unwrap();
+        let mut frame = Vec::new();
+        encoder.compress(&data, &mut frame).unwrap();
+        assert_eq!(decompress(&frame), data);
+        assert!(frame.len() >= 2 * PIECE_SIZE);
+        assert!(zstd::bulk::compress(&data, 3).unwrap().len() < PIECE_SIZE + 1024);
+    }
 }
