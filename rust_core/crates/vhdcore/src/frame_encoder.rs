@@ -1,5 +1,6 @@
 //! A reusable zstd context that compresses one chunk's logical bytes into one zstd frame (content size and
-//! XXH64 content checksum included) with early abort (see [`crate::early_abort`]).
+//! XXH64 content checksum included) with early abort (see [`crate::early_abort`]; from its `MIN_LEVEL` on, below
+//! that the frame is zstd's own).
 //!
 //! zstd's block-level sequence producer API does the early abort inside an ordinary frame: for every block zstd
 //! forms, the producer either answers "all literals, no match" (the block overlaps only incompressible pieces;
@@ -14,7 +15,7 @@ use std::ptr::NonNull;
 use zstd::zstd_safe;
 use zstd_sys as sys;
 
-use crate::early_abort::{incompressible_pieces, PIECE_SIZE};
+use crate::early_abort::{applies_at, incompressible_pieces, PIECE_SIZE};
 use crate::error::{Result, VhdError};
 
 /// The chunk being compressed, as the sequence producer sees it: where its bytes are and the piece decisions.
@@ -62,10 +63,12 @@ impl FrameEncoder {
                 return Err(zstd_failure(level, &format!("parameter {param:?} = {value}"), code));
             }
         }
-        // SAFETY: `pieces` lives as long as the context (both freed in drop, the context first).
-        unsafe {
-            sys::ZSTD_registerSequenceProducer(encoder.cctx.as_ptr(), encoder.pieces.as_ptr().cast(), Some(produce))
-        };
+        if applies_at(level) {
+            // SAFETY: `pieces` lives as long as the context (both freed in drop, the context first).
+            unsafe {
+                sys::ZSTD_registerSequenceProducer(encoder.cctx.as_ptr(), encoder.pieces.as_ptr().cast(), Some(produce))
+            };
+        }
         Ok(encoder)
     }
 
@@ -80,7 +83,9 @@ impl FrameEncoder {
             let pieces = unsafe { self.pieces.as_mut() };
             pieces.start = logical.as_ptr().addr();
             pieces.len = logical.len();
-            incompressible_pieces(logical, &mut pieces.incompressible);
+            if applies_at(self.level) {
+                incompressible_pieces(logical, self.level, &mut pieces.incompressible);
+            }
         }
         frame.clear();
         frame.reserve(zstd_safe::compress_bound(logical.len()));
@@ -152,6 +157,7 @@ unsafe extern "C" fn produce(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::early_abort::MIN_LEVEL;
     use crate::rng::SplitMix;
 
     fn text(n: usize) -> Vec<u8> {
@@ -168,17 +174,31 @@ mod tests {
         zstd::bulk::decompress(frame, 64 << 20).unwrap()
     }
 
+    fn zstd_alone(data: &[u8], level: i32) -> Vec<u8> {
+        let mut reference = zstd::bulk::Compressor::new(level).unwrap();
+        reference.include_checksum(true).unwrap();
+        reference.include_contentsize(true).unwrap();
+        reference.compress(data).unwrap()
+    }
+
     #[test]
     fn compressible_data_gives_zstds_own_frame() {
         let mut data = text(3 * PIECE_SIZE + 1000);
         data.extend(random(5000, 1)); // random, but too short a piece to be called incompressible
-        let mut encoder = FrameEncoder::new(3).unwrap();
+        for level in [3, MIN_LEVEL + 1] {
+            let mut frame = Vec::new();
+            FrameEncoder::new(level).unwrap().compress(&data, &mut frame).unwrap();
+            assert_eq!(frame, zstd_alone(&data, level), "level {level}");
+        }
+    }
+
+    #[test]
+    fn below_the_early_abort_level_noise_is_left_to_zstd() {
+        let noise = random(PIECE_SIZE, 3);
+        let data = [noise.clone(), noise].concat();
         let mut frame = Vec::new();
-        encoder.compress(&data, &mut frame).unwrap();
-        let mut reference = zstd::bulk::Compressor::new(3).unwrap();
-        reference.include_checksum(true).unwrap();
-        reference.include_contentsize(true).unwrap();
-        assert_eq!(frame, reference.compress(&data).unwrap());
+        FrameEncoder::new(MIN_LEVEL - 1).unwrap().compress(&data, &mut frame).unwrap();
+        assert_eq!(frame, zstd_alone(&data, MIN_LEVEL - 1));
     }
 
     #[test]
@@ -187,7 +207,7 @@ mod tests {
         data.extend(random(2 * PIECE_SIZE, 2));
         data.extend(text(PIECE_SIZE));
         data.extend(&data[..4096].to_vec()); // a later block matching across the raw ones
-        let mut encoder = FrameEncoder::new(3).unwrap();
+        let mut encoder = FrameEncoder::new(MIN_LEVEL + 1).unwrap();
         let mut frame = Vec::new();
         for _ in 0..2 {
             encoder.compress(&data, &mut frame).unwrap();
@@ -204,11 +224,11 @@ mod tests {
         // cost of not searching), which shows the producer answered for those blocks.
         let noise = random(PIECE_SIZE, 3);
         let data = [noise.clone(), noise].concat();
-        let mut encoder = FrameEncoder::new(3).unwrap();
+        let mut encoder = FrameEncoder::new(MIN_LEVEL).unwrap();
         let mut frame = Vec::new();
         encoder.compress(&data, &mut frame).unwrap();
         assert_eq!(decompress(&frame), data);
         assert!(frame.len() >= 2 * PIECE_SIZE);
-        assert!(zstd::bulk::compress(&data, 3).unwrap().len() < PIECE_SIZE + 1024);
+        assert!(zstd_alone(&data, MIN_LEVEL).len() < PIECE_SIZE + 1024);
     }
 }
