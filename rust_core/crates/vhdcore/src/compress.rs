@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
@@ -283,60 +283,24 @@ pub fn compress_head(plan: &ImagePlan, chunks: &[(Vec<u64>, u64)], level: i32) -
     Ok(result)
 }
 
-/// Where the next frame goes in the image object: frames are placed in chunk order, each right after the one
-/// before, so a frame's offset is known as soon as every earlier frame's size is.
-struct Placement {
-    next_index: usize,
-    next_offset: u64,
-    /// Set when the run is abandoned (an error, or `progress` asked to stop): nobody waits for a turn any more.
-    abandoned: bool,
-}
+/// Frame buffers handed back by the writer, for the workers' next frames (no fresh allocation per chunk).
+#[derive(Default)]
+struct SparePool(Mutex<Vec<Vec<u8>>>);
 
-/// Hands out offsets in chunk order.
-struct Placer {
-    state: Mutex<Placement>,
-    turn: Condvar,
-}
-
-impl Placer {
-    fn new(first_offset: u64) -> Placer {
-        Placer {
-            state: Mutex::new(Placement { next_index: 0, next_offset: first_offset, abandoned: false }),
-            turn: Condvar::new(),
-        }
+impl SparePool {
+    fn take(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop().unwrap_or_default()
     }
 
-    /// Waits until every chunk before `index` is placed, then places `index` (`size` bytes) and returns its offset;
-    /// None when the run was abandoned.
-    fn place(&self, index: usize, size: u64) -> Option<u64> {
-        let state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut state = self
-            .turn
-            .wait_while(state, |s| !s.abandoned && s.next_index != index)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if state.abandoned {
-            return None;
-        }
-        let offset = state.next_offset;
-        state.next_offset = offset.checked_add(size)?;
-        state.next_index += 1;
-        self.turn.notify_all();
-        Some(offset)
-    }
-
-    fn abandon(&self) {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).abandoned = true;
-        self.turn.notify_all();
-    }
-
-    fn end(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).next_offset
+    fn give(&self, buffer: Vec<u8>) {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(buffer);
     }
 }
 
-/// Compresses every chunk on all cores; each worker writes its own frame at its place in the object (page-cache
-/// copies run on every core, not on one writer thread) and `done` sees the chunks in order as they complete.
-/// Workers take chunks in order, so a worker waits at most for the chunks the others are compressing.
+/// Compresses every chunk on all cores and writes the frames in chunk order from the calling thread as they
+/// become ready, so writing overlaps compressing; `done` sees each chunk, with its offset, once written.
+/// One writer, because ext4 serialises buffered writes to one file (the inode lock): workers writing themselves
+/// measured slower, each waiting on the other's copy. Workers take chunks in order, so few frames wait.
 /// Returns the end of the last frame, or None when `done` asked to stop.
 fn compress_and_place<S: LayerSource>(
     src: &S,
@@ -349,28 +313,21 @@ fn compress_and_place<S: LayerSource>(
     let workers = rayon::current_num_threads().clamp(1, plan.chunks.len().max(1));
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
-    let placer = Placer::new(first_offset);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<ChunkFrame>>(workers);
+    let spares = SparePool::default();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(ChunkFrame, Vec<u8>)>>(workers);
     std::thread::scope(|scope| {
         for _ in 0..workers {
             let tx = tx.clone();
-            let (next, stop, placer) = (&next, &stop, &placer);
+            let (next, stop, spares) = (&next, &stop, &spares);
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let Some(chunk) = plan.chunks.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
                     let outcome = SCRATCH.with(|scratch| {
                         let mut scratch = scratch.borrow_mut();
-                        let mut frame = scratch.compress(src, plan, chunk, level)?;
-                        let Some(offset) = placer.place(chunk.index, frame.compressed_bytes) else {
-                            return Err(VhdError::Interrupted { path: target.path().to_path_buf() });
-                        };
-                        target.write_at(&scratch.frame, offset)?;
-                        frame.object_offset = Some(offset);
-                        Ok(frame)
+                        let frame = scratch.compress(src, plan, chunk, level)?;
+                        let bytes = std::mem::replace(&mut scratch.frame, spares.take());
+                        Ok((frame, bytes))
                     });
-                    if outcome.is_err() {
-                        placer.abandon();
-                    }
                     if tx.send(outcome).is_err() {
                         break;
                     }
@@ -378,26 +335,30 @@ fn compress_and_place<S: LayerSource>(
             });
         }
         drop(tx);
-        let mut waiting: BTreeMap<usize, ChunkFrame> = BTreeMap::new();
+        let mut waiting: BTreeMap<usize, (ChunkFrame, Vec<u8>)> = BTreeMap::new();
         let mut wanted = 0usize;
+        let mut at = first_offset;
         let outcome = (|| {
-            for frame in rx.iter() {
-                let frame = frame?;
-                waiting.insert(frame.index, frame);
-                while let Some(frame) = waiting.remove(&wanted) {
+            for ready in rx.iter() {
+                let ready = ready?;
+                waiting.insert(ready.0.index, ready);
+                while let Some((mut frame, bytes)) = waiting.remove(&wanted) {
                     wanted += 1;
+                    target.write_at(&bytes, at)?;
+                    spares.give(bytes);
+                    frame.object_offset = Some(at);
+                    at = at
+                        .checked_add(frame.compressed_bytes)
+                        .ok_or_else(|| VhdError::invalid_argument(None, "compressed image larger than 2^64 bytes"))?;
                     if !done(frame) {
                         return Ok(None);
                     }
                 }
             }
-            Ok(Some(placer.end()))
+            Ok(Some(at))
         })();
         // Whatever happened, let the workers finish their current chunk and leave.
         stop.store(true, Ordering::Relaxed);
-        if !matches!(outcome, Ok(Some(_))) {
-            placer.abandon();
-        }
         drop(rx);
         outcome
     })
