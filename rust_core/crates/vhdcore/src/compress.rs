@@ -297,6 +297,18 @@ impl SparePool {
     }
 }
 
+/// Bytes per write call: the page-cache copy of a slice this size runs while its source is still in cache.
+const WRITE_SLICE: usize = 1 << 20;
+
+fn write_in_slices(target: &Target, bytes: &[u8], at: u64) -> Result<()> {
+    let mut offset = at;
+    for slice in bytes.chunks(WRITE_SLICE) {
+        target.write_at(slice, offset)?;
+        offset += u64::try_from(slice.len()).unwrap_or(0);
+    }
+    Ok(())
+}
+
 /// Compresses every chunk on all cores and writes the frames in chunk order from the calling thread as they
 /// become ready, so writing overlaps compressing; `done` sees each chunk, with its offset, once written.
 /// One writer, because ext4 serialises buffered writes to one file (the inode lock): workers writing themselves
@@ -344,7 +356,7 @@ fn compress_and_place<S: LayerSource>(
                 waiting.insert(ready.0.index, ready);
                 while let Some((mut frame, bytes)) = waiting.remove(&wanted) {
                     wanted += 1;
-                    target.write_at(&bytes, at)?;
+                    write_in_slices(target, &bytes, at)?;
                     spares.give(bytes);
                     frame.object_offset = Some(at);
                     at = at
