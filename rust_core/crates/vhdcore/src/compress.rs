@@ -297,6 +297,22 @@ impl SparePool {
     }
 }
 
+/// Asks the kernel to start reading `chunk`'s source ranges now (`posix_fadvise` WILLNEED), so the block-by-block
+/// reads that follow find them in the page cache instead of waiting on the disk one small read at a time (measured:
+/// most of a loaded machine's wall time on a depth-3 chain whose layers had partly left the cache).
+fn prefetch(chain: &Chain, chunk: &ChunkPlan) {
+    use std::os::fd::AsRawFd;
+    for read in &chunk.reads {
+        let Some(layer) = chain.layers.get(read.layer) else { continue };
+        let (Ok(offset), Ok(length)) = (libc::off_t::try_from(read.file_offset), libc::off_t::try_from(read.length))
+        else {
+            continue;
+        };
+        // SAFETY: an advisory call on a descriptor the chain keeps open; a failure only means no prefetch.
+        unsafe { libc::posix_fadvise(layer.file.as_raw_fd(), offset, length, libc::POSIX_FADV_WILLNEED) };
+    }
+}
+
 /// Bytes per write call: the page-cache copy of a slice this size runs while its source is still in cache.
 const WRITE_SLICE: usize = 1 << 20;
 
@@ -320,6 +336,7 @@ fn compress_and_place<S: LayerSource>(
     level: i32,
     target: &Target,
     first_offset: u64,
+    prefetch: &(dyn Fn(&ChunkPlan) + Sync),
     done: &mut dyn FnMut(ChunkFrame) -> bool,
 ) -> Result<Option<u64>> {
     let workers = rayon::current_num_threads().clamp(1, plan.chunks.len().max(1));
@@ -333,7 +350,13 @@ fn compress_and_place<S: LayerSource>(
             let (next, stop, spares) = (&next, &stop, &spares);
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let Some(chunk) = plan.chunks.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(chunk) = plan.chunks.get(index) else { break };
+                    // This chunk's reads, and the next one's, which the other worker takes soon.
+                    prefetch(chunk);
+                    if let Some(coming) = plan.chunks.get(index + 1) {
+                        prefetch(coming);
+                    }
                     let outcome = SCRATCH.with(|scratch| {
                         let mut scratch = scratch.borrow_mut();
                         let frame = scratch.compress(src, plan, chunk, level)?;
@@ -414,7 +437,8 @@ pub fn compress_image(
             chunks.push(frame);
             progress(done_virtual, plan.virtual_size)
         };
-        let Some(at) = compress_and_place(chain, plan, level, &target, reserved, &mut done)? else {
+        let Some(at) = compress_and_place(chain, plan, level, &target, reserved, &|c| prefetch(chain, c), &mut done)?
+        else {
             return Err(VhdError::Interrupted { path: chain.leaf().path.clone() });
         };
         let write = |buf: &[u8], at: u64| target.write_at(buf, at);
