@@ -5,6 +5,10 @@
 //! `[footer copy][header][BAT] [chunk 0 blocks] [chunk 1 blocks] ... [last chunk blocks][footer]`, where each stored
 //! block is a 512-byte all-present bitmap and 2 MiB of data. A chunk's bytes depend only on its own plan, so chunks
 //! are built and compressed anywhere, in any order; the head, which holds the BAT, is built last from their results.
+//!
+//! Each frame is made by `frame_encoder` (zstd at the requested level, content size and checksum, early abort of
+//! incompressible pieces from level 5 on, see `early_abort`); a worker keeps its buffers and zstd context from
+//! chunk to chunk and hashes each stored block right after reading it.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
