@@ -328,12 +328,6 @@ impl<'a> Stream<'a> {
         self.stream_pos_at(begin).min(pos)
     }
 
-    /// Stream position where the chunk after the one holding `pos` starts (the stream's end if none).
-    fn next_frame_start(&self, pos: u64, chunk: u64) -> u64 {
-        let next = (self.disk_offset(pos) / chunk.max(1)).saturating_add(1).saturating_mul(chunk.max(1));
-        self.stream_pos_at(next).max(pos)
-    }
-
     /// Stream position of the first allocated byte at or after disk offset `offset`.
     fn stream_pos_at(&self, offset: u64) -> u64 {
         let i = self.ranges.partition_point(|(_, e)| *e <= offset);
@@ -631,7 +625,6 @@ struct SpanResult {
     /// Cost of the target as phase 1 prices it: each unit-sized piece at its class's mean cost per byte.
     predicted: f64,
     read_bytes: u64,
-    compressed_bytes: u64,
 }
 
 /// Stream positions of `n` span targets of `len` bytes, one per equal slice of the stream from a random start
@@ -692,7 +685,6 @@ fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f
     // compressed after its context as a prefix, or streamed with a flush before it, is priced differently from the
     // image). Where the target runs into the next chunk, that part starts a frame of its own.
     let mut in_frame = 0u64;
-    let mut compressed_bytes = 0u64;
     for (k, (at, frame, target)) in marks.iter().enumerate() {
         if !*target {
             continue;
@@ -704,7 +696,6 @@ fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f
         };
         let (whole, _) = z.frame(&[], &image[from..until]).map_err(err)?;
         let (before, _) = if *at > from { z.frame(&[], &image[from..*at]).map_err(err)? } else { (z.overhead, 0.0) };
-        compressed_bytes = compressed_bytes.saturating_add(u64_of_usize(2 * at + until - 2 * from));
         in_frame = in_frame.saturating_add(whole.saturating_sub(before));
     }
     let target_from = usize_of(start.saturating_sub(context_start))?;
@@ -712,7 +703,7 @@ fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f
         .chunks(opts.sample_size)
         .map(|piece| class_rate.get(class_of(piece)).copied().unwrap_or(0.0) * f64_of_usize(piece.len()))
         .sum();
-    Ok(SpanResult { in_frame, predicted, read_bytes: u64_of_usize(buf.len()), compressed_bytes })
+    Ok(SpanResult { in_frame, predicted, read_bytes: u64_of_usize(buf.len()) })
 }
 
 /// Ratio of sums of the spans' in-frame to predicted costs, and its standard error (linearised).
@@ -1093,7 +1084,7 @@ mod tests {
 
     #[test]
     fn correction_is_the_ratio_of_sums() {
-        let span = |in_frame, predicted| SpanResult { in_frame, predicted, read_bytes: 0, compressed_bytes: 0 };
+        let span = |in_frame, predicted| SpanResult { in_frame, predicted, read_bytes: 0 };
         let (c, se) = correction(&[span(90, 100.0), span(180, 200.0)]);
         assert!((c - 0.9).abs() < 1e-12 && se.abs() < 1e-12);
         let (c, se) = correction(&[span(50, 100.0), span(200, 200.0)]);
