@@ -27,14 +27,18 @@ def qemu_flatten(vhd: Path, out: Path) -> bytes:
     return out.read_bytes()
 
 
+def text_bytes(rng: random.Random, n: int) -> bytes:
+    words = [b"server", b"image", b"chain", b"block", b"kernel", b"\n", b"config=", b"42"]
+    out = bytearray()
+    while len(out) < n:
+        out += rng.choice(words) + b" "
+    return bytes(out[:n])
+
+
 def mixed_bytes(rng: random.Random, n: int) -> bytes:
     kind = rng.choice(["text", "random", "zeros", "binary"])
     if kind == "text":
-        words = [b"server", b"image", b"chain", b"block", b"kernel", b"\n", b"config=", b"42"]
-        out = bytearray()
-        while len(out) < n:
-            out += rng.choice(words) + b" "
-        return bytes(out[:n])
+        return text_bytes(rng, n)
     if kind == "random":
         return rng.randbytes(n)
     if kind == "zeros":
@@ -175,3 +179,43 @@ def assert_covers_map_zeros(unallocated: list[tuple[int, int]], map_zeros: list[
 def test_a_plan_from_elsewhere_is_validated() -> None:
     with pytest.raises(vhdcore.InvalidArgumentError):
         vhdcore.ImagePlan.from_json('{"virtual_size": 1}')
+
+
+def noise_and_text(rng: random.Random, pieces: int, piece: int) -> bytes:
+    """Alternating runs of random bytes (what compressed or encrypted files look like) and text."""
+    out = bytearray()
+    for i in range(pieces):
+        out += rng.randbytes(piece) if i % 2 == 0 else text_bytes(rng, piece)
+    return bytes(out)
+
+
+@pytest.mark.usefixtures("tools")
+@pytest.mark.parametrize("level", [3, 6])  # zstd's own raw blocks below early abort's level 5; early abort from it
+def test_incompressible_data_is_stored_raw_and_mixed_chunks_stay_within_one_percent_of_zstd(
+    tmp_path: Path, level: int
+) -> None:
+    rng = random.Random(31)
+    size = 24 * MIB
+    base = tmp_path / "base.vhd"
+    vhdcore.create(str(base), size, "dynamic", 2 * MIB)
+    vhdcore.write(str(base), 0, rng.randbytes(8 * MIB))  # chunk 0: all noise
+    vhdcore.write(str(base), 8 * MIB, noise_and_text(rng, 32, 256 * 1024))  # chunk 1: 256 KiB runs
+    vhdcore.write(str(base), 16 * MIB, noise_and_text(rng, 2048, 4096))  # chunk 2: 4 KiB runs
+    snap = tmp_path / "snap.vhd"
+    vhdcore.snapshot(str(base), str(snap))
+    vhdcore.write(str(snap), 3 * MIB + 512, rng.randbytes(100_000))  # a noisy rewrite in a child layer
+    chain = vhdcore.open_chain(str(snap))
+    image = tmp_path / "image.vhd.zst"
+    stats = chain.compress(str(image), level=level, chunk_size=8 * MIB)
+    assert_image_is_the_chain(image, chain, tmp_path)
+    data = image.read_bytes()
+    noisy = stats.chunks[0]
+    # Raw blocks: the bytes, a 3-byte header per 128 KiB block, the frame's header and checksum.
+    assert noisy.compressed_bytes <= noisy.logical_bytes + 3 * -(-noisy.logical_bytes // (128 * 1024)) + 32
+    for chunk in stats.chunks[1:]:
+        assert chunk.object_offset is not None
+        logical = zstd_decompress(data[chunk.object_offset : chunk.object_offset + chunk.compressed_bytes])
+        reference = subprocess.run(
+            ["zstd", f"-{level}", "-c", "-q"], input=logical, capture_output=True, check=True
+        ).stdout
+        assert chunk.compressed_bytes <= 1.01 * len(reference), (chunk.index, chunk.compressed_bytes, len(reference))

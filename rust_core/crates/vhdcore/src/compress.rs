@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
@@ -19,6 +20,7 @@ use crate::chain::Chain;
 use crate::error::{Result, VhdError};
 use crate::export::{is_zero, Target};
 use crate::format::{bitmap_size, DiskType, SECTOR_SIZE};
+use crate::frame_encoder::FrameEncoder;
 use crate::plan::{ChunkPlan, FetchedChunk, ImagePlan, IMAGE_BLOCK_SIZE};
 use crate::resolve::LayerSource;
 use crate::writer::{new_footer_at, new_header, sparse_layout};
@@ -50,18 +52,18 @@ pub struct ChunkFrame {
 }
 
 impl ChunkFrame {
-    fn new(index: usize, logical: &[u8], frame: Vec<u8>, stored_blocks: Vec<u64>, virtual_bytes: u64) -> ChunkFrame {
-        let sha256 = Sha256::digest(logical).iter().map(|b| format!("{b:02x}")).collect();
+    /// The description of a compressed chunk whose frame bytes stay with the caller (`frame` is left empty).
+    fn describe(index: usize, sha256: [u8; 32], logical_bytes: usize, frame: &[u8], stored_blocks: Vec<u64>) -> Self {
         ChunkFrame {
             index,
-            crc32c: crc32c::crc32c(&frame),
+            crc32c: crc32c::crc32c(frame),
             compressed_bytes: u64::try_from(frame.len()).unwrap_or(u64::MAX),
             object_offset: None,
-            frame,
-            logical_bytes: u64::try_from(logical.len()).unwrap_or(u64::MAX),
-            sha256,
+            frame: Vec::new(),
+            logical_bytes: u64::try_from(logical_bytes).unwrap_or(u64::MAX),
+            sha256: sha256.iter().map(|b| format!("{b:02x}")).collect(),
             stored_blocks,
-            virtual_bytes,
+            virtual_bytes: 0,
             read_bytes: 0,
         }
     }
@@ -87,8 +89,49 @@ pub fn build_chunk<S: LayerSource>(
     chunk: &ChunkPlan,
     out: &mut Vec<u8>,
 ) -> Result<Vec<u64>> {
+    let mut bytes = ChunkBytes { buf: std::mem::take(out), len: 0 };
+    bytes.len = bytes.buf.len();
+    let built = assemble_chunk(src, plan, chunk, &mut bytes, None);
+    bytes.buf.truncate(bytes.len);
+    *out = bytes.buf;
+    built
+}
+
+/// A chunk's image bytes in a buffer reused from chunk to chunk: `buf` is only ever grown, so its bytes past `len`
+/// are stale but initialised, and growing does not zero what is about to be overwritten anyway.
+#[derive(Default)]
+struct ChunkBytes {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl ChunkBytes {
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// The next `n` bytes, appended (their content is stale: the caller overwrites all of them).
+    fn grow(&mut self, n: usize) -> &mut [u8] {
+        let end = self.len + n;
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        let start = self.len;
+        self.len = end;
+        &mut self.buf[start..end]
+    }
+}
+
+/// Appends chunk `chunk`'s image bytes to `out`, feeding each stored block to `hasher` while it is still in cache;
+/// returns the image blocks it stored.
+fn assemble_chunk<S: LayerSource>(
+    src: &S,
+    plan: &ImagePlan,
+    chunk: &ChunkPlan,
+    out: &mut ChunkBytes,
+    mut hasher: Option<&mut Sha256>,
+) -> Result<Vec<u64>> {
     let bitmap_len = usize::try_from(bitmap_size(IMAGE_BLOCK_SIZE)).unwrap_or(0);
-    let block_len = usize::try_from(BLOCK).unwrap_or(0);
     let end = chunk.start + chunk.length;
     let mut stored = Vec::new();
     let mut at = chunk.start;
@@ -96,52 +139,84 @@ pub fn build_chunk<S: LayerSource>(
         let block_end = (at + BLOCK).min(end);
         let untouched = chunk.unallocated.iter().any(|(s, l)| *s <= at && block_end <= s + l);
         if !untouched {
-            let base = out.len();
-            out.resize(base + bitmap_len + block_len, 0);
             let data_len = usize::try_from(block_end - at).unwrap_or(0);
-            let data = &mut out[base + bitmap_len..base + bitmap_len + data_len];
+            let block_len = usize::try_from(BLOCK).unwrap_or(0);
+            let base = out.len;
+            let slot = out.grow(bitmap_len + block_len);
+            let (bitmap, data) = slot.split_at_mut(bitmap_len);
+            let (data, padding) = data.split_at_mut(data_len);
             src.read_at(at, data)?;
             if is_zero(data) {
-                out.truncate(base);
+                out.len = base;
             } else {
-                out[base..base + bitmap_len].fill(0xFF);
+                bitmap.fill(0xFF);
+                padding.fill(0);
+                if let Some(hasher) = hasher.as_deref_mut() {
+                    hasher.update(&out.as_slice()[base..]);
+                }
                 stored.push(at / BLOCK);
             }
         }
         at = block_end;
     }
     if end == plan.virtual_size {
-        out.extend_from_slice(&footer_of(plan));
+        let footer = footer_of(plan);
+        out.grow(footer.len()).copy_from_slice(&footer);
+        if let Some(hasher) = hasher {
+            hasher.update(footer);
+        }
     }
     Ok(stored)
 }
 
-thread_local! {
-    /// Per-thread buffers: a chunk's image bytes and its compressed frame, reused across chunks.
-    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+/// A worker's reusable state: the chunk's image bytes, its frame, and the zstd context (kept for its level).
+#[derive(Default)]
+struct Scratch {
+    logical: ChunkBytes,
+    frame: Vec<u8>,
+    encoder: Option<FrameEncoder>,
 }
 
-fn compress_frame(logical: &[u8], level: i32, frame_buf: &mut Vec<u8>) -> Result<Vec<u8>> {
-    let failed = |e: std::io::Error| VhdError::invalid_argument(None, format!("zstd level {level}: {e}"));
-    let mut compressor = zstd::bulk::Compressor::new(level).map_err(failed)?;
-    compressor.include_checksum(true).map_err(failed)?;
-    compressor.include_contentsize(true).map_err(failed)?;
-    frame_buf.clear();
-    frame_buf.reserve(zstd::zstd_safe::compress_bound(logical.len()));
-    compressor.compress_to_buffer(logical, frame_buf).map_err(failed)?;
-    Ok(frame_buf.clone())
+/// The context in `slot`, made anew when there is none yet or it is for another level.
+fn encoder_for(slot: &mut Option<FrameEncoder>, level: i32) -> Result<&mut FrameEncoder> {
+    if slot.as_ref().is_none_or(|e| e.level() != level) {
+        *slot = Some(FrameEncoder::new(level)?);
+    }
+    slot.as_mut().ok_or_else(|| VhdError::invalid_argument(None, "zstd context missing"))
+}
+
+impl Scratch {
+    /// Builds and compresses `chunk`; the frame is left in `self.frame`, the result describes it.
+    fn compress<S: LayerSource>(
+        &mut self,
+        src: &S,
+        plan: &ImagePlan,
+        chunk: &ChunkPlan,
+        level: i32,
+    ) -> Result<ChunkFrame> {
+        self.logical.len = 0;
+        let mut hasher = Sha256::new();
+        let stored = assemble_chunk(src, plan, chunk, &mut self.logical, Some(&mut hasher))?;
+        let encoder = encoder_for(&mut self.encoder, level)?;
+        encoder.compress(self.logical.as_slice(), &mut self.frame)?;
+        let mut result =
+            ChunkFrame::describe(chunk.index, hasher.finalize().into(), self.logical.len, &self.frame, stored);
+        result.virtual_bytes = chunk.length;
+        result.read_bytes = chunk.read_bytes();
+        Ok(result)
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// Builds and compresses one chunk from any layer source.
 pub fn compress_chunk<S: LayerSource>(src: &S, plan: &ImagePlan, chunk: &ChunkPlan, level: i32) -> Result<ChunkFrame> {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        let (logical, frame_buf) = &mut *scratch;
-        logical.clear();
-        let stored = build_chunk(src, plan, chunk, logical)?;
-        let frame = compress_frame(logical, level, frame_buf)?;
-        let mut result = ChunkFrame::new(chunk.index, logical, frame, stored, chunk.length);
-        result.read_bytes = chunk.read_bytes();
+        let mut result = scratch.compress(src, plan, chunk, level)?;
+        result.frame = scratch.frame.clone();
         Ok(result)
     })
 }
@@ -201,31 +276,102 @@ pub fn build_head(plan: &ImagePlan, chunks: &[(Vec<u64>, u64)]) -> Result<Vec<u8
 
 pub fn compress_head(plan: &ImagePlan, chunks: &[(Vec<u64>, u64)], level: i32) -> Result<ChunkFrame> {
     let head = build_head(plan, chunks)?;
-    let frame = compress_frame(&head, level, &mut Vec::new())?;
-    Ok(ChunkFrame::new(usize::MAX, &head, frame, Vec::new(), 0))
+    let mut frame = Vec::new();
+    FrameEncoder::new(level)?.compress(&head, &mut frame)?;
+    let mut result = ChunkFrame::describe(usize::MAX, Sha256::digest(&head).into(), head.len(), &frame, Vec::new());
+    result.frame = frame;
+    Ok(result)
 }
 
-/// Compresses every chunk on all cores and hands the frames to `place` in chunk order, as they become ready, so
-/// writing overlaps compressing. Workers take chunks in order, so at most a few frames wait to be placed.
-/// Returns false when `place` asked to stop.
-fn compress_in_order<S: LayerSource>(
+/// Where the next frame goes in the image object: frames are placed in chunk order, each right after the one
+/// before, so a frame's offset is known as soon as every earlier frame's size is.
+struct Placement {
+    next_index: usize,
+    next_offset: u64,
+    /// Set when the run is abandoned (an error, or `progress` asked to stop): nobody waits for a turn any more.
+    abandoned: bool,
+}
+
+/// Hands out offsets in chunk order.
+struct Placer {
+    state: Mutex<Placement>,
+    turn: Condvar,
+}
+
+impl Placer {
+    fn new(first_offset: u64) -> Placer {
+        Placer {
+            state: Mutex::new(Placement { next_index: 0, next_offset: first_offset, abandoned: false }),
+            turn: Condvar::new(),
+        }
+    }
+
+    /// Waits until every chunk before `index` is placed, then places `index` (`size` bytes) and returns its offset;
+    /// None when the run was abandoned.
+    fn place(&self, index: usize, size: u64) -> Option<u64> {
+        let state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = self
+            .turn
+            .wait_while(state, |s| !s.abandoned && s.next_index != index)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if state.abandoned {
+            return None;
+        }
+        let offset = state.next_offset;
+        state.next_offset = offset.checked_add(size)?;
+        state.next_index += 1;
+        self.turn.notify_all();
+        Some(offset)
+    }
+
+    fn abandon(&self) {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).abandoned = true;
+        self.turn.notify_all();
+    }
+
+    fn end(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).next_offset
+    }
+}
+
+/// Compresses every chunk on all cores; each worker writes its own frame at its place in the object (page-cache
+/// copies run on every core, not on one writer thread) and `done` sees the chunks in order as they complete.
+/// Workers take chunks in order, so a worker waits at most for the chunks the others are compressing.
+/// Returns the end of the last frame, or None when `done` asked to stop.
+fn compress_and_place<S: LayerSource>(
     src: &S,
     plan: &ImagePlan,
     level: i32,
-    place: &mut dyn FnMut(ChunkFrame) -> Result<bool>,
-) -> Result<bool> {
+    target: &Target,
+    first_offset: u64,
+    done: &mut dyn FnMut(ChunkFrame) -> bool,
+) -> Result<Option<u64>> {
     let workers = rayon::current_num_threads().clamp(1, plan.chunks.len().max(1));
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
+    let placer = Placer::new(first_offset);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<ChunkFrame>>(workers);
     std::thread::scope(|scope| {
         for _ in 0..workers {
             let tx = tx.clone();
-            let (next, stop) = (&next, &stop);
+            let (next, stop, placer) = (&next, &stop, &placer);
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let Some(chunk) = plan.chunks.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
-                    if tx.send(compress_chunk(src, plan, chunk, level)).is_err() {
+                    let outcome = SCRATCH.with(|scratch| {
+                        let mut scratch = scratch.borrow_mut();
+                        let mut frame = scratch.compress(src, plan, chunk, level)?;
+                        let Some(offset) = placer.place(chunk.index, frame.compressed_bytes) else {
+                            return Err(VhdError::Interrupted { path: target.path().to_path_buf() });
+                        };
+                        target.write_at(&scratch.frame, offset)?;
+                        frame.object_offset = Some(offset);
+                        Ok(frame)
+                    });
+                    if outcome.is_err() {
+                        placer.abandon();
+                    }
+                    if tx.send(outcome).is_err() {
                         break;
                     }
                 }
@@ -240,15 +386,18 @@ fn compress_in_order<S: LayerSource>(
                 waiting.insert(frame.index, frame);
                 while let Some(frame) = waiting.remove(&wanted) {
                     wanted += 1;
-                    if !place(frame)? {
-                        return Ok(false);
+                    if !done(frame) {
+                        return Ok(None);
                     }
                 }
             }
-            Ok(true)
+            Ok(Some(placer.end()))
         })();
         // Whatever happened, let the workers finish their current chunk and leave.
         stop.store(true, Ordering::Relaxed);
+        if !matches!(outcome, Ok(Some(_))) {
+            placer.abandon();
+        }
         drop(rx);
         outcome
     })
@@ -285,22 +434,17 @@ pub fn compress_image(
     let reserved = u64::try_from(zstd::zstd_safe::compress_bound(head_len)).unwrap_or(u64::MAX) + 64;
     let target = Target::staged(out)?;
     let result = (|| {
-        let write = |buf: &[u8], at: u64| target.write_at(buf, at);
-        let mut at = reserved;
         let mut chunks: Vec<ChunkFrame> = Vec::with_capacity(plan.chunks.len());
         let mut done_virtual = 0u64;
-        let mut place = |mut frame: ChunkFrame| -> Result<bool> {
-            write(&frame.frame, at)?;
-            frame.object_offset = Some(at);
-            at += u64::try_from(frame.frame.len()).unwrap_or(0);
+        let mut done = |frame: ChunkFrame| -> bool {
             done_virtual += frame.virtual_bytes;
-            frame.frame = Vec::new();
             chunks.push(frame);
-            Ok(progress(done_virtual, plan.virtual_size))
+            progress(done_virtual, plan.virtual_size)
         };
-        if !compress_in_order(chain, plan, level, &mut place)? {
+        let Some(at) = compress_and_place(chain, plan, level, &target, reserved, &mut done)? else {
             return Err(VhdError::Interrupted { path: chain.leaf().path.clone() });
-        }
+        };
+        let write = |buf: &[u8], at: u64| target.write_at(buf, at);
         let summary: Vec<(Vec<u64>, u64)> = chunks.iter().map(|c| (c.stored_blocks.clone(), c.logical_bytes)).collect();
         let head = compress_head(plan, &summary, level)?;
         let head_size = u64::try_from(head.frame.len()).unwrap_or(u64::MAX);

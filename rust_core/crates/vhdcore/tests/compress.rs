@@ -109,3 +109,97 @@ fn a_worker_given_short_reads_gets_a_typed_error() {
     let err = vhdcore::compress_fetched_chunk(&plan, chunk.index, &short, 3).unwrap_err();
     assert_eq!(err.kind(), vhdcore::ErrorKind::InvalidArgument);
 }
+
+/// Noise from a seed: what already-compressed or encrypted data looks like.
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    vhdcore::rng::SplitMix(seed).fill(&mut out);
+    out
+}
+
+/// Text-like bytes with some variety, so zstd has real work to do.
+fn prose(seed: u64, n: usize) -> Vec<u8> {
+    let words: [&[u8]; 8] = [b"server ", b"image ", b"chain ", b"block ", b"kernel\n", b"config=", b"42 ", b"disk "];
+    let mut rng = vhdcore::rng::SplitMix(seed);
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        out.extend_from_slice(words[usize::try_from(rng.below(8)).unwrap()]);
+    }
+    out.truncate(n);
+    out
+}
+
+fn zstd_cli(args: &[&str], input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("zstd")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the zstd command (run .ci/setup)");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(out.status.success(), "zstd {args:?} failed");
+    out.stdout
+}
+
+#[test]
+fn incompressible_regions_are_stored_raw_and_the_image_still_decompresses_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 24 * MIB;
+    let base = dir.path().join("base.vhd");
+    vhdcore::create(&base, size, DiskType::Dynamic, 2 * 1024 * 1024).unwrap();
+    let mut model = vec![0u8; usize::try_from(size).unwrap()];
+    let mut put = |offset: u64, data: Vec<u8>| {
+        vhdcore::write(&base, offset, &data).unwrap();
+        let at = usize::try_from(offset).unwrap();
+        model[at..at + data.len()].copy_from_slice(&data);
+    };
+    // Chunk 0 (8 MiB): noise only. Chunk 1: text only. Chunk 2: 256 KiB runs of noise and text, then 4 KiB ones.
+    put(0, noise(1, 8 * 1024 * 1024));
+    put(8 * MIB, prose(2, 8 * 1024 * 1024));
+    let mut mixed = Vec::new();
+    for i in 0..12 {
+        mixed.extend(if i % 2 == 0 { noise(10 + i, 256 * 1024) } else { prose(10 + i, 256 * 1024) });
+    }
+    for i in 0..256 {
+        mixed.extend(if i % 2 == 0 { noise(100 + i, 4096) } else { prose(100 + i, 4096) });
+    }
+    put(16 * MIB, mixed);
+    let chain = Chain::open(&base, 1).unwrap();
+    let plan = chain.plan(8 * MIB).unwrap();
+    // Below early abort's level zstd stores the noise raw by itself; from it on, the noise is not even searched.
+    for level in [3, vhdcore::early_abort::MIN_LEVEL + 1] {
+        check_mixed_image(&chain, &plan, level, &model, dir.path());
+    }
+}
+
+fn check_mixed_image(chain: &Chain, plan: &vhdcore::ImagePlan, level: i32, model: &[u8], dir: &std::path::Path) {
+    let out = dir.join("image.vhd.zst");
+    let stats = vhdcore::compress_image(chain, plan, level, &out, &mut |_, _| true).unwrap();
+    let compressed = std::fs::read(&out).unwrap();
+    let image = zstd_cli(&["-d", "-q", "-c"], &compressed);
+    let vhd = dir.join("image.vhd");
+    std::fs::write(&vhd, &image).unwrap();
+    let mut flat = vec![0u8; model.len()];
+    Chain::open(&vhd, 1).unwrap().read_at(0, &mut flat).unwrap();
+    assert!(flat == model, "level {level}: the image does not hold the disk");
+    let frame_of = |c: &vhdcore::ChunkFrame| {
+        let at = usize::try_from(c.object_offset.unwrap()).unwrap();
+        &compressed[at..at + usize::try_from(c.compressed_bytes).unwrap()]
+    };
+    // All noise: stored raw, 3 bytes per 128 KiB block plus the frame header and checksum.
+    let noisy = &stats.chunks[0];
+    let blocks = noisy.logical_bytes.div_ceil(128 * 1024);
+    assert!(noisy.compressed_bytes <= noisy.logical_bytes + 3 * blocks + 32, "level {level}: {noisy:?}");
+    // Text, and the mix, within 1% of the `zstd` command at that level of the same bytes (the decompressed frame).
+    for chunk in &stats.chunks[1..] {
+        let logical = zstd_cli(&["-d", "-q", "-c"], frame_of(chunk));
+        let reference = zstd_cli(&[&format!("-{level}"), "-q", "-c"], &logical);
+        let ratio = chunk.compressed_bytes as f64 / reference.len() as f64;
+        assert!(ratio <= 1.01, "level {level}, chunk {}: {ratio:.4} of zstd's size", chunk.index);
+    }
+}
