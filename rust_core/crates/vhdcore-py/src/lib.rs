@@ -286,24 +286,14 @@ impl Chain {
     }
 
     #[pyo3(
-        signature = (level = vhdcore::DEFAULT_LEVEL, chunk_size = vhdcore::DEFAULT_CHUNK_SIZE, seed = None, tuning = None),
-        text_signature = "(self, level=3, chunk_size=67108864, seed=None, tuning=None)"
+        signature = (level = vhdcore::DEFAULT_LEVEL, chunk_size = vhdcore::DEFAULT_CHUNK_SIZE, seed = None),
+        text_signature = "(self, level=3, chunk_size=67108864, seed=None)"
     )]
-    fn estimate(&self, py: Python<'_>, level: i32, chunk_size: u64, seed: Option<u64>, tuning: Option<Vec<usize>>) -> PyResult<Estimate> {
+    fn estimate(&self, py: Python<'_>, level: i32, chunk_size: u64, seed: Option<u64>) -> PyResult<Estimate> {
         let inner = Arc::clone(&self.inner);
         let mut opts = vhdcore::estimate::EstimateOptions { level, chunk_size, ..Default::default() };
         if let Some(seed) = seed {
             opts.seed = seed;
-        }
-        if let Some(t) = tuning {
-            opts.sample_size = t[0];
-            opts.samples = t[1];
-            opts.span_size = t[2];
-            opts.spans = t[3];
-            opts.context_size = t[4];
-            opts.prefix_size = t[5];
-            opts.looks = t[6];
-            opts.span_rounds = t[7];
         }
         let estimate = py.allow_threads(|| vhdcore::estimate::estimate(&inner, &opts)).or_raise(py)?;
         Ok(Estimate::from_core(level, estimate))

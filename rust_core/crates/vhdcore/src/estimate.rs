@@ -4,57 +4,53 @@
 //! flattened chain with 2 MiB blocks, all-zero and unallocated blocks left out. Its size is estimated as follows.
 //!
 //! 1. **Exact accounting from the metadata.** Bytes that no layer allocates cost nothing. The allocated bytes,
-//!    laid end to end in disk order (the *allocated stream*), are what the image stores, in that order; a chunk
-//!    of virtual disk is a frame, so context never crosses a chunk boundary in what follows.
-//! 2. **Stratified samples.** The allocated stream is cut into `n` equal strata (`n` ≤ `samples`); in each, a
-//!    byte is drawn uniformly and the `sample_size` bytes from it are the sample (the last stratum's wraps round),
-//!    so every byte is sampled with the same probability, strata edges included. A sample is compressed at the
-//!    level with the `prefix_size` bytes of its frame before it as its window: a zstd *reference prefix*, laid
-//!    out in memory right before the sample as in the image, indexed rather than compressed. Its cost per byte
-//!    times its stratum's width, summed, is `D`. Random-looking samples (order-0 entropy ≥ 7.98 bits/byte) skip
-//!    the prefix: no window helps them and indexing it would cost more than compressing them.
-//! 3. **Zeros.** An all-zero sample costs nothing: either its 2 MiB block is all zero and dropped from the image,
-//!    or it sits in a kept block, where zeros cost about 4 bytes per 128 KiB (counted). Telling the two apart
-//!    would need whole blocks read; only the number of kept blocks depends on it (estimated from the blocks the
-//!    samples saw, see [`Estimate::image_blocks`]), and the size hardly does. Zero samples cost a read and no
-//!    compression, so while at most half of `samples` samples have data, strata are halved and resampled (up to
-//!    four times as many): disks of mostly zeros get about as many data samples as disks full of data.
-//! 4. **Context correction.** The image's frames give every byte up to the level's whole window of context and
-//!    let zstd's block splitter see the whole chunk. `spans` targets of `span_size` bytes are chosen with
-//!    probability proportional to the samples' costs (systematic PPS: the bytes that make the image are the ones
-//!    measured), each around a sample. A target's cost in its frame is measured as `zstd(context + target) -
-//!    zstd(context)` with up to `context_size` bytes of its frame before it, both compressed whole as the image
-//!    does, and divided by its cost measured as the samples measure it (in `sample_size` pieces with their
-//!    prefixes). The mean of these ratios (Hansen–Hurwitz under PPS) scales `D`. The ratio is heavy-tailed
-//!    where content repeats within a window (one target in 16 at 0.6 among 0.97s moves the mean by 2.5%), so
-//!    while its relative standard error exceeds 1%, another round of `spans` targets is measured (three at most).
+//!    laid end to end in disk order (the *allocated stream*), are what the image stores, in that order.
+//! 2. **Two-phase stratified sampling.** The stream is cut into `looks` equal strata (doubled, up to four times,
+//!    while fewer than half the looks find data: zeros cost a look and nothing more); in each, a byte is drawn
+//!    uniformly and the `sample_size` bytes from it (a *unit*; the last stratum's wraps round) are read and
+//!    *classed*: all zero, or a bin of order-0 entropy (of 4 KiB spread over the unit). Costs vary far less within a
+//!    class than across classes (zeros 0, text about a quarter, machine code about 0.4, packed data about 1), so
+//!    the many cheap looks weigh the classes and `samples` compressed units (spread over the classes with data in
+//!    proportion, at least a few each, picked systematically so every unit of a class has the same chance) price
+//!    them: a unit is compressed at the level with the `prefix_size` bytes of its frame before it as its window (a
+//!    zstd reference prefix laid out right before it in memory, as in the image; random-looking units go without,
+//!    no window helps them). `D` = Σ over classes of the class's stream bytes × its mean cost per byte.
+//!    Zero units are priced at 0 without compressing anything: either their 2 MiB block is all zero and dropped
+//!    from the image, or zeros in a kept block cost a few bytes per 128 KiB (counted).
+//! 3. **Context correction.** The image's frames give every byte up to the level's whole window of context and let
+//!    zstd's block splitter see the whole chunk, where a unit sees `prefix_size`. `spans` targets of `span_size`
+//!    bytes, centred on units with data picked systematically (every byte with data about equally likely; zeros,
+//!    which cost nothing, are not measured), are compressed as the image does: context (up to
+//!    `context_size` bytes of the target's frame before it, all-zero 2 MiB blocks left out as the image leaves
+//!    them out) and target compressed whole by the compressor's own frame encoder (so its early-abort decisions are
+//!    made on them too), less the context alone. The ratio of the targets' summed in-frame costs to their summed
+//!    costs as phase 2 prices them (each unit-sized piece at its class's mean) scales `D`. While that ratio's
+//!    standard error exceeds 1% another round of spans is measured, up to `span_rounds`.
 //!
-//!    Why so: a 1 MiB span compressed whole against its pieces alone (the simple scheme) overstates text-like
-//!    data by 2-14%, since a lone span's first bytes have no context where almost every byte of a chunk has; a
-//!    span streamed with a flush before the target misses the block splitter (+0.5-2.7%); a target compressed
-//!    after a reference prefix of its context runs in zstd's separate-dictionary mode (+0.3-2.8%). And the
-//!    ratio's spread from place to place, not its mean, limits the accuracy: the samples' own prefixes capture
-//!    most of the context, which shrinks that spread four- to eightfold against samples compressed alone.
-//! 5. **Fixed costs.** The head frame (footer copy, header, BAT) is built as the image would have it and
-//!    compressed, the closing footer frame likewise; each kept block adds its 512-byte all-present bitmap (a few
-//!    bytes once compressed) and each chunk a frame header.
+//!    Why so: the ratio varies from place to place where content repeats within the window (duplicated files), and
+//!    long targets, measured exactly, average that out far better than the old per-sample spans; pricing the
+//!    targets by class instead of compressing them again in pieces halves a span's cost. Compressing a target after
+//!    its context as a prefix, or streamed with a flush before it, prices it differently from the image
+//!    (+0.3-2.8%), hence whole-less-context.
+//! 4. **Fixed costs, exact from the metadata.** As the compressor lays the image out: the room kept for the head
+//!    frame at the start (`compress_bound(head) + 64` bytes, closed by a skippable frame, whatever the head
+//!    compresses to); per chunk a frame header with content size and a 4-byte checksum (an empty frame for a chunk
+//!    with nothing allocated); the closing footer inside the last chunk's frame; each kept block's 512-byte
+//!    all-present bitmap (a few bytes once compressed).
 //!
-//! The range is the point estimate ± 3 standard errors of the stratified sum (collapsed strata, finite-population
-//! corrected) combined with 3 standard errors of the correction, plus a 1% allowance for what the model leaves
-//! out (a frame's first bytes without context, ~1-2% more on a chunk's first MiB; zstd state that lives as long
-//! as a frame; zero blocks the image drops from the window). The time is predicted from the per-thread speeds
-//! measured on the samples (reads; compressions less each sample frame's set-up and prefix indexing), applied to
-//! the allocated and the non-zero bytes, over rayon's thread count.
+//! The range is the point estimate ± 3 standard errors of `D` (class mix: collapsed strata, finite-population
+//! corrected; class prices: each class's spread) combined with 3 standard errors of the correction, plus a 1%
+//! allowance for what the model leaves out (context beyond `context_size` at a target's start; where early abort's
+//! 128 KiB pieces fall in the real chunk). The time is predicted from the per-thread speeds measured on the units
+//! (reads; compressions less each sample frame's set-up and prefix indexing), per class, over rayon's threads.
 //!
-//! Cost, whatever the disk size: `samples × (sample_size + prefix_size)` bytes read (320 MiB by default; all-zero
-//! and random-looking samples read no prefix, and extra strata only come with zero samples) plus `spans ×
-//! (span_size + context_size)` per round of spans; about `samples × sample_size` compressed and four times as
-//! much indexed, plus `spans × (3 × span_size + 2 × context_size)` per round; all in parallel; plus the metadata
-//! (`Chain::occupancy` and a BAT-sized head). Measured on 2 cores: 0.24 s, 14% of the full compression of a
-//! 1 GiB disk and 1.5% of a 32 GiB one with 10 GiB allocated.
+//! Cost, whatever the disk size (a fixed budget): `looks × sample_size` bytes read and classed (128 MiB by
+//! default, a memory copy and a 4 KiB histogram each), `samples × (sample_size + prefix_size)` read and about
+//! `samples × sample_size` compressed and four times as much indexed, and per round of spans `spans ×
+//! (span_size + context_size)` read and `spans × (span_size + 2 × context_size)` compressed; all in parallel; plus
+//! the metadata (`Chain::occupancy`, the chunk plan).
 //! The model's assumptions about the compressor: each chunk's frame is compressed in one call with the whole
-//! chunk in memory (zstd's `compress2`, as `zstd::bulk` does); a streaming encoder fed in pieces gives frames
-//! 0.5-2.7% larger on the same data.
+//! chunk in memory (`frame_encoder`, zstd's `compress2`).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -68,6 +64,7 @@ use crate::compress::head_length;
 use crate::error::{Result, VhdError};
 use crate::export::is_zero;
 use crate::format::{bitmap_size, DiskType, DEFAULT_BLOCK_SIZE, FOOTER_SIZE};
+use crate::frame_encoder::FrameEncoder;
 use crate::rng::SplitMix;
 use crate::writer::{new_footer_at, sparse_layout};
 
@@ -80,6 +77,9 @@ const BITMAP_COST: u64 = 8;
 /// Zeros inside a kept block (unallocated or written): about one RLE block (4 bytes) or a long match per 128 KiB
 /// zstd block; counted at 8 bytes per 128 KiB.
 const ZERO_COST_PER_128K: u64 = 8;
+/// The closing footer holds the image's own UUID and timestamp, unknown yet: its compressed size varies by a few
+/// bytes with them; the range allows this much either way.
+const FOOTER_SLACK: u64 = 8;
 /// Share of the estimate allowed for what the model leaves out (see the module doc).
 const MODEL_ALLOWANCE: f64 = 0.01;
 /// Standard errors on each side of the point estimate.
@@ -99,9 +99,9 @@ pub struct EstimateOptions {
     pub looks: usize,
     /// Units compressed, spread over the classes with data (default 1024; at least a few per class).
     pub samples: usize,
-    /// Bytes of each context-correction target (default 1 MiB).
+    /// Bytes of each context-correction target (default 4 MiB).
     pub span_size: usize,
-    /// Context-correction targets per round (default 16).
+    /// Context-correction targets per round (default 8).
     pub spans: usize,
     /// Rounds of spans at most, while the correction is uncertain (default 3).
     pub span_rounds: usize,
@@ -125,7 +125,7 @@ impl Default for EstimateOptions {
             looks: 8192,
             samples: 1024,
             span_size: 4 * MIB,
-            spans: 16,
+            spans: 8,
             span_rounds: 3,
             context_size: MIB,
             prefix_size: 64 * KIB,
@@ -142,14 +142,15 @@ pub struct Estimate {
     pub allocated_bytes: u64,
     /// Bytes no layer allocates: they cost nothing.
     pub unallocated_bytes: u64,
-    /// Bytes read for the estimate (samples with their prefixes, span targets with their context).
+    /// Bytes read for the estimate (class looks, compressed units with their prefixes, span targets with their
+    /// context).
     pub sampled_bytes: u64,
-    /// Samples taken (strata) and context-correction spans measured.
+    /// Units compressed (phase 2) and context-correction spans measured.
     pub samples: usize,
     pub spans: usize,
-    /// Share of the allocated bytes in all-zero samples.
+    /// Share of the allocated bytes in all-zero units.
     pub zero_fraction: f64,
-    /// Allocated bytes outside all-zero samples (to the sample size's granularity).
+    /// Allocated bytes outside all-zero units (to the unit size's granularity).
     pub estimated_nonzero_bytes: u64,
     /// 2 MiB blocks that meet an allocated range, and the estimated number of them that are not all zero (the
     /// image's blocks): blocks a sample found data in, plus the unsampled ones in the proportion seen.
@@ -627,21 +628,30 @@ struct SpanResult {
     read_bytes: u64,
 }
 
-/// Stream positions of `n` span targets of `len` bytes, one per equal slice of the stream from a random start
-/// (systematic sampling: every byte equally likely to be measured), each kept inside the stream.
-fn plan_spans(total: u64, len: u64, n: usize, rng: &mut SplitMix) -> Result<Vec<u64>> {
-    if total == 0 || n == 0 {
-        return Ok(Vec::new());
+/// Stream positions of `n` span targets of `len` bytes: systematic over the units that hold data (a random start,
+/// then every `1/n` of their summed widths), each target centred on its unit and kept inside the stream. Every
+/// byte with data is about equally likely to be measured, and zeros (which cost nothing) are not measured.
+fn plan_spans(units: &[Sample], looks: &[Look], total: u64, len: u64, n: usize, rng: &mut SplitMix) -> Vec<u64> {
+    let weights: Vec<f64> =
+        units.iter().zip(looks).map(|(u, l)| if l.class == 0 { 0.0 } else { f64_of(u.weight) }).collect();
+    let sum: f64 = weights.iter().sum();
+    if n == 0 || sum <= 0.0 {
+        return Vec::new();
     }
-    let n = u64_of_usize(n);
-    let offset = rng.below(total.div_ceil(n).max(1));
-    (0..n)
-        .map(|i| Ok(stratum_edge(total, i, n)?.saturating_add(offset).min(total.saturating_sub(len))))
-        .collect()
+    let step = sum / f64_of_usize(n);
+    let mut point = step * f64_of(rng.below(1 << 30)) / f64_of(1 << 30);
+    let (mut cumulated, mut starts) = (0.0, Vec::with_capacity(n));
+    for (u, w) in units.iter().zip(&weights) {
+        cumulated += w;
+        while point < cumulated && starts.len() < n {
+            starts.push(u.pos.saturating_sub(len / 2).min(total.saturating_sub(len)));
+            point += step;
+        }
+    }
+    starts
 }
 
 fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f64]) -> Result<SpanResult> {
-    let err = |e| zstd_error(stream.chain, e);
     let chunk = opts.chunk_size.max(1);
     let block_size = u64::from(DEFAULT_BLOCK_SIZE);
     let end = start.saturating_add(u64_of_usize(opts.span_size)).min(stream.total);
@@ -680,10 +690,18 @@ fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f
         image.extend_from_slice(piece_bytes(*pos, *len)?);
     }
 
-    let mut z = Zstd::new(opts.level).map_err(err)?;
     // The target's cost in its frame: context and target compressed whole, less the context alone (a target
     // compressed after its context as a prefix, or streamed with a flush before it, is priced differently from the
-    // image). Where the target runs into the next chunk, that part starts a frame of its own.
+    // image), both by the compressor's own frame encoder, so its early-abort decisions are made here too. Where the
+    // target runs into the next chunk, that part starts a frame of its own.
+    let mut encoder = FrameEncoder::new(opts.level)?;
+    let mut frame_buf = Vec::new();
+    let mut frame_size = |data: &[u8]| -> Result<u64> {
+        encoder.compress(data, &mut frame_buf)?;
+        Ok(u64_of_usize(frame_buf.len()))
+    };
+    // A frame's header and checksum: an empty frame less its 3-byte empty block.
+    let overhead = frame_size(&[])?.saturating_sub(3);
     let mut in_frame = 0u64;
     for (k, (at, frame, target)) in marks.iter().enumerate() {
         if !*target {
@@ -694,8 +712,8 @@ fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f
             Some((context_at, context_frame, false)) if context_frame == frame => *context_at,
             _ => *at,
         };
-        let (whole, _) = z.frame(&[], &image[from..until]).map_err(err)?;
-        let (before, _) = if *at > from { z.frame(&[], &image[from..*at]).map_err(err)? } else { (z.overhead, 0.0) };
+        let whole = frame_size(&image[from..until])?;
+        let before = if *at > from { frame_size(&image[from..*at])? } else { overhead };
         in_frame = in_frame.saturating_add(whole.saturating_sub(before));
     }
     let target_from = usize_of(start.saturating_sub(context_start))?;
@@ -755,6 +773,8 @@ struct FixedCosts {
     /// Frame headers and checksums: a data frame per chunk with allocated bytes, an empty frame per chunk without,
     /// and the closing footer, which lives in the last chunk's frame.
     frames: u64,
+    /// The same if every chunk turned out to store nothing (its allocated blocks all zero): an empty frame each.
+    frames_if_empty: u64,
 }
 
 fn fixed_costs(chain: &Chain, opts: &EstimateOptions) -> Result<FixedCosts> {
@@ -779,18 +799,20 @@ fn fixed_costs(chain: &Chain, opts: &EstimateOptions) -> Result<FixedCosts> {
     let footer_frame = frame(footer.as_bytes())?;
     // In a data frame the footer costs its blocks: its own frame less an empty frame's header and checksum.
     let footer_in_frame = footer_frame.saturating_sub(empty).saturating_add(3);
-    let mut frames = 0u64;
+    let (mut frames, mut frames_if_empty) = (0u64, 0u64);
     for (i, chunk) in plan.chunks.iter().enumerate() {
         let unallocated = chunk.unallocated.iter().map(|(_, len)| *len).fold(0u64, u64::saturating_add);
-        let cost = match (unallocated >= chunk.length, i + 1 == plan.chunks.len()) {
-            (true, false) => empty,
-            (true, true) => footer_frame,
+        let last = i + 1 == plan.chunks.len();
+        let if_empty = if last { footer_frame } else { empty };
+        let cost = match (unallocated >= chunk.length, last) {
+            (true, _) => if_empty,
             (false, false) => DATA_FRAME_OVERHEAD,
             (false, true) => DATA_FRAME_OVERHEAD.saturating_add(footer_in_frame),
         };
         frames = frames.saturating_add(cost);
+        frames_if_empty = frames_if_empty.saturating_add(if_empty);
     }
-    Ok(FixedCosts { head_room, frames })
+    Ok(FixedCosts { head_room, frames, frames_if_empty })
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -872,8 +894,18 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
 
     // Phase 1: a class look at one unit per stratum, then a few units of each class compressed (two-phase
     // sampling). Each class is weighed by its strata and priced by its mean compressed cost per byte.
-    let units = plan_units(stream.total, u64_of_usize(opts.sample_size), opts.looks, &mut rng)?;
-    let looks = look_at_units(&stream, &units)?;
+    // Zeros cost a look and nothing more: while fewer than half the looks find data, the strata are doubled (up
+    // to four times as many), so disks of mostly zeros get about as many looks at their data as disks full of it.
+    let mut strata = opts.looks;
+    let (units, looks) = loop {
+        let units = plan_units(stream.total, u64_of_usize(opts.sample_size), strata, &mut rng)?;
+        let looks = look_at_units(&stream, &units)?;
+        let with_data = looks.iter().filter(|l| l.class != 0).count();
+        if with_data * 2 >= strata || strata >= opts.looks.saturating_mul(4) || units.len() < strata {
+            break (units, looks);
+        }
+        strata = strata.saturating_mul(2);
+    };
     let picked = pick_for_compression(&looks, opts.samples, &mut rng);
     let to_compress: Vec<Sample> = picked.iter().filter_map(|i| units.get(*i).copied()).collect();
     let results = measure_samples(&stream, &to_compress, opts)?;
@@ -913,14 +945,15 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
     // budget lasts: the ratio varies where content repeats within a window, and more spans are the cure.
     let mut measured: Vec<SpanResult> = Vec::new();
     let span_len = u64_of_usize(opts.span_size);
+    let mut rounds = 0;
     let (c, se_c) = loop {
-        let round = plan_spans(stream.total, span_len, opts.spans, &mut rng)?;
+        let round = plan_spans(&units, &looks, stream.total, span_len, opts.spans, &mut rng);
         let new: Vec<SpanResult> =
             round.par_iter().map(|start| run_span(&stream, *start, opts, &class_rate)).collect::<Result<_>>()?;
         measured.extend(new);
         let (c, se_c) = correction(&measured);
-        let rounds = measured.len() / opts.spans.max(1);
-        if measured.is_empty() || rounds >= opts.span_rounds || se_c <= TARGET_CORRECTION_ERROR * c {
+        rounds += 1;
+        if round.is_empty() || rounds >= opts.span_rounds || se_c <= TARGET_CORRECTION_ERROR * c {
             break (c, se_c);
         }
     };
@@ -942,7 +975,10 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
         _ => with_data.saturating_add(u64_of(f64_of(unseen) * f64_of(with_data) / f64_of(seen_count))),
     };
     let fixed = fixed_costs(chain, opts)?;
-    let exact = fixed.head_room.saturating_add(fixed.frames);
+    // No data seen: the allocated blocks are most likely all zero, and their chunks' frames empty.
+    let frames = if d > 0.0 { fixed.frames } else { fixed.frames_if_empty };
+    let exact = fixed.head_room.saturating_add(frames);
+    let exact_low = fixed.head_room.saturating_add(fixed.frames.min(fixed.frames_if_empty));
 
     let nonzero_bytes = stream.total.saturating_sub(zero_weight);
     let zeros_in_blocks = image_blocks.saturating_mul(block_size).saturating_sub(nonzero_bytes);
@@ -955,10 +991,10 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
     let rel_d = if d > 0.0 { var_d.sqrt() / d } else { 0.0 };
     let rel_c = if c > 0.0 { se_c / c } else { 0.0 };
     let margin = Z * (rel_d * rel_d + rel_c * rel_c).sqrt() + MODEL_ALLOWANCE;
-    let low = u64_of(data * (1.0 - margin).max(0.0)).saturating_add(exact);
+    let low = u64_of(data * (1.0 - margin).max(0.0)).saturating_add(exact_low.saturating_sub(FOOTER_SLACK));
     let high = u64_of(data * (1.0 + margin))
         .saturating_add(zero_runs.saturating_mul(2))
-        .saturating_add(exact)
+        .saturating_add(exact.saturating_add(FOOTER_SLACK))
         .saturating_add(candidate_count.saturating_mul(bitmap_size(DEFAULT_BLOCK_SIZE)));
 
     // Time: the full compression reads every allocated byte and compresses the data. Per-thread speeds are those
@@ -1047,7 +1083,8 @@ mod tests {
         let mut rng = SplitMix(5);
         let mut random = vec![0u8; 16 * KIB];
         rng.fill(&mut random);
-        let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog ".iter().copied().cycle().take(16 * KIB).collect();
+        let text: Vec<u8> =
+            b"the quick brown fox jumps over the lazy dog ".iter().copied().cycle().take(16 * KIB).collect();
         assert_eq!(class_of(&[0u8; 16 * KIB]), 0);
         assert_eq!(class_of(&random), CLASSES - 1);
         let t = class_of(&text);
@@ -1056,8 +1093,9 @@ mod tests {
 
     #[test]
     fn every_class_with_units_gets_compressed_units_in_proportion() {
-        let classes = [[1usize; 900].as_slice(), [6usize; 90].as_slice(), [3usize; 2].as_slice(), [0usize; 500].as_slice()]
-            .concat();
+        let classes =
+            [[1usize; 900].as_slice(), [6usize; 90].as_slice(), [3usize; 2].as_slice(), [0usize; 500].as_slice()]
+                .concat();
         let looks: Vec<Look> = classes.iter().map(|c| Look { class: *c, block: None, read_secs: 0.0 }).collect();
         let picks = pick_for_compression(&looks, 100, &mut SplitMix(9));
         let count = |c: usize| picks.iter().filter(|i| looks[**i].class == c).count();
@@ -1074,12 +1112,20 @@ mod tests {
     }
 
     #[test]
-    fn spans_spread_over_the_stream_inside_it() {
-        let starts = plan_spans(100 << 20, 4 << 20, 8, &mut SplitMix(2)).unwrap_or_default();
+    fn spans_go_where_the_data_is_inside_the_stream() {
+        let mib = 1u64 << 20;
+        let units: Vec<Sample> = (0..100).map(|i| Sample { weight: mib, pos: i * mib, len: 16384 }).collect();
+        // Data in the first and last tenth only.
+        let looks: Vec<Look> = (0..100)
+            .map(|i| Look { class: if !(10..90).contains(&i) { 2 } else { 0 }, block: None, read_secs: 0.0 })
+            .collect();
+        let starts = plan_spans(&units, &looks, 100 * mib, 4 * mib, 8, &mut SplitMix(2));
         assert_eq!(starts.len(), 8);
         assert!(starts.windows(2).all(|w| w[0] <= w[1]));
-        assert!(starts.iter().all(|s| s + (4 << 20) <= 100 << 20));
-        assert!(plan_spans(0, 4 << 20, 8, &mut SplitMix(2)).unwrap_or_default().is_empty());
+        assert!(starts.iter().all(|s| s + 4 * mib <= 100 * mib));
+        assert_eq!(starts.iter().filter(|s| **s < 10 * mib).count(), 4);
+        let zeros: Vec<Look> = (0..100).map(|_| Look { class: 0, block: None, read_secs: 0.0 }).collect();
+        assert!(plan_spans(&units, &zeros, 100 * mib, 4 * mib, 8, &mut SplitMix(2)).is_empty());
     }
 
     #[test]
