@@ -7,8 +7,9 @@
 //!    laid end to end in disk order (the *allocated stream*), are what the image stores, in that order.
 //! 2. **Two-phase stratified sampling.** The stream is cut into `looks` equal strata (doubled, up to four times,
 //!    while fewer than half the looks find data: zeros cost a look and nothing more); in each, a byte is drawn
-//!    uniformly and the `sample_size` bytes from it (a *unit*; the last stratum's wraps round) are read and
-//!    *classed*: all zero, or a bin of order-0 entropy (of 4 KiB spread over the unit). Costs vary far less within a
+//!    uniformly and the `sample_size` bytes from it are a *unit* (the last stratum's wraps round), whose first
+//!    4 KiB (a file-system block: one kind of data) are read and *class* it: all zero, or a bin of order-0
+//!    entropy. Costs vary far less within a
 //!    class than across classes (zeros 0, text about a quarter, machine code about 0.4, packed data about 1), so
 //!    the many cheap looks weigh the classes and `samples` compressed units (spread over the classes with data in
 //!    proportion, at least a few each, picked systematically so every unit of a class has the same chance) price
@@ -24,8 +25,7 @@
 //!    `context_size` bytes of the target's frame before it, all-zero 2 MiB blocks left out as the image leaves
 //!    them out) and target compressed whole by the compressor's own frame encoder (so its early-abort decisions are
 //!    made on them too), less the context alone. The ratio of the targets' summed in-frame costs to their summed
-//!    costs as phase 2 prices them (each unit-sized piece at its class's mean) scales `D`. While that ratio's
-//!    standard error exceeds 1% another round of spans is measured, up to `span_rounds`.
+//!    costs as phase 2 prices them (each unit-sized piece at its class's mean) scales `D`.
 //!
 //!    Why so: the ratio varies from place to place where content repeats within the window (duplicated files), and
 //!    long targets, measured exactly, average that out far better than the old per-sample spans; pricing the
@@ -44,10 +44,10 @@
 //! 128 KiB pieces fall in the real chunk). The time is predicted from the per-thread speeds measured on the units
 //! (reads; compressions less each sample frame's set-up and prefix indexing), per class, over rayon's threads.
 //!
-//! Cost, whatever the disk size (a fixed budget): `looks × sample_size` bytes read and classed (128 MiB by
-//! default, a memory copy and a 4 KiB histogram each), `samples × (sample_size + prefix_size)` read and about
-//! `samples × sample_size` compressed and four times as much indexed, and per round of spans `spans ×
-//! (span_size + context_size)` read and `spans × (span_size + 2 × context_size)` compressed; all in parallel; plus
+//! Cost, whatever the disk size (a fixed budget): `looks × 4 KiB` read and classed (32 MiB by default, up to
+//! seven times that on disks of mostly zeros), `samples × (sample_size + prefix_size)` read and about
+//! `samples × sample_size` compressed and twice as much indexed, and `spans × (span_size + context_size)` read and
+//! `spans × (span_size + 2 × context_size)` compressed (80 and 96 MiB); all in parallel; plus
 //! the metadata (`Chain::occupancy`, the chunk plan).
 //! The model's assumptions about the compressor: each chunk's frame is compressed in one call with the whole
 //! chunk in memory (`frame_encoder`, zstd's `compress2`).
@@ -84,8 +84,6 @@ const FOOTER_SLACK: u64 = 8;
 const MODEL_ALLOWANCE: f64 = 0.01;
 /// Standard errors on each side of the point estimate.
 const Z: f64 = 3.0;
-/// Relative standard error of the context correction above which another round of spans is measured.
-const TARGET_CORRECTION_ERROR: f64 = 0.01;
 /// Samples read and compressed by one task: one zstd context per batch.
 const BATCH: usize = 16;
 
@@ -101,14 +99,12 @@ pub struct EstimateOptions {
     pub samples: usize,
     /// Bytes of each context-correction target (default 4 MiB).
     pub span_size: usize,
-    /// Context-correction targets per round (default 8).
+    /// Context-correction targets (default 16).
     pub spans: usize,
-    /// Rounds of spans at most, while the correction is uncertain (default 3).
-    pub span_rounds: usize,
     /// Bytes of allocated stream compressed in front of each target, as the image's frame would have them
     /// (default 1 MiB).
     pub context_size: usize,
-    /// Bytes of allocated stream before each sample given to zstd as its window (default 64 KiB; 0 compresses
+    /// Bytes of allocated stream before each sample given to zstd as its window (default 32 KiB; 0 compresses
     /// samples alone).
     pub prefix_size: usize,
     /// Seed of the sample positions; the same seed on the same disk gives the same estimate.
@@ -125,10 +121,9 @@ impl Default for EstimateOptions {
             looks: 8192,
             samples: 1024,
             span_size: 4 * MIB,
-            spans: 8,
-            span_rounds: 3,
+            spans: 16,
             context_size: MIB,
-            prefix_size: 64 * KIB,
+            prefix_size: 32 * KIB,
             seed: 0x5EED_1DEA,
             chunk_size: 64 * 1024 * 1024,
         }
@@ -249,16 +244,19 @@ fn looks_random(data: &[u8]) -> bool {
 /// class beat compressions alone at the same cost (two-phase sampling).
 const CLASSES: usize = 7;
 const ENTROPY_EDGES: [f64; CLASSES - 2] = [3.0, 5.0, 6.0, 7.0, 7.6];
-/// Bytes a class look reads the entropy of (spread over the unit).
+/// Bytes at a unit's start whose entropy classes it: a file-system block, which holds one kind of data; reading
+/// only those keeps the looks cheap.
 const CLASS_LOOK: usize = 4096;
 /// Compressed units per class at least (where the class has that many), so that each class's spread is known.
 const MIN_PER_CLASS: usize = 6;
 
+/// The class of a unit from its bytes (at least its first [`CLASS_LOOK`]; a unit that is all zero there but not
+/// further is classed by its first bytes, like any other).
 fn class_of(data: &[u8]) -> usize {
-    if is_zero(data) {
+    if is_zero(data.get(..CLASS_LOOK).unwrap_or(data)) {
         return 0;
     }
-    let h = entropy(data, data.len() / CLASS_LOOK);
+    let h = entropy(data.get(..CLASS_LOOK).unwrap_or(data), 1);
     1 + ENTROPY_EDGES.iter().filter(|edge| h >= **edge).count()
 }
 
@@ -512,7 +510,7 @@ fn look_at_units(stream: &Stream, units: &[Sample]) -> Result<Vec<Look>> {
             batch
                 .iter()
                 .map(|u| {
-                    buf.resize(usize_of(u.len)?, 0);
+                    buf.resize(usize_of(u.len)?.min(CLASS_LOOK), 0);
                     let started = Instant::now();
                     stream.read_circular(u.pos, &mut buf)?;
                     let read_secs = started.elapsed().as_secs_f64();
@@ -832,9 +830,6 @@ fn validate(opts: &EstimateOptions) -> Result<()> {
     if !(1..=1 << 20).contains(&opts.looks) {
         return bad(format!("looks {} must be between 1 and 1048576", opts.looks));
     }
-    if !(1..=16).contains(&opts.span_rounds) {
-        return bad(format!("span rounds {} must be between 1 and 16", opts.span_rounds));
-    }
     if !(opts.sample_size..=64 * MIB).contains(&opts.span_size) {
         return bad(format!("span size {} must be between the sample size and 64 MiB", opts.span_size));
     }
@@ -941,22 +936,12 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
     let var_d = var_mix + var_price;
     let zero_weight = u64_of(class_weight[0]);
 
-    // Phase 2: spans at systematic positions, in rounds of `spans` while the correction is uncertain and the span
-    // budget lasts: the ratio varies where content repeats within a window, and more spans are the cure.
-    let mut measured: Vec<SpanResult> = Vec::new();
-    let span_len = u64_of_usize(opts.span_size);
-    let mut rounds = 0;
-    let (c, se_c) = loop {
-        let round = plan_spans(&units, &looks, stream.total, span_len, opts.spans, &mut rng);
-        let new: Vec<SpanResult> =
-            round.par_iter().map(|start| run_span(&stream, *start, opts, &class_rate)).collect::<Result<_>>()?;
-        measured.extend(new);
-        let (c, se_c) = correction(&measured);
-        rounds += 1;
-        if round.is_empty() || rounds >= opts.span_rounds || se_c <= TARGET_CORRECTION_ERROR * c {
-            break (c, se_c);
-        }
-    };
+    // Phase 2: a fixed number of spans (a fixed budget; their ratio is heavy-tailed where content repeats within
+    // a window, so a standard error from a handful of them cannot be trusted to stop early).
+    let starts = plan_spans(&units, &looks, stream.total, u64_of_usize(opts.span_size), opts.spans, &mut rng);
+    let measured: Vec<SpanResult> =
+        starts.par_iter().map(|start| run_span(&stream, *start, opts, &class_rate)).collect::<Result<_>>()?;
+    let (c, se_c) = correction(&measured);
     // Blocks: those a unit found data in, those it found zeros in, the rest in proportion.
     let candidates = candidate_blocks(&stream, block_size);
     let mut seen: HashMap<u64, bool> = HashMap::new();
@@ -1001,7 +986,8 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
     // of the class looks' reads and of the compressions of each class, less each sample frame's own set-up and
     // prefix indexing.
     let read_secs: f64 = looks.iter().map(|l| l.read_secs).sum();
-    let read_secs_per_byte = read_secs / (unit_len * f64_of_usize(looks.len().max(1)));
+    let look_len = unit_len.min(f64_of_usize(CLASS_LOOK));
+    let read_secs_per_byte = read_secs / (look_len * f64_of_usize(looks.len().max(1)));
     let mut class_secs = [(0f64, 0usize); CLASSES];
     for (i, r) in picked.iter().zip(&results) {
         if let Some(l) = looks.get(*i) {
@@ -1015,7 +1001,7 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
 
     let sampled_bytes = units
         .iter()
-        .map(|u| u.len)
+        .map(|u| u.len.min(u64_of_usize(CLASS_LOOK)))
         .chain(results.iter().map(|r| r.timing.read_bytes))
         .chain(measured.iter().map(|r| r.read_bytes))
         .fold(0u64, u64::saturating_add);

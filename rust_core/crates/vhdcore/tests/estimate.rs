@@ -604,11 +604,11 @@ fn sampled_bytes_stay_bounded_on_a_large_sparse_disk() {
     let e = &row.est;
     assert_eq!(e.virtual_size, size);
     assert!(e.unallocated_bytes > 31 * 1024 * MIB);
-    // Class looks read their unit; compressed units (a few more than `samples` where classes are small) their
-    // bytes and prefix; spans their target and context, round after round.
-    let looks = (7 * opts.looks * opts.sample_size) as u64; // up to 1 + 2 + 4 times the strata
+    // Class looks read a unit's first 4 KiB; compressed units (a few more than `samples` where classes are small)
+    // their bytes and prefix; spans their target and context.
+    let looks = (7 * opts.looks * 4096) as u64; // 4 KiB a look, up to 1 + 2 + 4 times the strata
     let compressed = ((opts.samples + 64) * (opts.sample_size + opts.prefix_size)) as u64;
-    let spans = (opts.span_rounds * opts.spans * (opts.span_size + opts.context_size)) as u64;
+    let spans = (opts.spans * (opts.span_size + opts.context_size)) as u64;
     let bound = looks + compressed + spans;
     assert!(e.sampled_bytes <= bound, "read {} bytes, bound {bound}", e.sampled_bytes);
     assert!(e.samples <= opts.samples + 64);
