@@ -94,6 +94,10 @@ def _walk_files(roots: list[Path], accept: Callable[[Path], bool]) -> Iterator[P
 def _fill_pool(files: Iterator[Path], cap: int, check: Callable[[bytes], bool], used: list[tuple[str, int]]) -> bytes:
     parts: list[bytes] = []
     total = 0
+    # Byte-identical copies (Debian ships the same changelog.gz, NEWS.gz, wheels under several package names, walked
+    # one after the other) would put a file and its copy within a few hundred KiB of each other in the pool: 13 of
+    # the 32 MiB of "already-compressed" bytes were such copies, which zstd -3 then packs 1.3-5x. Keep one of each.
+    contents: set[bytes] = set()
     for path in files:
         try:
             with open(path, "rb") as f:
@@ -103,6 +107,10 @@ def _fill_pool(files: Iterator[Path], cap: int, check: Callable[[bytes], bool], 
                 data = (head + f.read(max(0, min(POOL_FILE_CAP, cap - total) - len(head))))[: cap - total]
         except OSError:
             continue
+        digest = hashlib.sha256(data).digest()
+        if digest in contents:
+            continue
+        contents.add(digest)
         parts.append(data)
         used.append((str(path), len(data)))
         total += len(data)

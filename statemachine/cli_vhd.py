@@ -455,8 +455,9 @@ def compress_image(
 def estimate(path: str, level: int, chunk_size: int, as_json: bool) -> None:
     """Predict the size of PATH's compressed image (vhd.zst) and the time to make it, before making it.
 
-    Unallocated bytes are counted exactly from the BATs; the data is sampled (stratified 64 KiB samples with a
-    correction for the context a whole frame gives), so the cost does not grow with the disk beyond its metadata.
+    Unallocated bytes are counted exactly from the BATs; the data is sampled (stratified 16 KiB units classed by
+    content, a few per class compressed, and a correction from 4 MiB spans compressed as whole frames would be), so
+    the cost does not grow with the disk beyond its metadata.
     """
     require_file(path)
     chain = vhdcore.open_chain(path)

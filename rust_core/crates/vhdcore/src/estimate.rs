@@ -4,57 +4,53 @@
 //! flattened chain with 2 MiB blocks, all-zero and unallocated blocks left out. Its size is estimated as follows.
 //!
 //! 1. **Exact accounting from the metadata.** Bytes that no layer allocates cost nothing. The allocated bytes,
-//!    laid end to end in disk order (the *allocated stream*), are what the image stores, in that order; a chunk
-//!    of virtual disk is a frame, so context never crosses a chunk boundary in what follows.
-//! 2. **Stratified samples.** The allocated stream is cut into `n` equal strata (`n` ≤ `samples`); in each, a
-//!    byte is drawn uniformly and the `sample_size` bytes from it are the sample (the last stratum's wraps round),
-//!    so every byte is sampled with the same probability, strata edges included. A sample is compressed at the
-//!    level with the `prefix_size` bytes of its frame before it as its window: a zstd *reference prefix*, laid
-//!    out in memory right before the sample as in the image, indexed rather than compressed. Its cost per byte
-//!    times its stratum's width, summed, is `D`. Random-looking samples (order-0 entropy ≥ 7.98 bits/byte) skip
-//!    the prefix: no window helps them and indexing it would cost more than compressing them.
-//! 3. **Zeros.** An all-zero sample costs nothing: either its 2 MiB block is all zero and dropped from the image,
-//!    or it sits in a kept block, where zeros cost about 4 bytes per 128 KiB (counted). Telling the two apart
-//!    would need whole blocks read; only the number of kept blocks depends on it (estimated from the blocks the
-//!    samples saw, see [`Estimate::image_blocks`]), and the size hardly does. Zero samples cost a read and no
-//!    compression, so while at most half of `samples` samples have data, strata are halved and resampled (up to
-//!    four times as many): disks of mostly zeros get about as many data samples as disks full of data.
-//! 4. **Context correction.** The image's frames give every byte up to the level's whole window of context and
-//!    let zstd's block splitter see the whole chunk. `spans` targets of `span_size` bytes are chosen with
-//!    probability proportional to the samples' costs (systematic PPS: the bytes that make the image are the ones
-//!    measured), each around a sample. A target's cost in its frame is measured as `zstd(context + target) -
-//!    zstd(context)` with up to `context_size` bytes of its frame before it, both compressed whole as the image
-//!    does, and divided by its cost measured as the samples measure it (in `sample_size` pieces with their
-//!    prefixes). The mean of these ratios (Hansen–Hurwitz under PPS) scales `D`. The ratio is heavy-tailed
-//!    where content repeats within a window (one target in 16 at 0.6 among 0.97s moves the mean by 2.5%), so
-//!    while its relative standard error exceeds 1%, another round of `spans` targets is measured (three at most).
+//!    laid end to end in disk order (the *allocated stream*), are what the image stores, in that order.
+//! 2. **Two-phase stratified sampling.** The stream is cut into `looks` equal strata (doubled, up to four times,
+//!    while fewer than half the looks find data: zeros cost a look and nothing more); in each, a byte is drawn
+//!    uniformly and the `sample_size` bytes from it are a *unit* (the last stratum's wraps round), whose first
+//!    4 KiB (a file-system block: one kind of data) are read and *class* it: all zero, or a bin of order-0
+//!    entropy. Costs vary far less within a
+//!    class than across classes (zeros 0, text about a quarter, machine code about 0.4, packed data about 1), so
+//!    the many cheap looks weigh the classes and `samples` compressed units (spread over the classes with data in
+//!    proportion, at least a few each, picked systematically so every unit of a class has the same chance) price
+//!    them: a unit is compressed at the level with the `prefix_size` bytes of its frame before it as its window (a
+//!    zstd reference prefix laid out right before it in memory, as in the image; random-looking units go without,
+//!    no window helps them). `D` = Σ over classes of the class's stream bytes × its mean cost per byte.
+//!    Zero units are priced at 0 without compressing anything: either their 2 MiB block is all zero and dropped
+//!    from the image, or zeros in a kept block cost a few bytes per 128 KiB (counted).
+//! 3. **Context correction.** The image's frames give every byte up to the level's whole window of context and let
+//!    zstd's block splitter see the whole chunk, where a unit sees `prefix_size`. `spans` targets of `span_size`
+//!    bytes, centred on units with data picked systematically (every byte with data about equally likely; zeros,
+//!    which cost nothing, are not measured), are compressed as the image does: context (up to
+//!    `context_size` bytes of the target's frame before it, all-zero 2 MiB blocks left out as the image leaves
+//!    them out) and target compressed whole by the compressor's own frame encoder (so its early-abort decisions are
+//!    made on them too), less the context alone. The ratio of the targets' summed in-frame costs to their summed
+//!    costs as phase 2 prices them (each unit-sized piece at its class's mean) scales `D`.
 //!
-//!    Why so: a 1 MiB span compressed whole against its pieces alone (the simple scheme) overstates text-like
-//!    data by 2-14%, since a lone span's first bytes have no context where almost every byte of a chunk has; a
-//!    span streamed with a flush before the target misses the block splitter (+0.5-2.7%); a target compressed
-//!    after a reference prefix of its context runs in zstd's separate-dictionary mode (+0.3-2.8%). And the
-//!    ratio's spread from place to place, not its mean, limits the accuracy: the samples' own prefixes capture
-//!    most of the context, which shrinks that spread four- to eightfold against samples compressed alone.
-//! 5. **Fixed costs.** The head frame (footer copy, header, BAT) is built as the image would have it and
-//!    compressed, the closing footer frame likewise; each kept block adds its 512-byte all-present bitmap (a few
-//!    bytes once compressed) and each chunk a frame header.
+//!    Why so: the ratio varies from place to place where content repeats within the window (duplicated files), and
+//!    long targets, measured exactly, average that out far better than the old per-sample spans; pricing the
+//!    targets by class instead of compressing them again in pieces halves a span's cost. Compressing a target after
+//!    its context as a prefix, or streamed with a flush before it, prices it differently from the image
+//!    (+0.3-2.8%), hence whole-less-context.
+//! 4. **Fixed costs, exact from the metadata.** As the compressor lays the image out: the room kept for the head
+//!    frame at the start (`compress_bound(head) + 64` bytes, closed by a skippable frame, whatever the head
+//!    compresses to); per chunk a frame header with content size and a 4-byte checksum (an empty frame for a chunk
+//!    with nothing allocated); the closing footer inside the last chunk's frame; each kept block's 512-byte
+//!    all-present bitmap (a few bytes once compressed).
 //!
-//! The range is the point estimate ± 3 standard errors of the stratified sum (collapsed strata, finite-population
-//! corrected) combined with 3 standard errors of the correction, plus a 1% allowance for what the model leaves
-//! out (a frame's first bytes without context, ~1-2% more on a chunk's first MiB; zstd state that lives as long
-//! as a frame; zero blocks the image drops from the window). The time is predicted from the per-thread speeds
-//! measured on the samples (reads; compressions less each sample frame's set-up and prefix indexing), applied to
-//! the allocated and the non-zero bytes, over rayon's thread count.
+//! The range is the point estimate ± 3 standard errors of `D` (class mix: collapsed strata, finite-population
+//! corrected; class prices: each class's spread) combined with 3 standard errors of the correction, plus a 1%
+//! allowance for what the model leaves out (context beyond `context_size` at a target's start; where early abort's
+//! 128 KiB pieces fall in the real chunk). The time is predicted from the per-thread speeds measured on the units
+//! (reads; compressions less each sample frame's set-up and prefix indexing), per class, over rayon's threads.
 //!
-//! Cost, whatever the disk size: `samples × (sample_size + prefix_size)` bytes read (320 MiB by default; all-zero
-//! and random-looking samples read no prefix, and extra strata only come with zero samples) plus `spans ×
-//! (span_size + context_size)` per round of spans; about `samples × sample_size` compressed and four times as
-//! much indexed, plus `spans × (3 × span_size + 2 × context_size)` per round; all in parallel; plus the metadata
-//! (`Chain::occupancy` and a BAT-sized head). Measured on 2 cores: 0.24 s, 14% of the full compression of a
-//! 1 GiB disk and 1.5% of a 32 GiB one with 10 GiB allocated.
+//! Cost, whatever the disk size (a fixed budget): `looks × 4 KiB` read and classed (32 MiB by default, up to
+//! seven times that on disks of mostly zeros), `samples × (sample_size + prefix_size)` read and about
+//! `samples × sample_size` compressed and twice as much indexed, and `spans × (span_size + context_size)` read and
+//! `spans × (span_size + 2 × context_size)` compressed (80 and 96 MiB); all in parallel; plus
+//! the metadata (`Chain::occupancy`, the chunk plan).
 //! The model's assumptions about the compressor: each chunk's frame is compressed in one call with the whole
-//! chunk in memory (zstd's `compress2`, as `zstd::bulk` does); a streaming encoder fed in pieces gives frames
-//! 0.5-2.7% larger on the same data.
+//! chunk in memory (`frame_encoder`, zstd's `compress2`).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -64,11 +60,13 @@ use zerocopy::IntoBytes;
 use zstd::zstd_safe::{compress_bound, get_error_name, CCtx, CParameter};
 
 use crate::chain::Chain;
+use crate::compress::head_length;
 use crate::error::{Result, VhdError};
 use crate::export::is_zero;
-use crate::format::{bitmap_size, DiskType, BAT_UNUSED, DEFAULT_BLOCK_SIZE, FOOTER_SIZE, SECTOR_SIZE};
+use crate::format::{bitmap_size, DiskType, DEFAULT_BLOCK_SIZE, FOOTER_SIZE};
+use crate::frame_encoder::FrameEncoder;
 use crate::rng::SplitMix;
-use crate::writer::{new_footer, new_header, sparse_layout};
+use crate::writer::{new_footer_at, sparse_layout};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -79,16 +77,13 @@ const BITMAP_COST: u64 = 8;
 /// Zeros inside a kept block (unallocated or written): about one RLE block (4 bytes) or a long match per 128 KiB
 /// zstd block; counted at 8 bytes per 128 KiB.
 const ZERO_COST_PER_128K: u64 = 8;
-/// A frame header with a 4-byte content size and its last-block header, no checksum.
-const FRAME_OVERHEAD: u64 = 13;
+/// The closing footer holds the image's own UUID and timestamp, unknown yet: its compressed size varies by a few
+/// bytes with them; the range allows this much either way.
+const FOOTER_SLACK: u64 = 8;
 /// Share of the estimate allowed for what the model leaves out (see the module doc).
 const MODEL_ALLOWANCE: f64 = 0.01;
 /// Standard errors on each side of the point estimate.
 const Z: f64 = 3.0;
-/// Relative standard error of the context correction above which another round of spans is measured, and the
-/// most rounds.
-const TARGET_CORRECTION_ERROR: f64 = 0.01;
-const MAX_SPAN_ROUNDS: usize = 3;
 /// Samples read and compressed by one task: one zstd context per batch.
 const BATCH: usize = 16;
 
@@ -96,20 +91,20 @@ const BATCH: usize = 16;
 pub struct EstimateOptions {
     /// zstd level of the image (default 3).
     pub level: i32,
-    /// Bytes per sample (default 32 KiB: a sample's fixed cost, its frame set-up and prefix indexing, makes
-    /// more, smaller samples the better use of a budget; 2048 × 32 KiB beat 1024 × 64 KiB at the same time).
+    /// Bytes per unit: what a class look reads and a sample compresses (default 16 KiB).
     pub sample_size: usize,
-    /// Strata (samples) taken at first (default 2048); while at most half have data, strata are halved, up to
-    /// four times as many (see the module doc).
+    /// Strata, one unit each, looked at and classed (default 8192).
+    pub looks: usize,
+    /// Units compressed, spread over the classes with data (default 1024; at least a few per class).
     pub samples: usize,
-    /// Bytes of each context-correction target (default 1 MiB).
+    /// Bytes of each context-correction target (default 4 MiB).
     pub span_size: usize,
-    /// Context-correction targets per round (default 16; up to three rounds, see the module doc).
+    /// Context-correction targets (default 16).
     pub spans: usize,
     /// Bytes of allocated stream compressed in front of each target, as the image's frame would have them
     /// (default 1 MiB).
     pub context_size: usize,
-    /// Bytes of allocated stream before each sample given to zstd as its window (default 128 KiB; 0 compresses
+    /// Bytes of allocated stream before each sample given to zstd as its window (default 32 KiB; 0 compresses
     /// samples alone).
     pub prefix_size: usize,
     /// Seed of the sample positions; the same seed on the same disk gives the same estimate.
@@ -122,12 +117,13 @@ impl Default for EstimateOptions {
     fn default() -> Self {
         EstimateOptions {
             level: 3,
-            sample_size: 32 * KIB,
-            samples: 2048,
-            span_size: MIB,
+            sample_size: 16 * KIB,
+            looks: 8192,
+            samples: 1024,
+            span_size: 4 * MIB,
             spans: 16,
             context_size: MIB,
-            prefix_size: 128 * KIB,
+            prefix_size: 32 * KIB,
             seed: 0x5EED_1DEA,
             chunk_size: 64 * 1024 * 1024,
         }
@@ -141,14 +137,15 @@ pub struct Estimate {
     pub allocated_bytes: u64,
     /// Bytes no layer allocates: they cost nothing.
     pub unallocated_bytes: u64,
-    /// Bytes read for the estimate (samples with their prefixes, span targets with their context).
+    /// Bytes read for the estimate (class looks, compressed units with their prefixes, span targets with their
+    /// context).
     pub sampled_bytes: u64,
-    /// Samples taken (strata) and context-correction spans measured.
+    /// Units compressed (phase 2) and context-correction spans measured.
     pub samples: usize,
     pub spans: usize,
-    /// Share of the allocated bytes in all-zero samples.
+    /// Share of the allocated bytes in all-zero units.
     pub zero_fraction: f64,
-    /// Allocated bytes outside all-zero samples (to the sample size's granularity).
+    /// Allocated bytes outside all-zero units (to the unit size's granularity).
     pub estimated_nonzero_bytes: u64,
     /// 2 MiB blocks that meet an allocated range, and the estimated number of them that are not all zero (the
     /// image's blocks): blocks a sample found data in, plus the unsampled ones in the proportion seen.
@@ -213,34 +210,54 @@ fn overflow(what: &str) -> VhdError {
     VhdError::invalid_argument(None, format!("estimate: {what} overflows"))
 }
 
-/// Order-0 entropy of at least 7.98 bits per byte: what zstd stores nearly raw whatever the window (already
-/// compressed or encrypted data). Such bytes are compressed without a prefix: a window cannot help them, and
-/// indexing it would cost more than compressing them.
-fn looks_random(data: &[u8]) -> bool {
-    if data.len() < 4096 {
-        return false;
-    }
+/// Order-0 entropy in bits per byte of every `step`-th byte of `data`.
+fn entropy(data: &[u8], step: usize) -> f64 {
     // Four tables, so consecutive equal bytes do not wait on each other's increments.
     let mut counts = [[0u32; 256]; 4];
-    let mut quads = data.chunks_exact(4);
-    for q in quads.by_ref() {
-        for (table, b) in counts.iter_mut().zip(q) {
-            table[usize::from(*b)] = table[usize::from(*b)].wrapping_add(1);
-        }
+    let mut n = 0u32;
+    for (k, b) in data.iter().step_by(step.max(1)).enumerate() {
+        let table = &mut counts[k & 3];
+        table[usize::from(*b)] = table[usize::from(*b)].wrapping_add(1);
+        n = n.wrapping_add(1);
     }
-    for b in quads.remainder() {
-        counts[0][usize::from(*b)] = counts[0][usize::from(*b)].wrapping_add(1);
-    }
-    let n = f64_of_usize(data.len());
-    let entropy: f64 = (0..256)
+    let n = f64::from(n.max(1));
+    (0..256)
         .map(|i| counts.iter().map(|t| t[i]).fold(0u32, u32::wrapping_add))
         .filter(|c| *c > 0)
         .map(|c| {
             let p = f64::from(c) / n;
             -p * p.log2()
         })
-        .sum();
-    entropy >= 7.98
+        .sum()
+}
+
+/// Order-0 entropy of at least 7.98 bits per byte: what zstd stores nearly raw whatever the window (already
+/// compressed or encrypted data). Such bytes are compressed without a prefix: a window cannot help them, and
+/// indexing it would cost more than compressing them.
+fn looks_random(data: &[u8]) -> bool {
+    data.len() >= 4096 && entropy(data, 1) >= 7.98
+}
+
+/// Classes of sample-sized units, from a quick look at their bytes: all zero, then bins of order-0 entropy. Costs
+/// vary far less within a class than across classes (zeros cost nothing, text about a quarter, machine code about
+/// 0.4, packed data about 1), so many cheap looks that weigh the classes and fewer compressions that price each
+/// class beat compressions alone at the same cost (two-phase sampling).
+const CLASSES: usize = 7;
+const ENTROPY_EDGES: [f64; CLASSES - 2] = [3.0, 5.0, 6.0, 7.0, 7.6];
+/// Bytes at a unit's start whose entropy classes it: a file-system block, which holds one kind of data; reading
+/// only those keeps the looks cheap.
+const CLASS_LOOK: usize = 4096;
+/// Compressed units per class at least (where the class has that many), so that each class's spread is known.
+const MIN_PER_CLASS: usize = 6;
+
+/// The class of a unit from its bytes (at least its first [`CLASS_LOOK`]; a unit that is all zero there but not
+/// further is classed by its first bytes, like any other).
+fn class_of(data: &[u8]) -> usize {
+    if is_zero(data.get(..CLASS_LOOK).unwrap_or(data)) {
+        return 0;
+    }
+    let h = entropy(data.get(..CLASS_LOOK).unwrap_or(data), 1);
+    1 + ENTROPY_EDGES.iter().filter(|edge| h >= **edge).count()
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -310,12 +327,6 @@ impl<'a> Stream<'a> {
         self.stream_pos_at(begin).min(pos)
     }
 
-    /// Stream position where the chunk after the one holding `pos` starts (the stream's end if none).
-    fn next_frame_start(&self, pos: u64, chunk: u64) -> u64 {
-        let next = (self.disk_offset(pos) / chunk.max(1)).saturating_add(1).saturating_mul(chunk.max(1));
-        self.stream_pos_at(next).max(pos)
-    }
-
     /// Stream position of the first allocated byte at or after disk offset `offset`.
     fn stream_pos_at(&self, offset: u64) -> u64 {
         let i = self.ranges.partition_point(|(_, e)| *e <= offset);
@@ -323,6 +334,32 @@ impl<'a> Stream<'a> {
             (Some((s, _)), Some(start)) => start.saturating_add(offset.saturating_sub(*s)),
             _ => self.total,
         }
+    }
+
+    /// Stream bytes `[from, to)` cut where an allocated range ends or a disk block of `block` bytes does:
+    /// (stream position, length, disk block), in order.
+    fn block_pieces(&self, from: u64, to: u64, block: u64) -> Vec<(u64, u64, u64)> {
+        let block = block.max(1);
+        let mut out = Vec::new();
+        let mut pos = from;
+        let mut i = self.range_of(pos);
+        while pos < to {
+            let (Some((s, e)), Some(start)) = (self.ranges.get(i), self.starts.get(i)) else { break };
+            let offset = s.saturating_add(pos.saturating_sub(*start));
+            let range_end = start.saturating_add(e.saturating_sub(*s));
+            let block_end = pos.saturating_add(block - offset % block);
+            let piece_end = range_end.min(block_end).min(to);
+            if piece_end <= pos {
+                i += 1;
+                continue;
+            }
+            out.push((pos, piece_end - pos, offset / block));
+            pos = piece_end;
+            if pos >= range_end {
+                i += 1;
+            }
+        }
+        out
     }
 
     /// Like `read`, continuing at the stream's start when it runs past its end.
@@ -334,24 +371,6 @@ impl<'a> Stream<'a> {
             self.read(0, rest)?;
         }
         Ok(())
-    }
-
-    /// Allocated bytes of each `chunk`-sized piece of virtual disk that has any, from the metadata.
-    fn per_chunk(&self, chunk: u64) -> Vec<u64> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for (s, e) in &self.ranges {
-            let mut at = *s;
-            while at < *e {
-                let c = at / chunk;
-                let end = c.saturating_add(1).saturating_mul(chunk).min(*e);
-                match out.last_mut() {
-                    Some((last, bytes)) if *last == c => *bytes = bytes.saturating_add(end - at),
-                    _ => out.push((c, end - at)),
-                }
-                at = end;
-            }
-        }
-        out.into_iter().map(|(_, bytes)| bytes).collect()
     }
 }
 
@@ -419,33 +438,29 @@ struct Timing {
     compress_secs: f64,
 }
 
-impl Timing {
-    fn add(&mut self, o: &Timing) {
-        self.read_bytes = self.read_bytes.saturating_add(o.read_bytes);
-        self.read_secs += o.read_secs;
-        self.compress_bytes = self.compress_bytes.saturating_add(o.compress_bytes);
-        self.compress_secs += o.compress_secs;
-    }
-}
-
 // ----------------------------------------------------------------------------------------------------------------
 // Phase 1: stratified samples.
 
+#[derive(Clone, Copy)]
 struct Sample {
-    /// Stream position of the stratum's first byte, and its width (the sample's weight).
-    start: u64,
+    /// Width of the unit's stratum (its weight).
     weight: u64,
-    /// Stream position and length of the sample.
+    /// Stream position and length of the unit.
     pos: u64,
     len: u64,
+}
+
+/// What a class look found in a unit.
+struct Look {
+    class: usize,
+    /// The 2 MiB image block holding the whole unit, when it fits in one.
+    block: Option<u64>,
+    read_secs: f64,
 }
 
 struct SampleResult {
     /// Compressed bytes less the frame overhead; 0 for an all-zero sample.
     cost: u64,
-    zero: bool,
-    /// The 2 MiB image block holding the whole sample, when it fits in one.
-    block: Option<u64>,
     timing: Timing,
     /// Part of the compression time that is the sample's own frame set-up and prefix indexing (measured once per
     /// batch on a one-byte frame), which the image's frames do not pay per sample.
@@ -459,51 +474,83 @@ fn stratum_edge(total: u64, i: u64, n: u64) -> Result<u64> {
     u64::try_from(edge).map_err(|_| overflow("a stratum edge"))
 }
 
-/// One sample per stratum: a byte drawn uniformly in the stratum and the `sample_size` bytes from it, running
-/// into the next stratum (the last one wraps round to the stream's start). Every byte of the stream is then in a
-/// sample with the same probability, edges of strata included, so the sum is unbiased whatever the layout.
-fn plan_samples(total: u64, opts: &EstimateOptions, rng: &mut SplitMix) -> Result<Vec<Sample>> {
+/// One unit per stratum: a byte drawn uniformly in the stratum and the `len` bytes from it, running into the next
+/// stratum (the last one wraps round to the stream's start). Every byte of the stream is then in a unit with the
+/// same probability, edges of strata included, so the sum is unbiased whatever the layout.
+fn plan_units(total: u64, len: u64, strata: usize, rng: &mut SplitMix) -> Result<Vec<Sample>> {
     if total == 0 {
         return Ok(Vec::new());
     }
-    let len = u64_of_usize(opts.sample_size).min(total);
-    let n = u64_of_usize(opts.samples).min((total / len).max(1));
+    let len = len.min(total);
+    let n = u64_of_usize(strata).min((total / len).max(1));
     let mut out = Vec::with_capacity(usize_of(n)?);
     for i in 0..n {
         let a = stratum_edge(total, i, n)?;
         let b = stratum_edge(total, i + 1, n)?;
-        out.push(Sample { start: a, weight: b - a, pos: a + rng.below(b - a), len });
+        out.push(Sample { weight: b - a, pos: a + rng.below(b - a), len });
     }
     Ok(out)
 }
 
-/// Splits each stratum at least twice a sample wide in two halves: the old sample stays with the half that holds
-/// its first byte (where it is uniform, as a fresh draw would be), and a new one is drawn in the other half.
-/// Returns the new strata.
-fn split_strata(samples: &mut [Sample], rng: &mut SplitMix) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for s in samples.iter_mut() {
-        if s.weight < s.len.saturating_mul(2) {
-            continue;
-        }
-        let mid = s.start.saturating_add(s.weight / 2);
-        let left = mid - s.start;
-        let right = s.weight - left;
-        if s.pos < mid {
-            out.push(Sample { start: mid, weight: right, pos: mid + rng.below(right), len: s.len });
-            s.weight = left;
-        } else {
-            out.push(Sample { start: s.start, weight: left, pos: s.start + rng.below(left), len: s.len });
-            s.start = mid;
-            s.weight = right;
-        }
-    }
-    out
+/// The 2 MiB image block holding the whole of `len` stream bytes from `pos`, when they fit in one.
+fn block_of(stream: &Stream, pos: u64, len: u64, block_size: u64) -> Option<u64> {
+    let last = pos.saturating_add(len).saturating_sub(1);
+    let (first_off, last_off) = (stream.disk_offset(pos), stream.disk_offset(last));
+    let one_range = last < stream.total && stream.range_of(pos) == stream.range_of(last);
+    (one_range && first_off / block_size == last_off / block_size).then_some(first_off / block_size)
 }
 
-/// Reads and measures a batch of samples with one zstd context.
-fn run_samples(stream: &Stream, batch: &[Sample], opts: &EstimateOptions) -> Result<Vec<SampleResult>> {
+/// Phase 1a: reads every unit and classes it, in parallel batches.
+fn look_at_units(stream: &Stream, units: &[Sample]) -> Result<Vec<Look>> {
     let block_size = u64::from(DEFAULT_BLOCK_SIZE);
+    let batches: Vec<Vec<Look>> = units
+        .par_chunks(BATCH * 4)
+        .map(|batch| {
+            let mut buf = Vec::new();
+            batch
+                .iter()
+                .map(|u| {
+                    buf.resize(usize_of(u.len)?.min(CLASS_LOOK), 0);
+                    let started = Instant::now();
+                    stream.read_circular(u.pos, &mut buf)?;
+                    let read_secs = started.elapsed().as_secs_f64();
+                    Ok(Look { class: class_of(&buf), block: block_of(stream, u.pos, u.len, block_size), read_secs })
+                })
+                .collect::<Result<Vec<Look>>>()
+        })
+        .collect::<Result<_>>()?;
+    Ok(batches.into_iter().flatten().collect())
+}
+
+/// Phase 1b: which units to compress. In each class with data, `samples` spread in proportion to the class's
+/// units (at least [`MIN_PER_CLASS`]), picked systematically from a random start along the stream, so every unit
+/// of a class has the same chance and the class's mean cost is estimated without bias.
+fn pick_for_compression(looks: &[Look], samples: usize, rng: &mut SplitMix) -> Vec<usize> {
+    let with_data = looks.iter().filter(|l| l.class != 0).count();
+    let mut picks = Vec::new();
+    for class in 1..CLASSES {
+        let members: Vec<usize> = (0..looks.len()).filter(|i| looks[*i].class == class).collect();
+        if members.is_empty() {
+            continue;
+        }
+        let share = f64_of_usize(samples) * f64_of_usize(members.len()) / f64_of_usize(with_data.max(1));
+        let wanted = usize::try_from(u64_of(share.ceil())).unwrap_or(usize::MAX).max(MIN_PER_CLASS).min(members.len());
+        let step = f64_of_usize(members.len()) / f64_of_usize(wanted);
+        let start = step * f64_of(rng.below(1 << 30)) / f64_of(1 << 30);
+        for k in 0..wanted {
+            let at = usize::try_from(u64_of((start + step * f64_of_usize(k)).floor())).unwrap_or(0);
+            if let Some(i) = members.get(at.min(members.len() - 1)) {
+                picks.push(*i);
+            }
+        }
+    }
+    picks.sort_unstable();
+    picks.dedup();
+    picks
+}
+
+/// Reads and compresses a batch of units with one zstd context.
+fn run_samples(stream: &Stream, batch: &[Sample], opts: &EstimateOptions) -> Result<Vec<SampleResult>> {
     let prefix_size = u64_of_usize(opts.prefix_size);
     // Each sample gets room for its prefix and its bytes, contiguous in one buffer (zstd then sees the prefix as
     // the window right before the data, as in the image, not as a separate dictionary segment); the bytes are read
@@ -547,21 +594,17 @@ fn run_samples(stream: &Stream, batch: &[Sample], opts: &EstimateOptions) -> Res
         with_prefix = z.frame(&buf[data_at - pre..data_at], &[1]).map_err(|e| zstd_error(stream.chain, e))?.1;
     }
     let mut out = Vec::with_capacity(batch.len());
-    for (((s, (at, room, len)), pre), mut timing) in batch.iter().zip(&layout).zip(&prefixes).zip(timings) {
+    for ((at, room, len), (pre, mut timing)) in layout.iter().zip(prefixes.iter().zip(timings)) {
         let data_at = at + room;
         let data = &buf[data_at..data_at + len];
         let zero = is_zero(data);
         let cost = z.cost(&buf[data_at - pre..data_at], data, &mut timing).map_err(|e| zstd_error(stream.chain, e))?;
-        let last = s.pos.saturating_add(s.len).saturating_sub(1);
-        let (first_off, last_off) = (stream.disk_offset(s.pos), stream.disk_offset(last));
-        let one_range = last < stream.total && stream.range_of(s.pos) == stream.range_of(last);
-        let block = (one_range && first_off / block_size == last_off / block_size).then_some(first_off / block_size);
         let setup_secs = match (zero, *pre > 0) {
             (true, _) => 0.0,
             (false, true) => with_prefix,
             (false, false) => bare,
         };
-        out.push(SampleResult { cost, zero, block, timing, setup_secs });
+        out.push(SampleResult { cost, timing, setup_secs });
     }
     Ok(out)
 }
@@ -573,89 +616,131 @@ fn measure_samples(stream: &Stream, samples: &[Sample], opts: &EstimateOptions) 
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// Phase 2: context-correction spans.
+// Phase 2: context correction from spans compressed as the image compresses them.
 
 struct SpanResult {
-    /// Cost of the target in a frame after its context, and as the samples measure it.
+    /// Cost of the target in its frame, after its context.
     in_frame: u64,
-    sampled: u64,
+    /// Cost of the target as phase 1 prices it: each unit-sized piece at its class's mean cost per byte.
+    predicted: f64,
     read_bytes: u64,
 }
 
-/// Systematic PPS: `m` points spread over the cumulated sample costs, each picking the sample it falls in.
-fn plan_spans(costs: &[f64], m: usize, rng: &mut SplitMix) -> Vec<usize> {
-    let total: f64 = costs.iter().sum();
-    if m == 0 || total <= 0.0 {
+/// Stream positions of `n` span targets of `len` bytes: systematic over the units that hold data (a random start,
+/// then every `1/n` of their summed widths), each target centred on its unit and kept inside the stream. Every
+/// byte with data is about equally likely to be measured, and zeros (which cost nothing) are not measured.
+fn plan_spans(units: &[Sample], looks: &[Look], total: u64, len: u64, n: usize, rng: &mut SplitMix) -> Vec<u64> {
+    let weights: Vec<f64> =
+        units.iter().zip(looks).map(|(u, l)| if l.class == 0 { 0.0 } else { f64_of(u.weight) }).collect();
+    let sum: f64 = weights.iter().sum();
+    if n == 0 || sum <= 0.0 {
         return Vec::new();
     }
-    let u = f64_of(rng.below(1 << 30)) / f64_of(1 << 30);
-    let step = total / f64_of_usize(m);
-    let mut picks = Vec::with_capacity(m);
-    let mut cumulated = 0.0;
-    let mut i = 0usize;
-    for k in 0..m {
-        let point = (f64_of_usize(k) + u) * step;
-        while i + 1 < costs.len() && cumulated + costs[i] <= point {
-            cumulated += costs[i];
-            i += 1;
+    let step = sum / f64_of_usize(n);
+    let mut point = step * f64_of(rng.below(1 << 30)) / f64_of(1 << 30);
+    let (mut cumulated, mut starts) = (0.0, Vec::with_capacity(n));
+    for (u, w) in units.iter().zip(&weights) {
+        cumulated += w;
+        while point < cumulated && starts.len() < n {
+            starts.push(u.pos.saturating_sub(len / 2).min(total.saturating_sub(len)));
+            point += step;
         }
-        picks.push(i);
     }
-    picks
+    starts
 }
 
-fn run_span(stream: &Stream, sample: &Sample, opts: &EstimateOptions) -> Result<SpanResult> {
-    let err = |e| zstd_error(stream.chain, e);
-    let chunk = opts.chunk_size;
-    let target = u64_of_usize(opts.span_size).min(stream.total);
-    // The target is centred on the sample, inside the stream; the read reaches back for the context and for the
-    // first piece's prefix, never past the start of the target's frame.
-    let centre = sample.pos.saturating_add(sample.len / 2);
-    let start = centre.saturating_sub(target / 2).min(stream.total.saturating_sub(target));
-    let frame = stream.frame_start(start, chunk);
-    let read_start = start.saturating_sub(u64_of_usize(opts.context_size.max(opts.prefix_size))).max(frame);
-    let context_start = start.saturating_sub(u64_of_usize(opts.context_size)).max(frame);
-    let len = usize_of(start.saturating_add(target).saturating_sub(read_start))?;
-    let mut buf = vec![0u8; len];
-    stream.read(read_start, &mut buf)?;
-    let buf = buf;
-    let index = |pos: u64| usize_of(pos.saturating_sub(read_start)).map(|i| i.min(len));
+fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f64]) -> Result<SpanResult> {
+    let chunk = opts.chunk_size.max(1);
+    let block_size = u64::from(DEFAULT_BLOCK_SIZE);
+    let end = start.saturating_add(u64_of_usize(opts.span_size)).min(stream.total);
+    // The read reaches back for the context, never past the start of the target's frame.
+    let context_start = start.saturating_sub(u64_of_usize(opts.context_size)).max(stream.frame_start(start, chunk));
+    let mut buf = vec![0u8; usize_of(end.saturating_sub(context_start))?];
+    stream.read(context_start, &mut buf)?;
+    // The bytes as the image's frames hold them: all-zero 2 MiB blocks are left out of the image, so they are left
+    // out of the window here too (the image's bitmaps, a few bytes each, are not put in). Each piece lies in one
+    // block: (stream position, length, disk block).
+    let mut pieces = stream.block_pieces(context_start, start, block_size);
+    let first_target_piece = pieces.len();
+    pieces.extend(stream.block_pieces(start, end, block_size));
+    let piece_bytes = |pos: u64, len: u64| -> Result<&[u8]> {
+        let at = usize_of(pos.saturating_sub(context_start))?;
+        buf.get(at..at.saturating_add(usize_of(len)?)).ok_or_else(|| overflow("a span piece"))
+    };
+    let mut with_data: Vec<u64> = Vec::new();
+    for (pos, len, block) in &pieces {
+        if !is_zero(piece_bytes(*pos, *len)?) && with_data.last() != Some(block) {
+            with_data.push(*block);
+        }
+    }
+    // Kept bytes, and where each frame's part of them starts: (index in `image`, chunk, is target).
+    let mut image = Vec::with_capacity(buf.len());
+    let mut marks: Vec<(usize, u64, bool)> = Vec::new();
+    for (k, (pos, len, block)) in pieces.iter().enumerate() {
+        if !with_data.contains(block) {
+            continue;
+        }
+        let frame = block.saturating_mul(block_size) / chunk;
+        let target = k >= first_target_piece;
+        if marks.last().is_none_or(|(_, f, t)| *f != frame || *t != target) {
+            marks.push((image.len(), frame, target));
+        }
+        image.extend_from_slice(piece_bytes(*pos, *len)?);
+    }
 
-    let mut z = Zstd::new(opts.level).map_err(err)?;
-    let mut frames = Timing::default();
-    // The target in its frame: after its context, and where it runs into the next chunk, as that frame's start.
+    // The target's cost in its frame: context and target compressed whole, less the context alone (a target
+    // compressed after its context as a prefix, or streamed with a flush before it, is priced differently from the
+    // image), both by the compressor's own frame encoder, so its early-abort decisions are made here too. Where the
+    // target runs into the next chunk, that part starts a frame of its own.
+    let mut encoder = FrameEncoder::new(opts.level)?;
+    let mut frame_buf = Vec::new();
+    let mut frame_size = |data: &[u8]| -> Result<u64> {
+        encoder.compress(data, &mut frame_buf)?;
+        Ok(u64_of_usize(frame_buf.len()))
+    };
+    // A frame's header and checksum: an empty frame less its 3-byte empty block.
+    let overhead = frame_size(&[])?.saturating_sub(3);
     let mut in_frame = 0u64;
-    let (mut from, mut seg) = (index(context_start)?, index(start)?);
-    while seg < len {
-        let next = index(stream.next_frame_start(read_start.saturating_add(u64_of_usize(seg)), chunk))?.max(seg + 1);
-        let (whole, secs_whole) = z.frame(&[], &buf[from..next]).map_err(err)?;
-        let (before, secs_before) =
-            if seg > from { z.frame(&[], &buf[from..seg]).map_err(err)? } else { (z.overhead, 0.0) };
-        frames.compress_bytes = frames.compress_bytes.saturating_add(u64_of_usize(2 * seg + next - 2 * from));
-        frames.compress_secs += secs_whole + secs_before;
+    for (k, (at, frame, target)) in marks.iter().enumerate() {
+        if !*target {
+            continue;
+        }
+        let until = marks.get(k + 1).map_or(image.len(), |m| m.0);
+        let from = match k.checked_sub(1).and_then(|p| marks.get(p)) {
+            Some((context_at, context_frame, false)) if context_frame == frame => *context_at,
+            _ => *at,
+        };
+        let whole = frame_size(&image[from..until])?;
+        let before = if *at > from { frame_size(&image[from..*at])? } else { overhead };
         in_frame = in_frame.saturating_add(whole.saturating_sub(before));
-        (from, seg) = (next, next);
     }
-    // The target as the samples see it: pieces with their prefixes (within their frame).
-    let mut t = Timing::default();
-    let mut sampled = 0u64;
-    let mut piece = index(start)?;
-    while piece < len {
-        let end = piece.saturating_add(opts.sample_size).min(len);
-        let pos = read_start.saturating_add(u64_of_usize(piece));
-        let floor = index(stream.frame_start(pos, chunk))?;
-        let data = &buf[piece..end];
-        let from =
-            if looks_random(data) { piece } else { piece.saturating_sub(opts.prefix_size).max(floor).min(piece) };
-        let prefix = &buf[from..piece];
-        sampled = sampled.saturating_add(z.cost(prefix, data, &mut t).map_err(err)?);
-        piece = end;
+    let target_from = usize_of(start.saturating_sub(context_start))?;
+    let predicted = buf[target_from.min(buf.len())..]
+        .chunks(opts.sample_size)
+        .map(|piece| class_rate.get(class_of(piece)).copied().unwrap_or(0.0) * f64_of_usize(piece.len()))
+        .sum();
+    Ok(SpanResult { in_frame, predicted, read_bytes: u64_of_usize(buf.len()) })
+}
+
+/// Ratio of sums of the spans' in-frame to predicted costs, and its standard error (linearised).
+fn correction(spans: &[SpanResult]) -> (f64, f64) {
+    let x: f64 = spans.iter().map(|s| s.predicted).sum();
+    let y: f64 = spans.iter().map(|s| f64_of(s.in_frame)).sum();
+    if x <= 0.0 || y <= 0.0 {
+        return (1.0, 0.0);
     }
-    Ok(SpanResult { in_frame, sampled, read_bytes: u64_of_usize(len) })
+    let r = y / x;
+    let n = f64_of_usize(spans.len());
+    if spans.len() < 2 {
+        return (r, 0.05 * r);
+    }
+    let residuals: f64 = spans.iter().map(|s| (f64_of(s.in_frame) - r * s.predicted).powi(2)).sum();
+    let mean_x = x / n;
+    (r, (residuals / (n - 1.0) / n).sqrt() / mean_x)
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// Fixed costs: the head frame as the image would have it.
+// Fixed costs: what the compressor adds around the data.
 
 /// Which 2 MiB blocks meet an allocated range, ascending.
 fn candidate_blocks(stream: &Stream, block_size: u64) -> Vec<u64> {
@@ -673,41 +758,59 @@ fn candidate_blocks(stream: &Stream, block_size: u64) -> Vec<u64> {
     out
 }
 
-/// Compressed size of the head frame (footer copy, header, BAT with the `kept` blocks) and of the closing footer.
-/// The image's UUID and timestamp are unknown yet: stand-ins from the seed keep the estimate reproducible.
-fn head_and_tail(size: u64, kept: &[u64], level: i32, seed: u64) -> Result<(u64, u64)> {
-    let layout = sparse_layout(size, DEFAULT_BLOCK_SIZE)?;
-    let mut rng = SplitMix(seed);
+/// A chunk frame's header with a window descriptor and a 4-byte content size (magic 4, descriptor 1, window 1, size
+/// 4) and its 4-byte content checksum: the compressor writes both in every frame. (At levels whose window holds a
+/// whole chunk the header is single-segment, one byte less.)
+const DATA_FRAME_OVERHEAD: u64 = 14;
+
+/// What the compressor adds around the data (see `compress.rs`), from the metadata alone.
+struct FixedCosts {
+    /// Room kept at the image's start for the head frame (footer copy, header, BAT) and closed by a skippable
+    /// frame: `compress_bound(head) + 64` bytes whatever the head compresses to.
+    head_room: u64,
+    /// Frame headers and checksums: a data frame per chunk with allocated bytes, an empty frame per chunk without,
+    /// and the closing footer, which lives in the last chunk's frame.
+    frames: u64,
+    /// The same if every chunk turned out to store nothing (its allocated blocks all zero): an empty frame each.
+    frames_if_empty: u64,
+}
+
+fn fixed_costs(chain: &Chain, opts: &EstimateOptions) -> Result<FixedCosts> {
+    let plan = chain.plan(opts.chunk_size)?;
+    let head_room = u64_of_usize(compress_bound(usize_of(head_length(&plan)?)?)).saturating_add(64);
+    // Frames as the compressor makes them: content size and checksum on.
+    let frame = |data: &[u8]| -> Result<u64> {
+        let failed = |e: std::io::Error| VhdError::invalid_argument(None, format!("estimate: zstd: {e}"));
+        let mut compressor = zstd::bulk::Compressor::new(opts.level).map_err(failed)?;
+        compressor.include_checksum(true).map_err(failed)?;
+        compressor.include_contentsize(true).map_err(failed)?;
+        compressor.compress(data).map(|v| u64_of_usize(v.len())).map_err(failed)
+    };
+    let empty = frame(&[])?;
+    // The image's UUID and timestamp are unknown yet: stand-ins from the seed keep the estimate reproducible.
+    let mut rng = SplitMix(opts.seed);
     let mut uuid = [0u8; 16];
     uuid[..8].copy_from_slice(&rng.next_u64().to_be_bytes());
     uuid[8..].copy_from_slice(&rng.next_u64().to_be_bytes());
-    let mut footer = new_footer(DiskType::Dynamic, size, uuid);
-    footer.timestamp.set(u32::try_from(rng.next_u64() >> 33).unwrap_or(0));
-    footer.seal();
-    let mut header = new_header(&layout, DEFAULT_BLOCK_SIZE);
-    header.seal();
-    let block_bytes = bitmap_size(DEFAULT_BLOCK_SIZE)
-        .checked_add(u64::from(DEFAULT_BLOCK_SIZE))
-        .ok_or_else(|| overflow("a block size"))?;
-    let mut bat = vec![BAT_UNUSED; usize_of(u64::from(layout.entries))?];
-    let mut next = layout.table_offset.checked_add(layout.table_bytes).ok_or_else(|| overflow("the BAT"))?;
-    for b in kept {
-        if let Some(entry) = usize::try_from(*b).ok().and_then(|i| bat.get_mut(i)) {
-            *entry = u32::try_from(next / SECTOR_SIZE).map_err(|_| overflow("a BAT entry"))?;
-            next = next.checked_add(block_bytes).ok_or_else(|| overflow("the image size"))?;
-        }
+    let timestamp = u32::try_from(rng.next_u64() >> 33).unwrap_or(0);
+    let footer = new_footer_at(DiskType::Dynamic, plan.virtual_size, uuid, timestamp);
+    let footer_frame = frame(footer.as_bytes())?;
+    // In a data frame the footer costs its blocks: its own frame less an empty frame's header and checksum.
+    let footer_in_frame = footer_frame.saturating_sub(empty).saturating_add(3);
+    let (mut frames, mut frames_if_empty) = (0u64, 0u64);
+    for (i, chunk) in plan.chunks.iter().enumerate() {
+        let unallocated = chunk.unallocated.iter().map(|(_, len)| *len).fold(0u64, u64::saturating_add);
+        let last = i + 1 == plan.chunks.len();
+        let if_empty = if last { footer_frame } else { empty };
+        let cost = match (unallocated >= chunk.length, last) {
+            (true, _) => if_empty,
+            (false, false) => DATA_FRAME_OVERHEAD,
+            (false, true) => DATA_FRAME_OVERHEAD.saturating_add(footer_in_frame),
+        };
+        frames = frames.saturating_add(cost);
+        frames_if_empty = frames_if_empty.saturating_add(if_empty);
     }
-    let mut head = Vec::with_capacity(usize_of(layout.table_offset.saturating_add(layout.table_bytes))?);
-    head.extend_from_slice(footer.as_bytes());
-    head.extend_from_slice(header.as_bytes());
-    head.extend(bat.iter().flat_map(|e| e.to_be_bytes()));
-    head.resize(usize_of(layout.table_offset.saturating_add(layout.table_bytes))?, 0xFF);
-    let compress = |data: &[u8]| -> Result<u64> {
-        zstd::bulk::compress(data, level)
-            .map(|v| u64_of_usize(v.len()))
-            .map_err(|e| VhdError::invalid_argument(None, format!("estimate: zstd: {e}")))
-    };
-    Ok((compress(&head)?, compress(footer.as_bytes())?))
+    Ok(FixedCosts { head_room, frames, frames_if_empty })
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -723,6 +826,9 @@ fn validate(opts: &EstimateOptions) -> Result<()> {
     }
     if !(1..=65_536).contains(&opts.samples) {
         return bad(format!("samples {} must be between 1 and 65536", opts.samples));
+    }
+    if !(1..=1 << 20).contains(&opts.looks) {
+        return bad(format!("looks {} must be between 1 and 1048576", opts.looks));
     }
     if !(opts.sample_size..=64 * MIB).contains(&opts.span_size) {
         return bad(format!("span size {} must be between the sample size and 64 MiB", opts.span_size));
@@ -781,75 +887,67 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
     let threads = rayon::current_num_threads().max(1);
     let mut rng = SplitMix(opts.seed);
 
-    // Phase 1: stratified samples; strata halved while the data samples stay within the budget.
-    let mut samples = plan_samples(stream.total, opts, &mut rng)?;
-    let mut results = measure_samples(&stream, &samples, opts)?;
-    let max_strata = opts.samples.saturating_mul(4);
-    loop {
-        let with_data = results.iter().filter(|r| !r.zero).count();
-        if samples.is_empty() || samples.len().saturating_mul(2) > max_strata || with_data * 2 > opts.samples {
-            break;
+    // Phase 1: a class look at one unit per stratum, then a few units of each class compressed (two-phase
+    // sampling). Each class is weighed by its strata and priced by its mean compressed cost per byte.
+    // Zeros cost a look and nothing more: while fewer than half the looks find data, the strata are doubled (up
+    // to four times as many), so disks of mostly zeros get about as many looks at their data as disks full of it.
+    let mut strata = opts.looks;
+    let (units, looks) = loop {
+        let units = plan_units(stream.total, u64_of_usize(opts.sample_size), strata, &mut rng)?;
+        let looks = look_at_units(&stream, &units)?;
+        let with_data = looks.iter().filter(|l| l.class != 0).count();
+        if with_data * 2 >= strata || strata >= opts.looks.saturating_mul(4) || units.len() < strata {
+            break (units, looks);
         }
-        let new = split_strata(&mut samples, &mut rng);
-        if new.is_empty() {
-            break;
-        }
-        let new_results = measure_samples(&stream, &new, opts)?;
-        let mut pairs: Vec<(Sample, SampleResult)> =
-            samples.into_iter().zip(results).chain(new.into_iter().zip(new_results)).collect();
-        pairs.sort_by_key(|(s, _)| s.start);
-        (samples, results) = pairs.into_iter().unzip();
-    }
-    let ys: Vec<f64> =
-        samples.iter().zip(&results).map(|(s, r)| f64_of(s.weight) * f64_of(r.cost) / f64_of(s.len.max(1))).collect();
-    let fpc: Vec<f64> = samples.iter().map(|s| 1.0 - f64_of(s.len) / f64_of(s.weight.max(1))).collect();
-    let d: f64 = ys.iter().sum();
-    let var_d = collapsed_variance(&ys, &fpc);
-    let zero_weight: u64 = samples.iter().zip(&results).filter(|(_, r)| r.zero).map(|(s, _)| s.weight).sum();
-
-    // Phase 2: spans around samples picked in proportion to their cost, in rounds of `spans` (each a systematic
-    // PPS sample of its own) while the correction is uncertain: the ratio is heavy-tailed where content repeats
-    // within a window (one span in 16 at 0.6 moves the mean by 2.5%), and more spans are the cure.
-    let mut measured: HashMap<usize, SpanResult> = HashMap::new();
-    let mut picks: Vec<usize> = Vec::new();
-    let mut rounds = 0;
-    let (c, se_c) = loop {
-        let round = plan_spans(&ys, opts.spans, &mut rng);
-        let mut todo: Vec<usize> = round.iter().copied().filter(|i| !measured.contains_key(i)).collect();
-        todo.dedup();
-        let new: Vec<(usize, SpanResult)> = todo
-            .par_iter()
-            .map(|i| match samples.get(*i) {
-                Some(s) => run_span(&stream, s, opts).map(|r| (*i, r)),
-                None => Err(VhdError::invalid_argument(None, "estimate: span without its sample")),
-            })
-            .collect::<Result<_>>()?;
-        measured.extend(new);
-        picks.extend(round);
-        rounds += 1;
-        let ratios: Vec<f64> = picks
-            .iter()
-            .filter_map(|i| measured.get(i))
-            .filter(|r| r.sampled > 0 && r.in_frame > 0)
-            .map(|r| f64_of(r.in_frame) / f64_of(r.sampled))
-            .collect();
-        // Picks repeat where one sample dominates; with fewer than two distinct spans the spread is unknown, so
-        // the correction is given a 5% standard error.
-        let (c, se_c) = match ratios.len() {
-            0 => (1.0, 0.0),
-            _ if measured.len() < 2 => (mean_se(&ratios).0, 0.05 * mean_se(&ratios).0),
-            _ => mean_se(&ratios),
-        };
-        if ratios.is_empty() || rounds >= MAX_SPAN_ROUNDS || se_c <= TARGET_CORRECTION_ERROR * c {
-            break (c, se_c);
-        }
+        strata = strata.saturating_mul(2);
     };
-    // Blocks: those a sample found data in, those it found zeros in, the rest in proportion.
+    let picked = pick_for_compression(&looks, opts.samples, &mut rng);
+    let to_compress: Vec<Sample> = picked.iter().filter_map(|i| units.get(*i).copied()).collect();
+    let results = measure_samples(&stream, &to_compress, opts)?;
+    let unit_len = f64_of(units.first().map_or(1, |u| u.len.max(1)));
+    let mut class_weight = [0f64; CLASSES];
+    let mut class_units = [0usize; CLASSES];
+    for (u, l) in units.iter().zip(&looks) {
+        class_weight[l.class] += f64_of(u.weight);
+        class_units[l.class] += 1;
+    }
+    let mut class_costs: Vec<Vec<f64>> = vec![Vec::new(); CLASSES];
+    for (i, r) in picked.iter().zip(&results) {
+        if let Some(l) = looks.get(*i) {
+            class_costs[l.class].push(f64_of(r.cost) / unit_len);
+        }
+    }
+    let class_rate: Vec<f64> = class_costs.iter().map(|c| mean_se(c).0).collect();
+    let d: f64 = (0..CLASSES).map(|c| class_weight[c] * class_rate[c]).sum();
+    // Variance: the class mix (collapsed strata over the units' predicted costs) plus each class's price (its
+    // units' spread, finite-population corrected).
+    let predicted: Vec<f64> = units.iter().zip(&looks).map(|(u, l)| f64_of(u.weight) * class_rate[l.class]).collect();
+    let fpc: Vec<f64> = units.iter().map(|u| 1.0 - f64_of(u.len) / f64_of(u.weight.max(1))).collect();
+    let var_mix = collapsed_variance(&predicted, &fpc);
+    let var_price: f64 = (1..CLASSES)
+        .map(|c| {
+            let m = class_costs[c].len();
+            let (mean, se) = mean_se(&class_costs[c]);
+            let se = if m < 2 { mean } else { se };
+            let fpc = 1.0 - f64_of_usize(m) / f64_of_usize(class_units[c].max(1));
+            class_weight[c] * class_weight[c] * se * se * fpc.max(0.0)
+        })
+        .sum();
+    let var_d = var_mix + var_price;
+    let zero_weight = u64_of(class_weight[0]);
+
+    // Phase 2: a fixed number of spans (a fixed budget; their ratio is heavy-tailed where content repeats within
+    // a window, so a standard error from a handful of them cannot be trusted to stop early).
+    let starts = plan_spans(&units, &looks, stream.total, u64_of_usize(opts.span_size), opts.spans, &mut rng);
+    let measured: Vec<SpanResult> =
+        starts.par_iter().map(|start| run_span(&stream, *start, opts, &class_rate)).collect::<Result<_>>()?;
+    let (c, se_c) = correction(&measured);
+    // Blocks: those a unit found data in, those it found zeros in, the rest in proportion.
     let candidates = candidate_blocks(&stream, block_size);
     let mut seen: HashMap<u64, bool> = HashMap::new();
-    for r in &results {
-        if let Some(b) = r.block {
-            *seen.entry(b).or_insert(false) |= !r.zero;
+    for l in &looks {
+        if let Some(b) = l.block {
+            *seen.entry(b).or_insert(false) |= l.class != 0;
         }
     }
     let with_data = u64_of_usize(seen.values().filter(|v| **v).count());
@@ -861,17 +959,11 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
         0 => 0,
         _ => with_data.saturating_add(u64_of(f64_of(unseen) * f64_of(with_data) / f64_of(seen_count))),
     };
-    let guess = image_blocks > with_data;
-    let known: Vec<u64> = candidates.iter().copied().filter(|b| seen.get(b).copied().unwrap_or(false)).collect();
-    let kept: Vec<u64> = candidates.iter().copied().filter(|b| seen.get(b).copied().unwrap_or(guess)).collect();
-    let (head, tail) = head_and_tail(size, &kept, opts.level, opts.seed)?;
-    // The BAT's compressed size depends on which blocks are kept: bound it by the blocks known to hold data and
-    // by all the candidates.
-    let (head_min, _) = head_and_tail(size, &known, opts.level, opts.seed)?;
-    let (head_max, _) = head_and_tail(size, &candidates, opts.level, opts.seed)?;
-
-    let per_chunk = stream.per_chunk(opts.chunk_size);
-    let frames = u64_of_usize(per_chunk.len()).saturating_mul(FRAME_OVERHEAD);
+    let fixed = fixed_costs(chain, opts)?;
+    // No data seen: the allocated blocks are most likely all zero, and their chunks' frames empty.
+    let frames = if d > 0.0 { fixed.frames } else { fixed.frames_if_empty };
+    let exact = fixed.head_room.saturating_add(frames);
+    let exact_low = fixed.head_room.saturating_add(fixed.frames.min(fixed.frames_if_empty));
 
     let nonzero_bytes = stream.total.saturating_sub(zero_weight);
     let zeros_in_blocks = image_blocks.saturating_mul(block_size).saturating_sub(nonzero_bytes);
@@ -879,37 +971,39 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
     let data = c * d;
     let compressed_bytes = u64_of(data)
         .saturating_add(zero_runs)
-        .saturating_add(head)
-        .saturating_add(tail)
         .saturating_add(image_blocks.saturating_mul(BITMAP_COST))
-        .saturating_add(frames);
+        .saturating_add(exact);
     let rel_d = if d > 0.0 { var_d.sqrt() / d } else { 0.0 };
     let rel_c = if c > 0.0 { se_c / c } else { 0.0 };
     let margin = Z * (rel_d * rel_d + rel_c * rel_c).sqrt() + MODEL_ALLOWANCE;
-    let low = u64_of(data * (1.0 - margin).max(0.0)).saturating_add(head_min.min(head)).saturating_add(tail);
+    let low = u64_of(data * (1.0 - margin).max(0.0)).saturating_add(exact_low.saturating_sub(FOOTER_SLACK));
     let high = u64_of(data * (1.0 + margin))
         .saturating_add(zero_runs.saturating_mul(2))
-        .saturating_add(head_max.max(head))
-        .saturating_add(tail)
-        .saturating_add(candidate_count.saturating_mul(bitmap_size(DEFAULT_BLOCK_SIZE)))
-        .saturating_add(frames);
+        .saturating_add(exact.saturating_add(FOOTER_SLACK))
+        .saturating_add(candidate_count.saturating_mul(bitmap_size(DEFAULT_BLOCK_SIZE)));
 
     // Time: the full compression reads every allocated byte and compresses the data. Per-thread speeds are those
-    // of the sample reads and compressions, less each sample frame's own set-up and prefix indexing.
-    let mut t = Timing::default();
-    results.iter().for_each(|r| t.add(&r.timing));
-    let read_secs_per_byte = if t.read_bytes > 0 { t.read_secs / f64_of(t.read_bytes) } else { 0.0 };
-    let compress_secs: f64 = samples
-        .iter()
-        .zip(&results)
-        .map(|(s, r)| f64_of(s.weight) * (r.timing.compress_secs - r.setup_secs).max(0.0) / f64_of(s.len.max(1)))
-        .sum();
+    // of the class looks' reads and of the compressions of each class, less each sample frame's own set-up and
+    // prefix indexing.
+    let read_secs: f64 = looks.iter().map(|l| l.read_secs).sum();
+    let look_len = unit_len.min(f64_of_usize(CLASS_LOOK));
+    let read_secs_per_byte = read_secs / (look_len * f64_of_usize(looks.len().max(1)));
+    let mut class_secs = [(0f64, 0usize); CLASSES];
+    for (i, r) in picked.iter().zip(&results) {
+        if let Some(l) = looks.get(*i) {
+            class_secs[l.class].0 += (r.timing.compress_secs - r.setup_secs).max(0.0) / unit_len;
+            class_secs[l.class].1 += 1;
+        }
+    }
+    let compress_secs: f64 =
+        (0..CLASSES).map(|c| class_weight[c] * class_secs[c].0 / f64_of_usize(class_secs[c].1.max(1))).sum();
     let predicted_seconds = (f64_of(stream.total) * read_secs_per_byte + compress_secs) / f64_of_usize(threads);
 
-    let sampled_bytes = results
+    let sampled_bytes = units
         .iter()
-        .map(|r| r.timing.read_bytes)
-        .chain(measured.values().map(|r| r.read_bytes))
+        .map(|u| u.len.min(u64_of_usize(CLASS_LOOK)))
+        .chain(results.iter().map(|r| r.timing.read_bytes))
+        .chain(measured.iter().map(|r| r.read_bytes))
         .fold(0u64, u64::saturating_add);
     let layout = sparse_layout(size, DEFAULT_BLOCK_SIZE)?;
     let image_bytes = image_blocks
@@ -921,9 +1015,9 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
         allocated_bytes: stream.total,
         unallocated_bytes: size.saturating_sub(stream.total),
         sampled_bytes,
-        samples: samples.len(),
+        samples: results.len(),
         spans: measured.len(),
-        zero_fraction: if stream.total > 0 { f64_of(zero_weight) / f64_of(stream.total) } else { 0.0 },
+        zero_fraction: if stream.total > 0 { class_weight[0] / f64_of(stream.total) } else { 0.0 },
         estimated_nonzero_bytes: nonzero_bytes,
         candidate_blocks: candidate_count,
         image_blocks,
@@ -958,22 +1052,43 @@ mod tests {
     }
 
     #[test]
-    fn strata_cover_the_stream_and_split_in_place() {
-        let opts = EstimateOptions { samples: 7, sample_size: 4096, ..EstimateOptions::default() };
+    fn strata_cover_the_stream() {
         let mut rng = SplitMix(1);
-        let mut s = plan_samples(100_000, &opts, &mut rng).unwrap_or_default();
+        let s = plan_units(100_000, 4096, 7, &mut rng).unwrap_or_default();
         assert_eq!(s.len(), 7);
-        let new = split_strata(&mut s, &mut rng);
-        s.extend(new);
-        s.sort_by_key(|x| x.start);
-        assert_eq!(s.len(), 14);
         assert_eq!(s.iter().map(|x| x.weight).sum::<u64>(), 100_000);
         let mut edge = 0;
         for x in &s {
-            assert_eq!(x.start, edge);
-            assert!(x.pos >= x.start && x.pos < x.start + x.weight);
+            assert!(x.pos >= edge && x.pos < edge + x.weight);
             edge += x.weight;
         }
+    }
+
+    #[test]
+    fn classes_order_by_entropy() {
+        let mut rng = SplitMix(5);
+        let mut random = vec![0u8; 16 * KIB];
+        rng.fill(&mut random);
+        let text: Vec<u8> =
+            b"the quick brown fox jumps over the lazy dog ".iter().copied().cycle().take(16 * KIB).collect();
+        assert_eq!(class_of(&[0u8; 16 * KIB]), 0);
+        assert_eq!(class_of(&random), CLASSES - 1);
+        let t = class_of(&text);
+        assert!((1..CLASSES - 1).contains(&t), "text in class {t}");
+    }
+
+    #[test]
+    fn every_class_with_units_gets_compressed_units_in_proportion() {
+        let classes =
+            [[1usize; 900].as_slice(), [6usize; 90].as_slice(), [3usize; 2].as_slice(), [0usize; 500].as_slice()]
+                .concat();
+        let looks: Vec<Look> = classes.iter().map(|c| Look { class: *c, block: None, read_secs: 0.0 }).collect();
+        let picks = pick_for_compression(&looks, 100, &mut SplitMix(9));
+        let count = |c: usize| picks.iter().filter(|i| looks[**i].class == c).count();
+        assert_eq!(count(0), 0);
+        assert_eq!(count(1), 91);
+        assert_eq!(count(6), MIN_PER_CLASS.max(10));
+        assert_eq!(count(3), 2);
     }
 
     #[test]
@@ -983,11 +1098,28 @@ mod tests {
     }
 
     #[test]
-    fn pps_picks_follow_the_costs() {
-        let mut rng = SplitMix(3);
-        let picks = plan_spans(&[0.0, 1.0, 0.0, 3.0], 4, &mut rng);
-        assert_eq!(picks.iter().filter(|i| **i == 3).count(), 3);
-        assert!(picks.iter().all(|i| *i == 1 || *i == 3));
-        assert!(plan_spans(&[0.0, 0.0], 4, &mut rng).is_empty());
+    fn spans_go_where_the_data_is_inside_the_stream() {
+        let mib = 1u64 << 20;
+        let units: Vec<Sample> = (0..100).map(|i| Sample { weight: mib, pos: i * mib, len: 16384 }).collect();
+        // Data in the first and last tenth only.
+        let looks: Vec<Look> = (0..100)
+            .map(|i| Look { class: if !(10..90).contains(&i) { 2 } else { 0 }, block: None, read_secs: 0.0 })
+            .collect();
+        let starts = plan_spans(&units, &looks, 100 * mib, 4 * mib, 8, &mut SplitMix(2));
+        assert_eq!(starts.len(), 8);
+        assert!(starts.windows(2).all(|w| w[0] <= w[1]));
+        assert!(starts.iter().all(|s| s + 4 * mib <= 100 * mib));
+        assert_eq!(starts.iter().filter(|s| **s < 10 * mib).count(), 4);
+        let zeros: Vec<Look> = (0..100).map(|_| Look { class: 0, block: None, read_secs: 0.0 }).collect();
+        assert!(plan_spans(&units, &zeros, 100 * mib, 4 * mib, 8, &mut SplitMix(2)).is_empty());
+    }
+
+    #[test]
+    fn correction_is_the_ratio_of_sums() {
+        let span = |in_frame, predicted| SpanResult { in_frame, predicted, read_bytes: 0 };
+        let (c, se) = correction(&[span(90, 100.0), span(180, 200.0)]);
+        assert!((c - 0.9).abs() < 1e-12 && se.abs() < 1e-12);
+        let (c, se) = correction(&[span(50, 100.0), span(200, 200.0)]);
+        assert!((c - 250.0 / 300.0).abs() < 1e-12 && se > 0.0);
     }
 }
