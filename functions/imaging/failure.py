@@ -3,6 +3,8 @@ aborted, staging removed, and the server's lock released if this job holds it. S
 
 from __future__ import annotations
 
+import json
+
 from functions.imaging import keys
 from functions.imaging.compress import recorded_worker_failure
 from functions.imaging.errors import MAP_FAILURE_NAMES, Failure, failure_for
@@ -28,6 +30,7 @@ def fail_job(services: ImagingServices, job_id: str, error_name: str, cause: str
             error_name, cause = recorded
     failure = failure_for(error_name)
     at = services.now()
+    cause = error_message(cause)
 
     def mark(current: Job) -> Job | None:
         if current.status in TERMINAL_STATUSES:
@@ -42,6 +45,17 @@ def fail_job(services: ImagingServices, job_id: str, error_name: str, cause: str
     delete_staging(services, job.id)
     release_server_lock(services, job)
     return failure
+
+
+def error_message(cause: str) -> str:
+    """The message of a Lambda error's cause (a JSON payload with `errorMessage` and a stack trace), else `cause`."""
+    try:
+        payload = json.loads(cause)
+    except ValueError:
+        return cause
+    if isinstance(payload, dict) and isinstance(payload.get("errorMessage"), str):
+        return payload["errorMessage"]
+    return cause
 
 
 def _abort_uploads(services: ImagingServices, job: Job) -> None:
