@@ -54,7 +54,7 @@ def error_message(cause: str) -> str:
     except ValueError:
         return cause
     if isinstance(payload, dict) and isinstance(payload.get("errorMessage"), str):
-        return payload["errorMessage"]
+        return str(payload["errorMessage"])
     return cause
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,7 +52,7 @@ def leaf(tmp_path: Path) -> Path:
     return build_sample_chain(tmp_path / "disks")
 
 
-def ok_json(result: subprocess.CompletedProcess[str]) -> object:
+def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -66,12 +67,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int = 
 
 def test_servers_are_registered_listed_and_shown(cli: Run, leaf: Path) -> None:
     added = ok_json(cli("server", "add", "web1", "--disk", leaf, "--flavor", "legacy", "--json"))
-    assert isinstance(added, dict)
     assert (added["id"], added["disk"], added["flavor"], added["tenant"]) == ("web1", str(leaf), "legacy", "local")
     listed = ok_json(cli("server", "list", "--json"))
-    assert [server["id"] for server in listed] == ["web1"]  # type: ignore[union-attr]
+    assert [server["id"] for server in listed] == ["web1"]
     shown = ok_json(cli("server", "show", "web1", "--json"))
-    assert isinstance(shown, dict)
     assert (shown["lock"], shown["jobs"]) == (None, [])
     text = cli("server", "show", "web1")
     assert "being imaged: no" in text.stdout
@@ -92,7 +91,6 @@ def test_a_disk_is_imaged_verified_exported_checked_for_damage_and_deleted(
 
     created = ok_json(cli("image", "create", "--disk", leaf, "--name", "nightly", "--json"))
 
-    assert isinstance(created, dict)
     image_id = created["id"]
     assert (created["status"], created["name"], created["virtual_size"]) == ("ACTIVE", "nightly", DISK_SIZE)
     stored = Path(created["object_url"].removeprefix("file://"))
@@ -101,13 +99,11 @@ def test_a_disk_is_imaged_verified_exported_checked_for_damage_and_deleted(
     assert created["manifest"]["object_sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
 
     listed = ok_json(cli("image", "list", "--json"))
-    assert [(item["id"], item["status"]) for item in listed] == [(image_id, "ACTIVE")]  # type: ignore[index,union-attr]
+    assert [(item["id"], item["status"]) for item in listed] == [(image_id, "ACTIVE")]
     shown = ok_json(cli("image", "show", image_id, "--json"))
-    assert isinstance(shown, dict)
     assert (shown["job"]["status"], shown["job"]["progress"]) == ("ACTIVE", 100)
 
     verified = ok_json(cli("image", "verify", image_id, "--json"))
-    assert isinstance(verified, dict)
     assert verified["ok"] is True
     assert verified["content_sha256"] == hashlib.sha256(expected).hexdigest()
     assert verified["frames_checked"] == 1 + DISK_SIZE // (8 * MIB)
@@ -159,8 +155,8 @@ def test_a_failed_job_is_one_error_line_with_its_hint(cli: Run, leaf: Path) -> N
     assert "COALESCE_TIMEOUT" in lines[0]
     assert lines[1] == "hint: the chain could not be merged in time: wait and issue the image again"
     listed = ok_json(cli("image", "list", "--json"))
-    assert [item["status"] for item in listed] == ["ERROR"]  # type: ignore[index,union-attr]
-    shown = cli("image", "show", listed[0]["id"])  # type: ignore[index]
+    assert [item["status"] for item in listed] == ["ERROR"]
+    shown = cli("image", "show", listed[0]["id"])
     assert "error:    COALESCE_TIMEOUT" in shown.stdout
 
 
