@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
-from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig, idempotent_function
+from aws_lambda_powertools.utilities.idempotency import BasePersistenceLayer, IdempotencyConfig, idempotent_function
 from aws_lambda_powertools.utilities.idempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyValidationError,
 )
 
-from functions.state.idempotency import BasePersistenceLayer
+from functions.state.dynamodb_state import IDEMPOTENCY_PARTITION, TTL_ATTRIBUTE
+from functions.state.idempotency import DATA_ATTRIBUTE, STATUS_ATTRIBUTE
+from functions.state.urls import SqliteLocation, parse_state_url
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.client import DynamoDBClient
 
 CreateImage = Callable[..., dict[str, Any]]
 
@@ -49,7 +58,7 @@ class Recorder:
         config = IdempotencyConfig(event_key_jmespath="key", payload_validation_jmespath="body")
         config.register_lambda_context(self.context)  # type: ignore[arg-type]
 
-        @idempotent_function(data_keyword_argument="request", persistence_store=layer, config=config)
+        @idempotent_function(data_keyword_argument="request", persistence_store=layer, config=config)  # type: ignore[untyped-decorator]
         def create_image(request: dict[str, Any]) -> dict[str, Any]:
             with self._guard:
                 self.runs.append(request)
@@ -65,7 +74,7 @@ class Recorder:
             # A fresh id per run: a second run would answer differently from the first.
             return {"image_id": f"img-{uuid.uuid4().hex}", "server": request["body"]["server"]}
 
-        return create_image
+        return cast(CreateImage, create_image)
 
 
 @pytest.fixture
@@ -170,3 +179,30 @@ def test_the_record_of_a_run_still_within_its_timeout_is_respected(
     with pytest.raises(IdempotencyAlreadyInProgressError):
         create_image(request=request("k-1"))
     assert len(recorder.runs) == 1
+
+
+def test_records_live_beside_the_state_with_the_documented_layout(
+    create_image: CreateImage, backend_url: tuple[str, DynamoDBClient | None]
+) -> None:
+    result = create_image(request=request("k-1"))
+    url, client = backend_url
+
+    location = parse_state_url(url)
+    if isinstance(location, SqliteLocation):
+        with sqlite3.connect(location.path) as raw:
+            rows = raw.execute("SELECT key, status, expiration, data FROM idempotency").fetchall()
+        [(key, status, expiration, data)] = rows
+    else:
+        assert client is not None
+        items = client.query(
+            TableName=location.table,
+            KeyConditionExpression="pk = :partition",
+            ExpressionAttributeValues={":partition": {"S": IDEMPOTENCY_PARTITION}},
+        )["Items"]
+        [item] = items
+        key, status = item["sk"]["S"], item[STATUS_ATTRIBUTE]["S"]
+        expiration, data = int(item[TTL_ATTRIBUTE]["N"]), item[DATA_ATTRIBUTE]["S"]
+    assert key.endswith("create_image#" + hashlib.md5(json.dumps("k-1").encode()).hexdigest())
+    assert status == "COMPLETED"
+    assert expiration > time.time()  # one hour of replay by default
+    assert json.loads(data) == result
