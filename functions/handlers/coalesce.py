@@ -30,4 +30,4 @@ def handler(event: JobEvent, context: LambdaContext) -> dict[str, Any]:
     result = coalesce_slice(ctx, job, event.job.coalesce_deadline, remaining_s)
     metrics.add_metric(name="CoalescedBytes", unit=MetricUnit.Bytes, value=result.bytes_copied)
     logger.info("coalesce slice", extra={"job_id": job.id, "done": result.done, "bytes": result.bytes_copied})
-    return {"done": result.done, "bytes_copied": result.bytes_copied, "depth": result.depth}
+    return {"done": result.done, "bytes_copied": result.bytes_copied, "merged": result.merged, "depth": result.depth}

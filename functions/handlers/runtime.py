@@ -1,6 +1,6 @@
 """The services a handler uses, built once per process from the environment (functions.settings), and the
 tunables operators may set (`IMAGING_CHUNK_SIZE`, `IMAGING_GROUP_BYTES`, `IMAGING_PART_SIZE`,
-`IMAGING_COALESCE_DEADLINE_S`, `IMAGING_MAP_CONCURRENCY`)."""
+`IMAGING_COALESCE_DEADLINE_S`, `IMAGING_COALESCE_SLICE_BYTES`, `IMAGING_MAP_CONCURRENCY`)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def config_from_environment() -> ImagingConfig:
         ("IMAGING_PART_SIZE", "part_size", int),
         ("IMAGING_MAP_CONCURRENCY", "map_concurrency", int),
         ("IMAGING_COALESCE_DEADLINE_S", "coalesce_deadline_s", float),
+        ("IMAGING_COALESCE_SLICE_BYTES", "coalesce_slice_bytes", int),
     ):
         text = os.environ.get(variable)
         if text:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import vhdcore
-from functions.imaging.errors import DiskCorruptError, DiskMissingError
+from functions.imaging.errors import CoalescePendingError, DiskCorruptError, DiskMissingError
 
 
 def open_disk(leaf: str) -> vhdcore.Chain:
@@ -15,6 +15,8 @@ def open_disk(leaf: str) -> vhdcore.Chain:
         raise DiskMissingError(f"disk {leaf}: no such file")
     try:
         return vhdcore.open_chain(str(path))
+    except vhdcore.CoalescePendingError as error:
+        raise CoalescePendingError(str(error)) from error
     except vhdcore.MissingParentError as error:
         raise DiskMissingError(str(error)) from error
     except vhdcore.VhdError as error:

@@ -33,9 +33,9 @@ class CoalesceTimeout(ImagingError):  # noqa: N818 - the name operators and the 
     hint = "the chain could not be merged in time: wait and issue the image again"
 
 
-class CoalesceUnavailableError(ImagingError):
-    code = "COALESCE_UNAVAILABLE"
-    hint = "this build of vhdcore has no coalesce_step: install a vhdcore with coalesce, or image with --disk"
+class CoalescePendingError(ImagingError):
+    code = "COALESCE_PENDING"
+    hint = "a coalesce of this chain was interrupted: run `imaging vhd coalesce` on its leaf, then image it again"
 
 
 class DiskCorruptError(ImagingError):
@@ -97,7 +97,7 @@ _IMAGING_ERRORS: Final[tuple[type[ImagingError], ...]] = (
     InvalidRequestError,
     ServerBusyError,
     CoalesceTimeout,
-    CoalesceUnavailableError,
+    CoalescePendingError,
     DiskCorruptError,
     DiskMissingError,
     DiskBusyError,
@@ -111,6 +111,7 @@ _BY_NAME: Final[dict[str, Failure]] = {cls.__name__: Failure(cls.code, cls.hint)
 # Errors raised outside the imaging domain that still reach the Failed state by their class names.
 _FOREIGN: Final[dict[str, type[ImagingError]]] = {
     "MissingParentError": DiskMissingError,
+    "CoalescePendingError": CoalescePendingError,
     "FileNotFoundError": DiskMissingError,
     "VhdError": DiskCorruptError,
     "VhdFormatError": DiskCorruptError,

@@ -32,6 +32,8 @@ class ImagingConfig:
     map_concurrency: int = 2
     lock_ttl_s: float = 6 * 3600.0
     coalesce_deadline_s: float = 1800.0
+    coalesce_slice_bytes: int | None = None
+    """Bytes one Coalesce invocation may copy (None: bounded by its remaining time only)."""
     max_job_s: float = 12 * 3600.0
     """A job predicted to run longer than this (at its flavor's bandwidth) fails with FLAVOR_TOO_SLOW."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)

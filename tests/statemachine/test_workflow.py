@@ -73,16 +73,6 @@ def build_sample_chain(folder: Path, seed: int = 7) -> Path:
     return leaf
 
 
-def _nothing_to_coalesce(event: Any, context: Any) -> dict[str, Any]:
-    """Stand-in for the Coalesce handler while vhdcore has no coalesce_step (branch `coalesce` not merged): the test
-    chains have nothing the workflow must merge, and the real handler would fail with COALESCE_UNAVAILABLE."""
-    return {"done": True, "bytes_copied": 0, "depth": None}
-
-
-def coalesce_stand_in() -> dict[str, Handler]:
-    return {} if hasattr(vhdcore, "coalesce_step") else {"CoalesceFunctionArn": _nothing_to_coalesce}
-
-
 def request(job: str, *, disk: Path | None = None, server: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"job_id": job, "image_id": f"img-{job}", "tenant": "acme", "name": f"image of {job}"}
     if disk is not None:
@@ -167,7 +157,7 @@ def test_a_registered_server_is_snapshotted_and_keeps_running_on_a_new_leaf(env:
     expected = flatten(leaf)
     register_server(env, leaf)
 
-    result = run(request("job2", server="web1"), coalesce_stand_in())
+    result = run(request("job2", server="web1"))
 
     assert result.succeeded, (result.error, result.cause)
     assert image_raw(env, "img-job2") == expected
@@ -236,7 +226,7 @@ def test_a_storage_failure_mid_upload_aborts_the_upload_and_releases_the_lock(
 
     monkeypatch.setattr(FileObjectStore, "upload_part", failing_upload_part)
 
-    result = run(request("job5", server="web1"), coalesce_stand_in())
+    result = run(request("job5", server="web1"))
 
     assert result.status == "FAILED"
     assert result.error == "STORAGE_UNAVAILABLE"
@@ -320,3 +310,20 @@ def test_a_second_job_on_a_busy_server_fails_without_taking_the_lock(env: Env) -
     assert result.error == "SERVER_BUSY"
     lock = env.state.get_lock("web1")
     assert lock is not None and lock.owner == "job-running"
+
+
+def test_a_servers_chain_is_coalesced_in_slices_before_the_snapshot(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    leaf = build_sample_chain(env.root / "disks")
+    expected = flatten(leaf)
+    register_server(env, leaf)
+    monkeypatch.setenv("IMAGING_COALESCE_SLICE_BYTES", str(1 * MIB))
+
+    result = run(request("job9", server="web1"))
+
+    assert result.succeeded, (result.error, result.cause)
+    assert result.states_entered().count("Coalesce") >= 2  # the Choice looped over bounded slices
+    assert not (env.root / "disks" / "middle.vhd").exists()  # merged into the base, the leaf relinked to it
+    manifest = json.loads(env.store.get("images/img-job9/manifest.json"))
+    assert [Path(layer["path"]).name for layer in manifest["source_chain"]] == ["leaf.vhd", "base.vhd"]
+    assert image_raw(env, "img-job9") == expected
+    assert flatten(Path(env.state.get_server("web1").disk)) == expected
