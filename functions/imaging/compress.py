@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
@@ -53,27 +55,38 @@ def load_frame(services: ImagingServices, job_id: str, index: int) -> StagedFram
     return StagedFrame(**json.loads(services.store.get(keys.frame_result_key(job_id, index))))
 
 
-def _fetch_reads(
-    plan: vhdcore.ImagePlan, chunk: vhdcore.ChunkPlan, files: dict[int, int], stack: ExitStack
-) -> list[bytes]:
-    reads = []
-    for read in chunk.reads:
-        fd = files.get(read.layer)
-        if fd is None:
-            path = plan.layer_paths[read.layer]
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError as error:
-                raise DiskMissingError(f"layer {path} of the frozen chain is gone") from error
-            stack.callback(os.close, fd)
-            files[read.layer] = fd
-        data = os.pread(fd, read.length, read.file_offset)
-        if len(data) != read.length:
-            raise DiskCorruptError(
-                f"{plan.layer_paths[read.layer]}: read {len(data)} of {read.length} bytes at offset {read.file_offset}"
-            )
-        reads.append(data)
-    return reads
+class _LayerFiles:
+    """The frozen chain's layer files, opened once per group, shared by the worker threads (pread has no offset)."""
+
+    def __init__(self, plan: vhdcore.ImagePlan, stack: ExitStack) -> None:
+        self._plan = plan
+        self._stack = stack
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, layer: int) -> int:
+        with self._lock:
+            fd = self._fds.get(layer)
+            if fd is None:
+                path = self._plan.layer_paths[layer]
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError as error:
+                    raise DiskMissingError(f"layer {path} of the frozen chain is gone") from error
+                self._stack.callback(os.close, fd)
+                self._fds[layer] = fd
+            return fd
+
+    def fetch(self, chunk: vhdcore.ChunkPlan) -> list[bytes]:
+        """The chunk's source reads, in plan order."""
+        reads = []
+        for read in chunk.reads:
+            data = os.pread(self.fd(read.layer), read.length, read.file_offset)
+            if len(data) != read.length:
+                path = self._plan.layer_paths[read.layer]
+                raise DiskCorruptError(f"{path}: read {len(data)} of {read.length} bytes at offset {read.file_offset}")
+            reads.append(data)
+        return reads
 
 
 def worker_failure_key(job_id: str, first: int) -> str:
@@ -114,24 +127,33 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
     if first < 0 or count < 1 or first + count > len(chunks):
         raise DiskCorruptError(f"chunk group {first}+{count} is outside the plan's {len(chunks)} chunks")
     started = step_started(job, Status.SAVING) or services.now()
-    totals = {"compressed": 0, "reused": 0, "virtual": 0, "read": 0, "bytes": 0}
-    files: dict[int, int] = {}
     with ExitStack() as stack:
-        for chunk in chunks[first : first + count]:
+        files = _LayerFiles(plan, stack)
+
+        def one(chunk: vhdcore.ChunkPlan) -> tuple[StagedFrame, bool]:
             try:
-                staged = load_frame(services, job.id, chunk.index)
-                totals["reused"] += 1
+                return load_frame(services, job.id, chunk.index), False
             except NotFoundError:
-                staged = _compress_chunk(services, job, plan, chunk, _fetch_reads(plan, chunk, files, stack))
-                totals["compressed"] += 1
-                elapsed = (services.now() - started).total_seconds()
-                current = services.state.get_job(job.id)
-                eta = measured_eta(current.bytes_done + chunk.length, plan.virtual_size, elapsed, current.eta_seconds)
-                record_progress(services, job.id, add_bytes=chunk.length, total=plan.virtual_size, eta_seconds=eta)
-            totals["virtual"] += staged.virtual_bytes
-            totals["read"] += staged.read_bytes
-            totals["bytes"] += staged.compressed_bytes
-    return GroupResult(totals["compressed"], totals["reused"], totals["virtual"], totals["read"], totals["bytes"])
+                pass
+            staged = _compress_chunk(services, job, plan, chunk, files.fetch(chunk))
+            elapsed = (services.now() - started).total_seconds()
+            current = services.state.get_job(job.id)
+            eta = measured_eta(current.bytes_done + chunk.length, plan.virtual_size, elapsed, current.eta_seconds)
+            record_progress(services, job.id, add_bytes=chunk.length, total=plan.virtual_size, eta_seconds=eta)
+            return staged, True
+
+        # vhdcore releases the GIL while it merges and compresses: one thread per core keeps every core busy.
+        with ThreadPoolExecutor(max_workers=services.config.compress_threads, thread_name_prefix="chunk") as pool:
+            done = list(pool.map(one, chunks[first : first + count]))
+    frames = [staged for staged, _ in done]
+    compressed = sum(fresh for _, fresh in done)
+    return GroupResult(
+        compressed=compressed,
+        reused=len(done) - compressed,
+        virtual_bytes=sum(frame.virtual_bytes for frame in frames),
+        read_bytes=sum(frame.read_bytes for frame in frames),
+        compressed_bytes=sum(frame.compressed_bytes for frame in frames),
+    )
 
 
 def _compress_chunk(
