@@ -327,3 +327,24 @@ def test_a_servers_chain_is_coalesced_in_slices_before_the_snapshot(env: Env, mo
     assert [Path(layer["path"]).name for layer in manifest["source_chain"]] == ["leaf.vhd", "base.vhd"]
     assert image_raw(env, "img-job9") == expected
     assert flatten(Path(env.state.get_server("web1").disk)) == expected
+
+
+def test_chunk_groups_cover_the_plan_in_order_within_the_byte_budget() -> None:
+    from functions.imaging.planning import ChunkGroup, group_chunks
+
+    assert group_chunks([], 10) == []
+    assert group_chunks([4, 4, 4, 4, 3], 8) == [ChunkGroup(0, 2), ChunkGroup(2, 2), ChunkGroup(4, 1)]
+    assert group_chunks([20, 1, 1], 8) == [ChunkGroup(0, 1), ChunkGroup(1, 2)]  # an oversized chunk goes alone
+
+
+def test_failures_from_outside_the_domain_get_the_operators_codes() -> None:
+    from functions.imaging.errors import failure_for
+
+    assert failure_for("MissingParentError").code == "DISK_MISSING"
+    assert failure_for("ChecksumError").code == "DISK_CORRUPT"
+    assert failure_for("UploadFailedError").hint.endswith("check the storage service, then image again")
+    assert (
+        failure_for("CoalesceTimeout").hint == "the chain could not be merged in time: wait and issue the image again"
+    )
+    assert failure_for("States.Timeout").code == "WORKER_CRASHED"
+    assert failure_for("SomethingNew").code == "INTERNAL_ERROR"
