@@ -25,6 +25,8 @@ POLL_INTERVAL_S = 0.2
 """How often the progress bar re-reads the job (the execution's status is polled, as Step Functions clients do)."""
 STEP_SPAN = {Status.QUEUED: 25, Status.SAVING: 25, Status.UPLOADING: 50, Status.ACTIVE: 0, Status.ERROR: 0}
 """Percent of the bar each step covers after its own start (0, 25, 50, 100)."""
+STEP_LABEL = {"QUEUED": "coalesce (0%)", "SAVING": "saving (25%)", "UPLOADING": "uploading (50%)"}
+"""What each status of a job's history stands for, as the DESIGN's table names the steps."""
 
 
 @click.group()
@@ -163,7 +165,11 @@ def create(
             ("virtual size", human_size(manifest["virtual_size"])),
             ("compressed", f"{human_size(manifest['compressed_size'])} ({manifest['compression_ratio']:.1f}x)"),
             ("content sha256", manifest["content_sha256"]),
-            *[(f"{step.lower()} took", f"{seconds:.2f} s") for step, seconds in timings.items() if step.isupper()],
+            *[
+                (f"{STEP_LABEL[step]} took", f"{seconds:.2f} s")
+                for step, seconds in timings.items()
+                if step in STEP_LABEL
+            ],
         ]
     )
 

@@ -143,7 +143,7 @@ def test_create_with_wait_shows_progress_and_where_the_image_is(cli: Run, leaf: 
     fields = dict(line.split(":", 1) for line in result.stdout.splitlines())
     assert fields["status"].strip() == "ACTIVE (100%)"
     assert fields["object"].strip().startswith("file://")
-    assert {"queued took", "saving took", "uploading took"} <= set(fields)
+    assert {"coalesce (0%) took", "saving (25%) took", "uploading (50%) took"} <= set(fields)
 
 
 def test_a_failed_job_is_one_error_line_with_its_hint(cli: Run, leaf: Path) -> None:
