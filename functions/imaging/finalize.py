@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from functools import partial
 from typing import Any
@@ -50,8 +51,11 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
     estimate = json.loads(store.get(estimate_key(job.id)))
     uploaded = load_upload(services, job.id)
     chain = open_disk(frozen.leaf)
-    content_hash = content_sha256(chain)
-    object_hash = object_sha256(services, uploaded.key, uploaded.size)
+    # Two independent full reads (the disk's content, the stored object): hashlib and vhdcore release the GIL.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hash") as pool:
+        content_future = pool.submit(content_sha256, chain)
+        object_hash = object_sha256(services, uploaded.key, uploaded.size)
+        content_hash = content_future.result()
     job = advance_job(services, job.id, Status.ACTIVE, detail=f"{uploaded.size} bytes at {uploaded.key}")
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
