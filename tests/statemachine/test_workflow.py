@@ -348,3 +348,19 @@ def test_failures_from_outside_the_domain_get_the_operators_codes() -> None:
     )
     assert failure_for("States.Timeout").code == "WORKER_CRASHED"
     assert failure_for("SomethingNew").code == "INTERNAL_ERROR"
+
+
+def test_coalesce_leaves_a_layer_that_another_disk_still_needs(env: Env) -> None:
+    leaf = build_sample_chain(env.root / "disks")
+    other = env.root / "disks" / "other-server.vhd"
+    vhdcore.snapshot(str(env.root / "disks" / "middle.vhd"), str(other))  # a second child of the middle layer
+    vhdcore.write(str(other), 5 * MIB, b"another server" * 1000)
+    expected, other_before = flatten(leaf), flatten(other)
+    register_server(env, leaf)
+
+    result = run(request("job10", server="web1"))
+
+    assert result.succeeded, (result.error, result.cause)
+    assert (env.root / "disks" / "middle.vhd").exists()
+    assert flatten(other) == other_before
+    assert image_raw(env, "img-job10") == expected
