@@ -14,6 +14,8 @@ import click
 
 import vhdcore
 from statemachine.cli_common import UserError
+from statemachine.cli_image import image
+from statemachine.cli_server import server
 from statemachine.cli_vhd import vhd
 
 HINTS: list[tuple[type[vhdcore.VhdError], str]] = [
@@ -73,10 +75,12 @@ def package_version() -> str:
 @click.group(cls=ImagingGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_version(), prog_name="imaging")
 def imaging() -> None:
-    """Cloud Imaging: image servers' VHD chains (see `imaging vhd --help`)."""
+    """Cloud Imaging: image servers' VHD chains (see `imaging vhd|server|image --help`)."""
 
 
 imaging.add_command(vhd)
+imaging.add_command(server)
+imaging.add_command(image)
 
 
 def main() -> None:

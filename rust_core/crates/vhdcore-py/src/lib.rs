@@ -7,6 +7,7 @@ use std::sync::Arc;
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict};
 
 use vhdcore::{DiskType, ErrorKind, ExportFormat};
@@ -505,10 +506,13 @@ fn compress_fetched_chunk(
     py: Python<'_>,
     plan: &ImagePlan,
     index: usize,
-    reads: Vec<Vec<u8>>,
+    reads: Vec<PyBackedBytes>,
     level: i32,
 ) -> PyResult<ChunkFrame> {
     let image_plan = Arc::clone(&plan.inner);
+    // Taken as bytes buffers (one memcpy each): extracting `Vec<u8>` would convert element by element, ~20 ns a
+    // byte under the GIL, slower than the compression itself.
+    let reads: Vec<Vec<u8>> = reads.iter().map(|read| read.to_vec()).collect();
     let frame = py.allow_threads(|| vhdcore::compress_fetched_chunk(&image_plan, index, &reads, level)).or_raise(py)?;
     Ok(ChunkFrame::from_core(py, frame))
 }

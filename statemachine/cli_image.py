@@ -1,0 +1,302 @@
+"""`imaging image create|list|show|delete|verify|export`: images of servers or disks, made by the imaging workflow
+(statemachine/imaging.asl.json) on the embedded engine in this process."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, get_args
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+from functions.imaging.images import ExportFormat, delete_image, export_image, load_manifest, verify_image
+from functions.imaging.services import ImagingServices
+from functions.settings import Settings
+from functions.state import PROGRESS_OF_STATUS, Image, Job, NotFoundError, Status
+from statemachine.cli_common import UserError, human_size, json_option, print_fields, print_json, print_table
+from statemachine.cli_server import DEFAULT_TENANT
+from statemachine.cli_services import export_settings, location_options, opened
+from statemachine.engine import TERMINAL_STATUSES, ExecutionResult
+
+POLL_INTERVAL_S = 0.2
+"""How often the progress bar re-reads the job (the execution's status is polled, as Step Functions clients do)."""
+STEP_SPAN = {Status.QUEUED: 25, Status.SAVING: 25, Status.UPLOADING: 50, Status.ACTIVE: 0, Status.ERROR: 0}
+"""Percent of the bar each step covers after its own start (0, 25, 50, 100)."""
+STEP_LABEL = {"QUEUED": "coalesce (0%)", "SAVING": "saving (25%)", "UPLOADING": "uploading (50%)"}
+"""What each status of a job's history stands for, as the DESIGN's table names the steps."""
+
+
+@click.group()
+def image() -> None:
+    """Create images of servers (or of a disk chain) and manage them."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:20]}"
+
+
+def overall_percent(job: Job) -> float:
+    """0/25/50/100 at step boundaries, and the step's own bytes done in between."""
+    base = float(job.progress)
+    if job.bytes_total:
+        base += STEP_SPAN[job.status] * job.bytes_done / job.bytes_total
+    return min(100.0, base)
+
+
+def eta_text(job: Job) -> str:
+    if job.eta_seconds is None:
+        return "ETA --"
+    seconds = int(job.eta_seconds + 0.5)
+    return f"ETA {seconds // 60}:{seconds % 60:02d}"
+
+
+def bytes_text(job: Job) -> str:
+    if not job.bytes_total:
+        return ""
+    return f"{human_size(job.bytes_done)}/{human_size(job.bytes_total)}"
+
+
+def follow(workflow: Any, execution_arn: str, services: ImagingServices, job_id: str, live: bool) -> ExecutionResult:
+    """Wait for the execution, drawing the job's progress bar (step, %, bytes, ETA) when `live`."""
+    idle = threading.Event()  # never set: its timed wait paces the polling
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[bytes]}"),
+        TextColumn("{task.fields[eta]}"),
+        console=console,
+        disable=not live,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(Status.QUEUED.value, total=100, bytes="", eta="ETA --")
+        while True:
+            status = workflow.status(execution_arn)
+            try:
+                job = services.state.get_job(job_id)
+            except NotFoundError:
+                job = None
+            if job is not None:
+                progress.update(
+                    task,
+                    completed=overall_percent(job),
+                    description=job.status.value,
+                    bytes=bytes_text(job),
+                    eta=eta_text(job),
+                )
+            if status in TERMINAL_STATUSES:
+                break
+            idle.wait(POLL_INTERVAL_S)
+    result: ExecutionResult = workflow.wait(execution_arn)
+    return result
+
+
+def image_json(record: Image, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    data = record.model_dump(mode="json")
+    if manifest is not None:
+        data["manifest"] = manifest
+    return data
+
+
+@image.command()
+@click.argument("server_id", metavar="SERVER", required=False)
+@click.option("--disk", "leaf", help="Image this leaf's chain as it is (read-only), instead of a registered server.")
+@click.option("--name", help="A name for the image (default: from the server or disk).")
+@click.option("--tenant", default=DEFAULT_TENANT, show_default=True)
+@click.option("--wait", "live", is_flag=True, help="Show a live progress bar (step, %, bytes, ETA) on stderr.")
+@location_options
+@json_option
+def create(
+    server_id: str | None,
+    leaf: str | None,
+    name: str | None,
+    tenant: str,
+    live: bool,
+    settings: Settings,
+    as_json: bool,
+) -> None:
+    """Image SERVER (or --disk LEAF): coalesce, snapshot, compress, upload, verify.
+
+    The embedded engine runs in this command, so it returns when the image is ACTIVE or has failed.
+    """
+    if (server_id is None) == (leaf is None):
+        raise click.UsageError("name a SERVER or give --disk LEAF (exactly one)")
+    from statemachine.local import LocalImaging  # starts the embedded engine's machinery only when needed
+
+    export_settings(settings)
+    job_id, image_id = new_id("job"), new_id("img")
+    disk = str(Path(leaf).absolute()) if leaf is not None else None
+    request: dict[str, Any] = {
+        "job_id": job_id,
+        "image_id": image_id,
+        "tenant": tenant,
+        "name": name or server_id or Path(leaf or "disk").name,
+    }
+    if server_id is not None:
+        request["server_id"] = server_id
+    if disk is not None:
+        if not Path(disk).is_file():
+            raise UserError(f"{leaf}: no such file", hint="give the leaf VHD of the chain to image")
+        request["disk"] = disk
+    with opened(settings) as services, LocalImaging() as workflow:
+        result = follow(workflow, workflow.start(request), services, job_id, live and not as_json)
+        record = services.state.get_image(image_id) if _exists(services, image_id) else None
+        if not result.succeeded or record is None or record.status is not Status.ACTIVE:
+            job = services.state.get_job(job_id) if _job_exists(services, job_id) else None
+            detail = job.history[-1].detail if job is not None and job.history else None
+            raise UserError(
+                f"image {image_id} failed: {result.error or 'unknown error'}" + (f" ({detail})" if detail else ""),
+                hint=result.cause,
+            )
+        manifest = load_manifest(services, image_id)
+    if as_json:
+        print_json(image_json(record, manifest))
+        return
+    timings = manifest.get("timings", {})
+    print_fields(
+        [
+            ("image", record.id),
+            ("status", f"{record.status.value} ({PROGRESS_OF_STATUS[record.status]}%)"),
+            ("object", record.object_url or ""),
+            ("virtual size", human_size(manifest["virtual_size"])),
+            ("compressed", f"{human_size(manifest['compressed_size'])} ({manifest['compression_ratio']:.1f}x)"),
+            ("content sha256", manifest["content_sha256"]),
+            *[
+                (f"{STEP_LABEL[step]} took", f"{seconds:.2f} s")
+                for step, seconds in timings.items()
+                if step in STEP_LABEL
+            ],
+        ]
+    )
+
+
+def _exists(services: ImagingServices, image_id: str) -> bool:
+    try:
+        services.state.get_image(image_id)
+    except NotFoundError:
+        return False
+    return True
+
+
+def _job_exists(services: ImagingServices, job_id: str) -> bool:
+    try:
+        services.state.get_job(job_id)
+    except NotFoundError:
+        return False
+    return True
+
+
+@image.command(name="list")
+@click.option("--server", "server_id", help="Only this server's images.")
+@click.option("--tenant", default=DEFAULT_TENANT, show_default=True)
+@location_options
+@json_option
+def list_images(server_id: str | None, tenant: str, settings: Settings, as_json: bool) -> None:
+    """List images, oldest first."""
+    with opened(settings) as services:
+        if server_id is not None:
+            images = services.state.list_images(server_id=server_id)
+        else:
+            images = services.state.list_images(tenant=tenant)
+    if as_json:
+        print_json([image_json(record) for record in images])
+        return
+    rows = [
+        [
+            record.id,
+            record.server_id or "-",
+            record.status.value,
+            human_size(record.compressed_size) if record.compressed_size is not None else "-",
+            record.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            record.name,
+        ]
+        for record in images
+    ]
+    print_table(["ID", "SERVER", "STATUS", "SIZE", "CREATED", "NAME"], rows, right=(3,))
+
+
+@image.command()
+@click.argument("image_id", metavar="ID")
+@location_options
+@json_option
+def show(image_id: str, settings: Settings, as_json: bool) -> None:
+    """Show an image and its job: status, progress, bytes, ETA, error code and hint."""
+    with opened(settings) as services:
+        record = services.state.get_image(image_id)
+        job = services.state.get_job(record.job_id) if record.job_id and _job_exists(services, record.job_id) else None
+    if as_json:
+        data = image_json(record)
+        data["job"] = job.model_dump(mode="json") if job is not None else None
+        print_json(data)
+        return
+    rows = [("image", record.id), ("name", record.name), ("status", record.status.value)]
+    rows.append(("object", record.object_url or "-"))
+    if job is not None:
+        rows += [("job", job.id), ("progress", f"{job.progress}%"), ("bytes", bytes_text(job) or "-")]
+        rows.append(("eta", eta_text(job)))
+        if job.error_code:
+            rows += [("error", job.error_code), ("hint", job.error_hint or "")]
+    print_fields(rows)
+
+
+@image.command()
+@click.argument("image_id", metavar="ID")
+@location_options
+@json_option
+def delete(image_id: str, settings: Settings, as_json: bool) -> None:
+    """Delete a finished image: its object, manifest and record."""
+    with opened(settings) as services:
+        record = delete_image(services, image_id)
+    if as_json:
+        print_json({"deleted": record.id})
+        return
+    click.echo(f"deleted image {record.id}")
+
+
+@image.command()
+@click.argument("image_id", metavar="ID")
+@location_options
+@json_option
+def verify(image_id: str, settings: Settings, as_json: bool) -> None:
+    """Re-read the stored image and check every part and frame checksum and the disk content's sha256."""
+    with opened(settings) as services:
+        report = verify_image(services, image_id)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        for problem in report.problems:
+            click.echo(f"problem: {problem}")
+        verdict = "OK" if report.ok else "CORRUPT"
+        click.echo(
+            f"image {image_id}: {verdict} ({report.parts_checked} parts, {report.frames_checked} frames, "
+            f"content sha256 {report.content_sha256 or '-'})"
+        )
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@image.command()
+@click.argument("image_id", metavar="ID")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(get_args(ExportFormat)),
+    default="vhd.zst",
+    show_default=True,
+    help="vhd.zst: as stored; vhd: decompressed dynamic VHD; raw: the flattened disk.",
+)
+@location_options
+@json_option
+def export(image_id: str, out: Path, fmt: ExportFormat, settings: Settings, as_json: bool) -> None:
+    """Write image ID to OUT."""
+    with opened(settings) as services:
+        written = export_image(services, image_id, out, fmt)
+    if as_json:
+        print_json({"image_id": image_id, "out": str(out), "format": fmt, "bytes": written})
+        return
+    click.echo(f"exported image {image_id} to {out} ({fmt}, {human_size(written)})")

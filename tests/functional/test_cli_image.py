@@ -1,0 +1,165 @@
+"""`imaging server ...` and `imaging image ...` end to end, as a user runs them: a child process on a file store and
+SQLite under IMAGING_DATA_DIR, images checked with `zstd -d`, qemu-img and an independent flattener (pyvhd)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.statemachine.test_workflow import DISK_SIZE, build_sample_chain
+from tests.support.pyvhd import flatten
+
+REPO = Path(__file__).resolve().parents[2]
+MIB = 1024**2
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Run:
+    """Run `imaging ARGS...` from this checkout in tmp_path, with its own data directory and small chunks."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "IMAGING_DATA_DIR": str(tmp_path / "data"),
+        "IMAGING_CHUNK_SIZE": str(8 * MIB),
+        "IMAGING_PART_SIZE": str(5 * MIB),
+        "COLUMNS": "120",
+        "NO_COLOR": "1",
+    }
+    for name in ("IMAGING_STORE", "IMAGING_STATE", "IMAGING_COALESCE_DEADLINE_S"):
+        env.pop(name, None)
+
+    def run(*args: str | Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "statemachine.cli", *map(str, args)]
+        return subprocess.run(
+            argv, capture_output=True, text=True, cwd=tmp_path, env={**env, **(extra_env or {})}, timeout=300
+        )
+
+    return run
+
+
+@pytest.fixture
+def leaf(tmp_path: Path) -> Path:
+    return build_sample_chain(tmp_path / "disks")
+
+
+def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int = 1) -> list[str]:
+    assert result.returncode == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines
+
+
+def test_servers_are_registered_listed_and_shown(cli: Run, leaf: Path) -> None:
+    added = ok_json(cli("server", "add", "web1", "--disk", leaf, "--flavor", "legacy", "--json"))
+    assert (added["id"], added["disk"], added["flavor"], added["tenant"]) == ("web1", str(leaf), "legacy", "local")
+    listed = ok_json(cli("server", "list", "--json"))
+    assert [server["id"] for server in listed] == ["web1"]
+    shown = ok_json(cli("server", "show", "web1", "--json"))
+    assert (shown["lock"], shown["jobs"]) == (None, [])
+    text = cli("server", "show", "web1")
+    assert "being imaged: no" in text.stdout
+
+
+def test_bad_servers_are_one_line_errors(cli: Run, tmp_path: Path, leaf: Path) -> None:
+    assert "no such file" in assert_one_line_error(cli("server", "add", "web1", "--disk", tmp_path / "nope.vhd"))[0]
+    assert "invalid server id" in assert_one_line_error(cli("server", "add", "../x", "--disk", leaf))[0]
+    lines = assert_one_line_error(cli("server", "show", "ghost"))
+    assert "server 'ghost' not found" in lines[0]
+    assert lines[1].startswith("hint: ")
+
+
+def test_a_disk_is_imaged_verified_exported_checked_for_damage_and_deleted(
+    cli: Run, tmp_path: Path, leaf: Path
+) -> None:
+    expected = flatten(leaf)
+
+    created = ok_json(cli("image", "create", "--disk", leaf, "--name", "nightly", "--json"))
+
+    image_id = created["id"]
+    assert (created["status"], created["name"], created["virtual_size"]) == ("ACTIVE", "nightly", DISK_SIZE)
+    stored = Path(created["object_url"].removeprefix("file://"))
+    assert stored == tmp_path / "data" / "store" / "images" / image_id / "image.vhd.zst"
+    assert created["manifest"]["content_sha256"] == hashlib.sha256(expected).hexdigest()
+    assert created["manifest"]["object_sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
+
+    listed = ok_json(cli("image", "list", "--json"))
+    assert [(item["id"], item["status"]) for item in listed] == [(image_id, "ACTIVE")]
+    shown = ok_json(cli("image", "show", image_id, "--json"))
+    assert (shown["job"]["status"], shown["job"]["progress"]) == ("ACTIVE", 100)
+
+    verified = ok_json(cli("image", "verify", image_id, "--json"))
+    assert verified["ok"] is True
+    assert verified["content_sha256"] == hashlib.sha256(expected).hexdigest()
+    assert verified["frames_checked"] == 1 + DISK_SIZE // (8 * MIB)
+
+    raw = tmp_path / "exported.raw"
+    assert cli("image", "export", image_id, raw, "--format", "raw").returncode == 0
+    assert raw.read_bytes() == expected
+    packed = tmp_path / "exported.vhd.zst"
+    assert cli("image", "export", image_id, packed).returncode == 0
+    assert packed.read_bytes() == stored.read_bytes()
+    vhd = tmp_path / "exported.vhd"
+    assert cli("image", "export", image_id, vhd, "--format", "vhd").returncode == 0
+    subprocess.run(["zstd", "-d", "-q", "-f", str(packed), "-o", str(tmp_path / "by-zstd.vhd")], check=True)
+    assert vhd.read_bytes() == (tmp_path / "by-zstd.vhd").read_bytes()
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd), str(tmp_path / "q.raw")], check=True)
+    assert (tmp_path / "q.raw").read_bytes() == expected
+
+    damaged = bytearray(stored.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    stored.write_bytes(bytes(damaged))
+    found = cli("image", "verify", image_id)
+    assert found.returncode == 1
+    assert "CORRUPT" in found.stdout
+    assert "problem: part" in found.stdout
+
+    assert ok_json(cli("image", "delete", image_id, "--json")) == {"deleted": image_id}
+    assert ok_json(cli("image", "list", "--json")) == []
+    assert not stored.exists()
+    assert "not found" in assert_one_line_error(cli("image", "show", image_id))[0]
+
+
+def test_create_with_wait_shows_progress_and_where_the_image_is(cli: Run, leaf: Path) -> None:
+    result = cli("image", "create", "--disk", leaf, "--wait")
+
+    assert result.returncode == 0, result.stderr
+    assert "ACTIVE" in result.stderr and "100%" in result.stderr  # the progress bar's last state
+    fields = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert fields["status"].strip() == "ACTIVE (100%)"
+    assert fields["object"].strip().startswith("file://")
+    assert {"coalesce (0%) took", "saving (25%) took", "uploading (50%) took"} <= set(fields)
+
+
+def test_a_failed_job_is_one_error_line_with_its_hint(cli: Run, leaf: Path) -> None:
+    assert cli("server", "add", "web1", "--disk", leaf).returncode == 0
+
+    result = cli("image", "create", "web1", extra_env={"IMAGING_COALESCE_DEADLINE_S": "0"})
+
+    lines = assert_one_line_error(result)
+    assert "COALESCE_TIMEOUT" in lines[0]
+    assert lines[1] == "hint: the chain could not be merged in time: wait and issue the image again"
+    listed = ok_json(cli("image", "list", "--json"))
+    assert [item["status"] for item in listed] == ["ERROR"]
+    shown = cli("image", "show", listed[0]["id"])
+    assert "error:    COALESCE_TIMEOUT" in shown.stdout
+
+
+def test_usage_errors_exit_2(cli: Run, leaf: Path) -> None:
+    assert cli("image", "create").returncode == 2
+    assert cli("image", "create", "web1", "--disk", leaf).returncode == 2
