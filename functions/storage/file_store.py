@@ -1,0 +1,459 @@
+"""Object store on a local directory with S3's semantics (the embedded default, DESIGN §4).
+
+Layout under the root: objects at `<root>/<key>`; the store's own area is `<root>/.imaging-store/` (keys may not
+start with that segment): `tmp/` for files being written, `uploads/<upload id>/` for multipart staging
+(`upload.json` plus `part-NNNNN` files), `locks/` for per-key lock files.
+
+Guarantees: every write goes to a temp file on the same file system, is fsynced, then renamed into place
+(`os.replace`, or `os.link` for if-none-match), so a reader or a crash never sees a partial object or part under
+its final name; writers of one key serialise on an `flock` of that key's lock file, so conditional puts are
+race-safe between threads and processes. ETags follow S3: hex MD5 of a put object or a part, and MD5-of-MD5s `-N`
+for a multipart object. ETag and CRC32C are kept in extended attributes (`user.imaging.*`) of the file, so they
+move with it atomically; a file placed by hand without them gets its MD5 computed on `head`.
+Known leftovers: temp files of a killed process stay in `tmp/` (never visible as objects), and empty directories
+stay after deletes (never listed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from functions.storage.checksums import (
+    composite_crc32c,
+    crc32c,
+    decode_crc32c,
+    encode_crc32c,
+    md5_etag,
+    multipart_etag,
+    unquote_etag,
+)
+from functions.storage.errors import (
+    ChecksumMismatchError,
+    InvalidKeyError,
+    InvalidPartError,
+    InvalidRangeError,
+    NotFoundError,
+    PreconditionFailedError,
+    StorageError,
+    UploadNotFoundError,
+)
+from functions.storage.objects import (
+    MIN_PART_SIZE,
+    ObjectInfo,
+    PartInfo,
+    UploadInfo,
+    validate_key,
+    validate_part_number,
+    validate_prefix,
+)
+
+STORE_AREA = ".imaging-store"
+_ETAG_ATTR = "user.imaging.etag"
+_CRC32C_ATTR = "user.imaging.crc32c"
+_COPY_BLOCK = 8 * 1024**2
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+_PART_FILE = re.compile(r"part-(\d{5})")
+
+
+class FileObjectStore:
+    """An ObjectStore on the directory `root` (created if missing)."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_absolute():
+            raise StorageError(f"the file store root must be an absolute path, got {root}")
+        self.root = root
+        self._area = root / STORE_AREA
+        self._tmp = self._area / "tmp"
+        self._uploads = self._area / "uploads"
+        self._locks = self._area / "locks"
+        for folder in (self._tmp, self._uploads, self._locks):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return self.root.as_uri()
+
+    # -- objects ----------------------------------------------------------------------------------------------
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0 or length < 0:
+            raise InvalidRangeError(f"a range needs start >= 0 and length >= 0, got {start}, {length}", key=key)
+        path = self._object_path(key)
+        if length == 0:
+            return b""
+        try:
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                if start >= size:
+                    raise InvalidRangeError(f"range start {start} is at or past the end ({size} bytes)", key=key)
+                return os.pread(file.fileno(), min(length, size - start), start)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFoundError("no such object", key=key) from None
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._object_path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFoundError("no such object", key=key) from None
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self._object_path(key)
+        try:
+            return self._info(key, path)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFoundError("no such object", key=key) from None
+
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> ObjectInfo:
+        path = self._object_path(key)
+        etag = md5_etag(data)
+        checksum = encode_crc32c(crc32c(data))
+        with self._staged_file() as (staged, fd):
+            _write_all(fd, data)
+            _set_metadata(fd, etag, checksum)
+            os.fsync(fd)
+            with self._key_lock(key):
+                if if_match is not None:
+                    try:
+                        current = self._info(key, path).etag
+                    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                        raise PreconditionFailedError("if-match: the object does not exist", key=key) from None
+                    if current != unquote_etag(if_match):
+                        raise PreconditionFailedError(f"if-match: the ETag is {current}, not {if_match}", key=key)
+                self._make_parent(key, path)
+                if if_none_match:
+                    try:
+                        os.link(staged, path)
+                    except FileExistsError:
+                        raise PreconditionFailedError("if-none-match: the object already exists", key=key) from None
+                else:
+                    _replace(staged, path, key)
+                _fsync_dir(path.parent)
+        return ObjectInfo(key=key, size=len(data), etag=etag, checksum_crc32c=checksum)
+
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        # Walk only the deepest folder the prefix names; S3 orders keys by their UTF-8 bytes.
+        folder = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        keys: list[str] = []
+        for directory, subdirs, files in os.walk(folder):
+            if Path(directory) == self.root and STORE_AREA in subdirs:
+                subdirs.remove(STORE_AREA)
+            for name in files:
+                key = Path(directory, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        for key in sorted(keys, key=lambda k: k.encode()):
+            with contextlib.suppress(FileNotFoundError):  # deleted while listing
+                yield self._info(key, self.root / key)
+
+    def delete(self, key: str) -> None:
+        path = self._object_path(key)
+        with self._key_lock(key):
+            try:
+                path.unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            except IsADirectoryError:
+                return  # a "folder" of other keys, not an object: nothing to delete, as on S3
+            _fsync_dir(path.parent)
+
+    # -- multipart --------------------------------------------------------------------------------------------
+
+    def create_multipart(self, key: str) -> str:
+        self._object_path(key)
+        upload_id = uuid.uuid4().hex
+        record = json.dumps({"key": key, "initiated": datetime.now(UTC).isoformat()}).encode()
+        with self._staged_file(directory=True) as (staged, _):
+            with self._staged_file() as (record_path, fd):
+                _write_all(fd, record)
+                os.fsync(fd)
+                record_path.replace(staged / "upload.json")
+            staged.replace(self._uploads / upload_id)
+        _fsync_dir(self._uploads)
+        return upload_id
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes, crc32c: int) -> PartInfo:
+        folder = self._upload_folder(key, upload_id)
+        validate_part_number(number)
+        actual = _crc32c_of(data)
+        if actual != crc32c:
+            raise ChecksumMismatchError(
+                f"part {number}: CRC32C of the received bytes is {encode_crc32c(actual)}, "
+                f"the sender said {encode_crc32c(crc32c)}",
+                key=key,
+            )
+        etag = md5_etag(data)
+        with self._staged_file() as (staged, fd):
+            _write_all(fd, data)
+            _set_metadata(fd, etag, encode_crc32c(crc32c))
+            os.fsync(fd)
+            self._place_part(staged, folder, number, key, upload_id)
+        return PartInfo(number=number, size=len(data), etag=etag, crc32c=crc32c)
+
+    def upload_part_copy(
+        self, key: str, upload_id: str, number: int, source_key: str, start: int, length: int
+    ) -> PartInfo:
+        folder = self._upload_folder(key, upload_id)
+        validate_part_number(number)
+        source = self._object_path(source_key)
+        md5 = hashlib.md5(usedforsecurity=False)
+        checksum = 0
+        try:
+            with open(source, "rb") as reader, self._staged_file() as (staged, fd):
+                size = os.fstat(reader.fileno()).st_size
+                if start < 0 or length < 1 or start + length > size:
+                    raise InvalidRangeError(
+                        f"copy range {start}+{length} is not inside the source ({size} bytes)", key=source_key
+                    )
+                done = 0
+                while done < length:
+                    block = os.pread(reader.fileno(), min(_COPY_BLOCK, length - done), start + done)
+                    if not block:
+                        raise InvalidRangeError("the source shrank while being copied", key=source_key)
+                    md5.update(block)
+                    checksum = _crc32c_of(block, checksum)
+                    _write_all(fd, block)
+                    done += len(block)
+                etag = md5.hexdigest()
+                _set_metadata(fd, etag, encode_crc32c(checksum))
+                os.fsync(fd)
+                self._place_part(staged, folder, number, key, upload_id)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFoundError("no such source object", key=source_key) from None
+        return PartInfo(number=number, size=length, etag=etag, crc32c=checksum)
+
+    def list_parts(self, key: str, upload_id: str) -> list[PartInfo]:
+        folder = self._upload_folder(key, upload_id)
+        parts: list[PartInfo] = []
+        try:
+            names = sorted(entry.name for entry in folder.iterdir())
+        except FileNotFoundError:
+            raise UploadNotFoundError(f"no multipart upload {upload_id}", key=key) from None
+        for name in names:
+            match = _PART_FILE.fullmatch(name)
+            if match is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):  # aborted meanwhile
+                info = self._info(key, folder / name)
+                crc = info.checksum_crc32c
+                parts.append(
+                    PartInfo(
+                        number=int(match.group(1)),
+                        size=info.size,
+                        etag=info.etag,
+                        crc32c=decode_crc32c(crc) if crc is not None else None,
+                    )
+                )
+        return parts
+
+    def complete_multipart(self, key: str, upload_id: str, parts: Sequence[PartInfo]) -> ObjectInfo:
+        folder = self._upload_folder(key, upload_id)
+        path = self._object_path(key)
+        if not parts:
+            raise InvalidPartError("a multipart upload needs at least one part to complete", key=key)
+        stored = {part.number: part for part in self.list_parts(key, upload_id)}
+        checksums: list[int] = []
+        for index, part in enumerate(parts):
+            if index and part.number <= parts[index - 1].number:
+                raise InvalidPartError("parts must be listed in ascending order of part number", key=key)
+            have = stored.get(part.number)
+            if have is None or have.etag != unquote_etag(part.etag):
+                raise InvalidPartError(f"part {part.number} is not stored with ETag {part.etag}", key=key)
+            if index < len(parts) - 1 and have.size < MIN_PART_SIZE:
+                raise InvalidPartError(
+                    f"part {part.number} has {have.size} bytes, less than the {MIN_PART_SIZE} minimum "
+                    "of every part but the last",
+                    key=key,
+                )
+            if have.crc32c is None:
+                raise StorageError(f"part {part.number} lost its checksum attribute", key=key)
+            checksums.append(have.crc32c)
+        etag = multipart_etag([stored[part.number].etag for part in parts])
+        checksum = composite_crc32c(checksums)
+        size = 0
+        with self._staged_file() as (staged, fd):
+            for part in parts:
+                size += _append_file(fd, folder / f"part-{part.number:05d}")
+            _set_metadata(fd, etag, checksum)
+            os.fsync(fd)
+            with self._key_lock(key):
+                if not folder.is_dir():
+                    raise UploadNotFoundError(f"multipart upload {upload_id} was aborted meanwhile", key=key)
+                self._make_parent(key, path)
+                _replace(staged, path, key)
+                _fsync_dir(path.parent)
+        self._discard_upload(folder)
+        return ObjectInfo(key=key, size=size, etag=etag, checksum_crc32c=checksum)
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        folder = self._upload_folder(key, upload_id)
+        if not folder.is_dir():
+            raise UploadNotFoundError(f"no multipart upload {upload_id}", key=key)
+        self._discard_upload(folder)
+
+    def list_multipart_uploads(self, prefix: str = "") -> list[UploadInfo]:
+        validate_prefix(prefix)
+        uploads: list[UploadInfo] = []
+        for folder in self._uploads.iterdir():
+            try:
+                record = json.loads((folder / "upload.json").read_bytes())
+            except FileNotFoundError:
+                continue  # aborted or completed meanwhile
+            if record["key"].startswith(prefix):
+                uploads.append(
+                    UploadInfo(
+                        key=record["key"],
+                        upload_id=folder.name,
+                        initiated=datetime.fromisoformat(record["initiated"]),
+                    )
+                )
+        return sorted(uploads, key=lambda upload: (upload.key.encode(), upload.initiated))
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _object_path(self, key: str) -> Path:
+        validate_key(key)
+        if key.split("/", 1)[0] == STORE_AREA:
+            raise InvalidKeyError(f"keys under {STORE_AREA}/ are reserved by the file store", key=key)
+        return self.root / key
+
+    def _upload_folder(self, key: str, upload_id: str) -> Path:
+        self._object_path(key)
+        if not _UPLOAD_ID.fullmatch(upload_id):
+            raise UploadNotFoundError(f"no multipart upload {upload_id!r} (not an id this store makes)", key=key)
+        folder = self._uploads / upload_id
+        try:
+            record = json.loads((folder / "upload.json").read_bytes())
+        except FileNotFoundError:
+            raise UploadNotFoundError(f"no multipart upload {upload_id}", key=key) from None
+        if record["key"] != key:
+            raise UploadNotFoundError(f"multipart upload {upload_id} belongs to another key", key=key)
+        return folder
+
+    def _info(self, key: str, path: Path) -> ObjectInfo:
+        with open(path, "rb") as file:
+            fd = file.fileno()
+            size = os.fstat(fd).st_size
+            etag = _get_attr(fd, _ETAG_ATTR)
+            if etag is None:
+                digest = hashlib.md5(usedforsecurity=False)
+                while block := file.read(_COPY_BLOCK):
+                    digest.update(block)
+                etag = digest.hexdigest()
+            return ObjectInfo(key=key, size=size, etag=etag, checksum_crc32c=_get_attr(fd, _CRC32C_ATTR))
+
+    def _place_part(self, staged: Path, folder: Path, number: int, key: str, upload_id: str) -> None:
+        try:
+            staged.replace(folder / f"part-{number:05d}")
+        except FileNotFoundError:
+            raise UploadNotFoundError(f"upload {upload_id} was aborted or completed meanwhile", key=key) from None
+
+    def _discard_upload(self, folder: Path) -> None:
+        """Rename first (atomic: the upload is gone for everyone at once), then delete at leisure."""
+        graveyard = self._tmp / f"discard-{folder.name}-{uuid.uuid4().hex}"
+        try:
+            folder.replace(graveyard)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(graveyard, ignore_errors=True)
+
+    def _make_parent(self, key: str, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise InvalidKeyError("a leading part of this key is an object in the file store", key=key) from None
+        if path.is_dir():
+            raise InvalidKeyError("this key is a folder of other objects in the file store", key=key)
+
+    @contextlib.contextmanager
+    def _staged_file(self, *, directory: bool = False) -> Iterator[tuple[Path, int]]:
+        """A new temp file (open fd) or folder (fd -1) in the store's tmp area, removed unless moved away."""
+        path = self._tmp / f"{uuid.uuid4().hex}.part"
+        if directory:
+            path.mkdir()
+            try:
+                yield path, -1
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            yield path, fd
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    @contextlib.contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        name = hashlib.sha256(key.encode()).hexdigest()
+        fd = os.open(self._locks / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+
+def _crc32c_of(data: bytes | memoryview, value: int = 0) -> int:
+    return crc32c(data, value)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _append_file(fd: int, source: Path) -> int:
+    """Append `source` to the open file `fd` in the kernel (copy_file_range), returning its size."""
+    with open(source, "rb") as reader:
+        size = os.fstat(reader.fileno()).st_size
+        left = size
+        while left:
+            copied = os.copy_file_range(reader.fileno(), fd, left)
+            if copied == 0:
+                raise StorageError(f"staged part {source.name} shrank during completion")
+            left -= copied
+    return size
+
+
+def _set_metadata(fd: int, etag: str, checksum: str) -> None:
+    os.setxattr(fd, _ETAG_ATTR, etag.encode())
+    os.setxattr(fd, _CRC32C_ATTR, checksum.encode())
+
+
+def _get_attr(fd: int, name: str) -> str | None:
+    try:
+        return os.getxattr(fd, name).decode()
+    except OSError as error:
+        if error.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
+
+
+def _replace(staged: Path, path: Path, key: str) -> None:
+    try:
+        staged.replace(path)
+    except IsADirectoryError:
+        raise InvalidKeyError("this key is a folder of other objects in the file store", key=key) from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
