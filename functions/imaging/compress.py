@@ -1,0 +1,125 @@
+"""A Map worker: compress a group of chunks into staged zstd frames (DESIGN §3).
+
+Each chunk's source reads are fetched by pread from the frozen layer files and handed to vhdcore, which merges the
+layers through their bitmaps and compresses one independent frame. A frame is staged before its result record, so
+a record's presence means the frame is whole: a retried worker (after a crash) skips those chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+
+import vhdcore
+from functions.imaging import keys
+from functions.imaging.errors import DiskCorruptError, DiskMissingError
+from functions.imaging.jobs import record_progress
+from functions.imaging.progress import measured_eta, step_started
+from functions.imaging.services import ImagingServices
+from functions.state import Job, Status
+from functions.storage import NotFoundError
+
+
+@dataclass(frozen=True)
+class StagedFrame:
+    """What Upload and the manifest need of a compressed chunk (the frame's bytes are staged beside it)."""
+
+    index: int
+    logical_bytes: int
+    sha256: str
+    crc32c: int
+    stored_blocks: list[int]
+    virtual_bytes: int
+    read_bytes: int
+    compressed_bytes: int
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    compressed: int
+    reused: int
+    virtual_bytes: int
+    read_bytes: int
+    compressed_bytes: int
+
+
+def load_plan(services: ImagingServices, plan_key: str) -> vhdcore.ImagePlan:
+    return vhdcore.ImagePlan.from_json(services.store.get(plan_key).decode())
+
+
+def load_frame(services: ImagingServices, job_id: str, index: int) -> StagedFrame:
+    return StagedFrame(**json.loads(services.store.get(keys.frame_result_key(job_id, index))))
+
+
+def _fetch_reads(
+    plan: vhdcore.ImagePlan, chunk: vhdcore.ChunkPlan, files: dict[int, int], stack: ExitStack
+) -> list[bytes]:
+    reads = []
+    for read in chunk.reads:
+        fd = files.get(read.layer)
+        if fd is None:
+            path = plan.layer_paths[read.layer]
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError as error:
+                raise DiskMissingError(f"layer {path} of the frozen chain is gone") from error
+            stack.callback(os.close, fd)
+            files[read.layer] = fd
+        data = os.pread(fd, read.length, read.file_offset)
+        if len(data) != read.length:
+            raise DiskCorruptError(
+                f"{plan.layer_paths[read.layer]}: read {len(data)} of {read.length} bytes at offset {read.file_offset}"
+            )
+        reads.append(data)
+    return reads
+
+
+def compress_group(services: ImagingServices, job: Job, plan_key: str, first: int, count: int) -> GroupResult:
+    """Compress chunks first .. first + count - 1 of the staged plan into staging, updating the job's progress."""
+    plan = load_plan(services, plan_key)
+    chunks = plan.chunks
+    if first < 0 or count < 1 or first + count > len(chunks):
+        raise DiskCorruptError(f"chunk group {first}+{count} is outside the plan's {len(chunks)} chunks")
+    started = step_started(job, Status.SAVING) or services.now()
+    totals = {"compressed": 0, "reused": 0, "virtual": 0, "read": 0, "bytes": 0}
+    files: dict[int, int] = {}
+    with ExitStack() as stack:
+        for chunk in chunks[first : first + count]:
+            try:
+                staged = load_frame(services, job.id, chunk.index)
+                totals["reused"] += 1
+            except NotFoundError:
+                staged = _compress_chunk(services, job, plan, chunk, _fetch_reads(plan, chunk, files, stack))
+                totals["compressed"] += 1
+                elapsed = (services.now() - started).total_seconds()
+                current = services.state.get_job(job.id)
+                eta = measured_eta(current.bytes_done + chunk.length, plan.virtual_size, elapsed, current.eta_seconds)
+                record_progress(services, job.id, add_bytes=chunk.length, total=plan.virtual_size, eta_seconds=eta)
+            totals["virtual"] += staged.virtual_bytes
+            totals["read"] += staged.read_bytes
+            totals["bytes"] += staged.compressed_bytes
+    return GroupResult(totals["compressed"], totals["reused"], totals["virtual"], totals["read"], totals["bytes"])
+
+
+def _compress_chunk(
+    services: ImagingServices, job: Job, plan: vhdcore.ImagePlan, chunk: vhdcore.ChunkPlan, reads: list[bytes]
+) -> StagedFrame:
+    try:
+        frame = vhdcore.compress_fetched_chunk(plan, chunk.index, reads, services.config.level)
+    except vhdcore.VhdError as error:
+        raise DiskCorruptError(str(error)) from error
+    staged = StagedFrame(
+        index=chunk.index,
+        logical_bytes=frame.logical_bytes,
+        sha256=frame.sha256,
+        crc32c=frame.crc32c,
+        stored_blocks=list(frame.stored_blocks),
+        virtual_bytes=frame.virtual_bytes,
+        read_bytes=frame.read_bytes,
+        compressed_bytes=len(frame.frame),
+    )
+    services.store.put(keys.frame_key(job.id, chunk.index), frame.frame)
+    services.store.put(keys.frame_result_key(job.id, chunk.index), json.dumps(asdict(staged)).encode())
+    return staged

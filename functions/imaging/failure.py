@@ -1,0 +1,51 @@
+"""The failure path (DESIGN §3): the job ERROR with a reason code and an operator hint, the multipart upload
+aborted, staging removed, and the server's lock released if this job holds it. Safe to repeat."""
+
+from __future__ import annotations
+
+from functions.imaging import keys
+from functions.imaging.errors import Failure, failure_for
+from functions.imaging.finalize import delete_staging
+from functions.imaging.jobs import release_server_lock, revise_job
+from functions.imaging.services import ImagingServices
+from functions.state import Job, NotFoundError, Status
+from functions.state.models import TERMINAL_STATUSES
+from functions.storage.upload import abort_upload, find_resumable_upload
+
+MAX_DETAIL = 1024
+
+
+def fail_job(services: ImagingServices, job_id: str, error_name: str, cause: str) -> Failure:
+    """Record the failure `error_name` (the Lambda error's name) on the job and clean up after it."""
+    failure = failure_for(error_name)
+    try:
+        job = services.state.get_job(job_id)
+    except NotFoundError:
+        return failure  # the job was never recorded (e.g. its request was invalid or the server busy)
+    at = services.now()
+
+    def mark(current: Job) -> Job | None:
+        if current.status in TERMINAL_STATUSES:
+            return None
+        detail = f"{error_name}: {cause}"[:MAX_DETAIL]
+        return current.transition(Status.ERROR, at=at, detail=detail, error_code=failure.code, error_hint=failure.hint)
+
+    job = revise_job(services, job_id, mark)
+    if job.status is Status.ERROR:
+        services.state.update_image_status(job.image_id, Status.ERROR)
+    _abort_uploads(services, job)
+    delete_staging(services, job.id)
+    release_server_lock(services, job)
+    return failure
+
+
+def _abort_uploads(services: ImagingServices, job: Job) -> None:
+    """Abort the job's recorded upload and any other left on its image's key (an Upload that died before
+    recording its id)."""
+    key = keys.image_key(job.image_id)
+    aborted: set[str] = set()
+    upload_id = job.upload_id or find_resumable_upload(services.store, key)
+    while upload_id is not None and upload_id not in aborted:
+        abort_upload(services.store, key, upload_id, services.config.retry)
+        aborted.add(upload_id)
+        upload_id = find_resumable_upload(services.store, key)

@@ -1,0 +1,149 @@
+"""A job's life on the StateStore: created QUEUED with its image record, moved SAVING → UPLOADING → ACTIVE or to
+ERROR with a code and hint, its bytes and ETA updated as work completes, and the per-server imaging lock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from functions.imaging.errors import InvalidRequestError, ServerBusyError
+from functions.imaging.services import ImagingServices
+from functions.state import (
+    AlreadyExistsError,
+    Image,
+    InvalidIdError,
+    Job,
+    NotFoundError,
+    Status,
+    VersionConflictError,
+    validate_id,
+)
+
+MAX_UPDATE_ATTEMPTS = 50
+"""Map workers update one job concurrently; each lost race re-reads and re-applies (bounded, never a livelock)."""
+
+
+@dataclass(frozen=True)
+class ImagingRequest:
+    """What starts a job: a registered server or a leaf disk (read-only), and the ids the caller chose."""
+
+    job_id: str
+    image_id: str
+    tenant: str
+    name: str
+    server_id: str | None = None
+    disk: str | None = None
+
+
+def start_job(services: ImagingServices, request: ImagingRequest) -> Job:
+    """Validate the request, take the server's lock, and record the job (QUEUED, 0%) and its image.
+
+    Repeating the call for the same job id (a retried Prepare) returns the stored job. ServerBusyError if another
+    job holds the server's lock.
+    """
+    try:
+        validate_id("job", request.job_id)
+        validate_id("image", request.image_id)
+        validate_id("tenant", request.tenant)
+        if request.server_id is not None:
+            validate_id("server", request.server_id)
+    except InvalidIdError as error:
+        raise InvalidRequestError(str(error)) from error
+    if (request.server_id is None) == (request.disk is None):
+        raise InvalidRequestError("an image is made of a server or of a disk, exactly one of the two")
+    state = services.state
+    try:
+        existing = state.get_job(request.job_id)
+    except NotFoundError:
+        existing = None
+    if existing is not None:
+        if existing.image_id != request.image_id:
+            raise InvalidRequestError(f"job {request.job_id} exists for another image")
+        return existing
+    if request.server_id is not None:
+        try:
+            server = state.get_server(request.server_id)
+        except NotFoundError as error:
+            raise InvalidRequestError(f"server {request.server_id!r} is not registered") from error
+        if server.tenant != request.tenant:
+            raise InvalidRequestError(f"server {request.server_id!r} is not registered")
+        if not state.acquire_lock(request.server_id, request.job_id, services.config.lock_ttl_s):
+            raise ServerBusyError(f"server {request.server_id} is being imaged by another job")
+    now = services.now()
+    job = Job.queued(
+        at=now,
+        id=request.job_id,
+        tenant=request.tenant,
+        server_id=request.server_id,
+        disk=request.disk,
+        image_id=request.image_id,
+        execution_name=request.job_id,
+    )
+    image = Image(
+        id=request.image_id,
+        tenant=request.tenant,
+        server_id=request.server_id,
+        job_id=request.job_id,
+        name=request.name,
+        created_at=now,
+    )
+    state.put_image(image)
+    try:
+        return state.create_job(job)
+    except AlreadyExistsError:
+        return state.get_job(request.job_id)
+
+
+def revise_job(services: ImagingServices, job_id: str, change: Callable[[Job], Job | None]) -> Job:
+    """Apply `change` to the stored job with optimistic concurrency; `change` returning None means nothing to do."""
+    for _ in range(MAX_UPDATE_ATTEMPTS):
+        current = services.state.get_job(job_id)
+        revised = change(current)
+        if revised is None:
+            return current
+        try:
+            return services.state.update_job(revised)
+        except VersionConflictError:
+            continue
+    raise VersionConflictError("job", job_id, -1, None)
+
+
+def advance_job(services: ImagingServices, job_id: str, status: Status, detail: str | None = None) -> Job:
+    """Move the job to its next step (idempotent: a job already there stays as it is); the image follows."""
+    at = services.now()
+
+    def change(job: Job) -> Job | None:
+        if job.status is status:
+            return None
+        return job.transition(status, at=at, detail=detail).revised(bytes_done=0, bytes_total=None)
+
+    job = revise_job(services, job_id, change)
+    services.state.update_image_status(job.image_id, status)
+    return job
+
+
+def record_progress(
+    services: ImagingServices, job_id: str, *, add_bytes: int, total: int, eta_seconds: float | None
+) -> Job:
+    """Count `add_bytes` more bytes done of `total` in the job's current step, with a new ETA."""
+
+    def change(job: Job) -> Job:
+        done = min(total, job.bytes_done + add_bytes)
+        return job.revised(bytes_done=done, bytes_total=total, eta_seconds=eta_seconds)
+
+    return revise_job(services, job_id, change)
+
+
+def set_progress(services: ImagingServices, job_id: str, *, done: int, total: int, eta_seconds: float | None) -> Job:
+    return revise_job(
+        services,
+        job_id,
+        lambda job: job.revised(bytes_done=min(done, total), bytes_total=total, eta_seconds=eta_seconds),
+    )
+
+
+def release_server_lock(services: ImagingServices, job: Job) -> bool:
+    """Release the server's lock if this job holds it (a job that failed to take it must not free another's)."""
+    if job.server_id is None:
+        return False
+    return services.state.release_lock(job.server_id, job.id)

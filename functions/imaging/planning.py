@@ -1,0 +1,107 @@
+"""Estimate (size, time) and the chunk plan of a frozen chain, staged for the Map's workers (DESIGN §3).
+
+The plan (reads per chunk, from metadata alone) is staged as one object; the Map's items are only ranges of chunk
+indices, so the execution's payload stays small whatever the disk's size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from functions.imaging import keys
+from functions.imaging.disks import open_disk
+from functions.imaging.errors import FlavorTooSlowError
+from functions.imaging.jobs import set_progress
+from functions.imaging.progress import flavor_class, upload_seconds
+from functions.imaging.services import ImagingServices
+from functions.imaging.snapshot import FrozenChain
+from functions.state import Job
+
+
+@dataclass(frozen=True)
+class ChunkGroup:
+    """One Map item: chunks first .. first + count - 1."""
+
+    first: int
+    count: int
+
+
+@dataclass(frozen=True)
+class StagedPlan:
+    plan_key: str
+    groups: list[ChunkGroup]
+    concurrency: int
+    chunks: int
+    virtual_size: int
+    estimated_compressed_bytes: int
+    estimated_low: int
+    estimated_high: int
+    predicted_seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def estimate_key(job_id: str) -> str:
+    return f"{keys.staging_prefix(job_id)}estimate.json"
+
+
+def group_chunks(lengths: list[int], group_bytes: int) -> list[ChunkGroup]:
+    """Consecutive chunks, at most `group_bytes` of virtual disk per group (at least one chunk each)."""
+    groups: list[ChunkGroup] = []
+    first = size = 0
+    for index, length in enumerate(lengths):
+        if index > first and size + length > group_bytes:
+            groups.append(ChunkGroup(first, index - first))
+            first, size = index, 0
+        size += length
+    if lengths:
+        groups.append(ChunkGroup(first, len(lengths) - first))
+    return groups
+
+
+def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> StagedPlan:
+    """Estimate the image, stage its chunk plan, and set the job's ETA; FlavorTooSlowError if it cannot finish."""
+    config = services.config
+    chain = open_disk(frozen.leaf)
+    estimate = chain.estimate(level=config.level, chunk_size=config.chunk_size)
+    plan = chain.plan(config.chunk_size)
+    flavor = services.state.get_server(job.server_id).flavor if job.server_id is not None else None
+    predicted = estimate.predicted_seconds + upload_seconds(estimate.compressed_bytes, flavor)
+    if predicted > config.max_job_s:
+        raise FlavorTooSlowError(
+            f"imaging would take about {predicted:.0f} s on a {flavor_class(flavor)} host, "
+            f"more than the {config.max_job_s:.0f} s a job may run"
+        )
+    key = keys.plan_key(job.id)
+    services.store.put(key, plan.to_json().encode())
+    services.store.put(
+        estimate_key(job.id),
+        json.dumps(
+            {
+                "virtual_size": estimate.virtual_size,
+                "allocated_bytes": estimate.allocated_bytes,
+                "unallocated_bytes": estimate.unallocated_bytes,
+                "estimated_nonzero_bytes": estimate.estimated_nonzero_bytes,
+                "compressed_bytes": estimate.compressed_bytes,
+                "low": estimate.low,
+                "high": estimate.high,
+                "predicted_seconds": predicted,
+                "flavor_class": flavor_class(flavor),
+            }
+        ).encode(),
+    )
+    groups = group_chunks([chunk.length for chunk in plan.chunks], config.group_bytes)
+    set_progress(services, job.id, done=0, total=plan.virtual_size, eta_seconds=predicted)
+    return StagedPlan(
+        plan_key=key,
+        groups=groups,
+        concurrency=config.map_concurrency,
+        chunks=len(plan),
+        virtual_size=plan.virtual_size,
+        estimated_compressed_bytes=estimate.compressed_bytes,
+        estimated_low=estimate.low,
+        estimated_high=estimate.high,
+        predicted_seconds=predicted,
+    )

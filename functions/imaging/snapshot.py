@@ -1,0 +1,70 @@
+"""Freezing the chain to image (DESIGN §1, 25%): a registered server continues on a new empty differencing leaf
+under the store's `sr/<server>/`, its active-disk pointer moved atomically; an unregistered disk is imaged as it is."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass
+
+import vhdcore
+from functions.imaging import keys
+from functions.imaging.disks import open_disk
+from functions.imaging.errors import DiskBusyError, DiskCorruptError
+from functions.imaging.jobs import advance_job
+from functions.imaging.services import ImagingServices
+from functions.state import Job, PreconditionFailedError, Status
+from functions.storage import NotFoundError
+
+
+@dataclass(frozen=True)
+class FrozenChain:
+    """The chain that gets imaged: its leaf (never written again) and, for a server, the leaf it now runs on."""
+
+    leaf: str
+    layers: list[str]
+    virtual_size: int
+    new_leaf: str | None
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def snapshot_key(job_id: str) -> str:
+    return f"{keys.staging_prefix(job_id)}snapshot.json"
+
+
+def freeze(services: ImagingServices, job: Job) -> FrozenChain:
+    """Freeze the job's chain once (a retried call returns the first result) and move the job to SAVING."""
+    try:
+        frozen = FrozenChain(**json.loads(services.store.get(snapshot_key(job.id))))
+    except NotFoundError:
+        frozen = _freeze_server(services, job.server_id) if job.server_id is not None else _read_only(job)
+        services.store.put(snapshot_key(job.id), json.dumps(frozen.to_json()).encode())
+    advance_job(services, job.id, Status.SAVING, detail=f"frozen chain of depth {len(frozen.layers)}")
+    return frozen
+
+
+def _read_only(job: Job) -> FrozenChain:
+    if job.disk is None:
+        raise DiskCorruptError(f"job {job.id} names no disk")
+    chain = open_disk(job.disk)
+    return FrozenChain(chain.leaf.path, [layer.path for layer in chain.layers], chain.virtual_size, None)
+
+
+def _freeze_server(services: ImagingServices, server_id: str) -> FrozenChain:
+    server = services.state.get_server(server_id)
+    chain = open_disk(server.disk)
+    new_key = keys.server_disk_key(server_id, str(uuid.uuid4()))
+    new_path = services.local_path(new_key)
+    new_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        vhdcore.snapshot(chain.leaf.path, str(new_path))
+    except vhdcore.VhdError as error:
+        raise DiskCorruptError(str(error)) from error
+    try:
+        services.state.swap_server_disk(server_id, expected_disk=server.disk, new_disk=str(new_path))
+    except PreconditionFailedError as error:
+        new_path.unlink(missing_ok=True)
+        raise DiskBusyError(f"server {server_id}'s disk moved while it was frozen: {error}") from error
+    return FrozenChain(chain.leaf.path, [layer.path for layer in chain.layers], chain.virtual_size, str(new_path))

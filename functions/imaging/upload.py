@@ -1,0 +1,212 @@
+"""Upload (50%): the head frame and the staged frames become the image object as one multipart upload.
+
+Parts follow frame boundaries (plan_frame_parts). A part that is exactly one staged frame of at least 5 MiB is
+copied inside the store (upload_part_copy: its bytes never pass through this process); the others are assembled
+and sent with their CRC32C. The upload id is recorded on the job first, so a retried Upload resumes (parts already
+stored with the right size and checksum are kept) and a failed job can abort it. The completed object's size and
+composite checksum (or multipart ETag) are verified against the parts.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import vhdcore
+from functions.imaging import keys
+from functions.imaging.compress import StagedFrame, load_frame, load_plan
+from functions.imaging.errors import ImageVerificationError, StorageUnavailableError
+from functions.imaging.jobs import advance_job, record_progress, revise_job
+from functions.imaging.progress import flavor_class, measured_eta
+from functions.imaging.services import ImagingServices
+from functions.state import Job, Status
+from functions.storage import StorageError
+from functions.storage.bandwidth import bucket_for_flavor_class
+from functions.storage.checksums import composite_crc32c, crc32c, md5_etag, multipart_etag, same_object_checksum
+from functions.storage.objects import MIN_PART_SIZE, ObjectInfo, PartInfo
+from functions.storage.parts import PartPlan, plan_frame_parts
+from functions.storage.retry import call_with_retries
+
+UPLOAD_CONCURRENCY = 4
+
+
+@dataclass(frozen=True)
+class ObjectFrame:
+    """A frame's place in the image object; `index` None is the head."""
+
+    index: int | None
+    offset: int
+    compressed_bytes: int
+    crc32c: int
+    sha256: str
+    logical_bytes: int
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    number: int
+    offset: int
+    length: int
+    crc32c: int
+    etag: str
+    copied: bool
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    key: str
+    upload_id: str
+    size: int
+    etag: str
+    image_bytes: int
+    frames: list[ObjectFrame]
+    parts: list[StoredPart]
+    parts_copied: int
+    seconds: float
+
+
+def upload_record_key(job_id: str) -> str:
+    return f"{keys.staging_prefix(job_id)}upload.json"
+
+
+def load_upload(services: ImagingServices, job_id: str) -> UploadedImage:
+    raw = json.loads(services.store.get(upload_record_key(job_id)))
+    raw["frames"] = [ObjectFrame(**frame) for frame in raw["frames"]]
+    raw["parts"] = [StoredPart(**part) for part in raw["parts"]]
+    return UploadedImage(**raw)
+
+
+def upload_image(services: ImagingServices, job: Job, plan_key: str, flavor: str | None) -> UploadedImage:
+    """Assemble, upload, complete and verify the image object; StorageUnavailableError if the store fails."""
+    started = services.monotonic()
+    job = advance_job(services, job.id, Status.UPLOADING)
+    try:
+        return _upload(services, job, plan_key, flavor, started)
+    except StorageError as error:
+        raise StorageUnavailableError(str(error)) from error
+
+
+def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | None, started: float) -> UploadedImage:
+    store, retry = services.store, services.config.retry
+    plan = load_plan(services, plan_key)
+    staged = [load_frame(services, job.id, chunk.index) for chunk in plan.chunks]
+    head = vhdcore.compress_head(
+        plan, [(frame.stored_blocks, frame.logical_bytes) for frame in staged], services.config.level
+    )
+    frames = _layout(head, staged)
+    parts = plan_frame_parts([frame.compressed_bytes for frame in frames], services.config.part_size)
+    size = sum(frame.compressed_bytes for frame in frames)
+    key = keys.image_key(job.image_id)
+
+    upload_id = job.upload_id
+    stored: dict[int, PartInfo] = {}
+    if upload_id is not None:
+        resumed = upload_id
+        try:
+            stored = {part.number: part for part in call_with_retries(lambda: store.list_parts(key, resumed), retry)}
+        except StorageError:
+            upload_id = None  # gone (aborted or expired): start again
+    if upload_id is None:
+        upload_id = call_with_retries(lambda: store.create_multipart(key), retry)
+        new_id = upload_id
+        revise_job(services, job.id, lambda current: current.revised(upload_id=new_id))
+
+    bucket = bucket_for_flavor_class(flavor_class(flavor)) if flavor is not None else None
+
+    def send(part: PartPlan) -> StoredPart:
+        members = _frames_in(part, frames)
+        copy_index = members[0].index if len(members) == 1 and members[0].compressed_bytes >= MIN_PART_SIZE else None
+        if copy_index is not None:
+            expected_crc = members[0].crc32c
+            have = stored.get(part.number)
+            if have is not None and have.size == part.length and have.crc32c == expected_crc:
+                info = have
+            else:
+                source = keys.frame_key(job.id, copy_index)
+                info = call_with_retries(
+                    lambda: store.upload_part_copy(key, upload_id, part.number, source, 0, part.length), retry
+                )
+            copied = True
+        else:
+            data = b"".join(
+                head.frame if frame.index is None else store.get(keys.frame_key(job.id, frame.index))
+                for frame in members
+            )
+            expected_crc = crc32c(data)
+            have = stored.get(part.number)
+            if (
+                have is not None
+                and have.size == len(data)
+                and (have.crc32c == expected_crc or have.etag == md5_etag(data))
+            ):
+                info = have
+            else:
+                if bucket is not None:
+                    bucket.acquire(len(data))
+                info = call_with_retries(
+                    lambda: store.upload_part(key, upload_id, part.number, data, expected_crc), retry
+                )
+            copied = False
+        if info.crc32c is not None and info.crc32c != expected_crc:
+            raise ImageVerificationError(
+                f"part {part.number} was stored with CRC32C {info.crc32c}, expected {expected_crc}"
+            )
+        elapsed = services.monotonic() - started
+        current = services.state.get_job(job.id)
+        eta = measured_eta(current.bytes_done + part.length, size, elapsed, None)
+        record_progress(services, job.id, add_bytes=part.length, total=size, eta_seconds=eta)
+        return StoredPart(part.number, part.offset, part.length, expected_crc, info.etag, copied)
+
+    with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY, thread_name_prefix="image-part") as pool:
+        sent = list(pool.map(send, parts))
+    infos = [PartInfo(part.number, part.length, part.etag, part.crc32c) for part in sent]
+    completed = call_with_retries(lambda: store.complete_multipart(key, upload_id, infos), retry)
+    _verify_object(services, key, size, sent, completed)
+    result = UploadedImage(
+        key=key,
+        upload_id=upload_id,
+        size=size,
+        etag=completed.etag,
+        image_bytes=sum(frame.logical_bytes for frame in frames),
+        frames=frames,
+        parts=sent,
+        parts_copied=sum(part.copied for part in sent),
+        seconds=services.monotonic() - started,
+    )
+    store.put(upload_record_key(job.id), json.dumps(asdict(result)).encode())
+    return result
+
+
+def _layout(head: vhdcore.ChunkFrame, staged: list[StagedFrame]) -> list[ObjectFrame]:
+    frames = [ObjectFrame(None, 0, len(head.frame), head.crc32c, head.sha256, head.logical_bytes)]
+    offset = len(head.frame)
+    for frame in staged:
+        frames.append(
+            ObjectFrame(frame.index, offset, frame.compressed_bytes, frame.crc32c, frame.sha256, frame.logical_bytes)
+        )
+        offset += frame.compressed_bytes
+    return frames
+
+
+def _frames_in(part: PartPlan, frames: list[ObjectFrame]) -> list[ObjectFrame]:
+    """The frames with bytes in `part` (empty frames, of all-unallocated chunks, add nothing)."""
+    return [frame for frame in frames if frame.compressed_bytes > 0 and part.offset <= frame.offset < part.end]
+
+
+def _verify_object(
+    services: ImagingServices, key: str, size: int, parts: list[StoredPart], completed: ObjectInfo
+) -> None:
+    info = call_with_retries(lambda: services.store.head(key), services.config.retry)
+    if info.size != size:
+        raise ImageVerificationError(f"the image object has {info.size} bytes, expected {size}")
+    if info.checksum_crc32c is not None:
+        expected = composite_crc32c([part.crc32c for part in parts])
+        if not same_object_checksum(info.checksum_crc32c, expected):
+            raise ImageVerificationError(f"the image object's CRC32C is {info.checksum_crc32c}, expected {expected}")
+    elif all(len(part.etag) == 32 for part in parts):
+        expected_etag = multipart_etag([part.etag for part in parts])
+        if info.etag != expected_etag:
+            raise ImageVerificationError(f"the image object's ETag is {info.etag}, expected {expected_etag}")
+    if completed.etag != info.etag:
+        raise ImageVerificationError(f"the image object changed after completion ({completed.etag} → {info.etag})")
