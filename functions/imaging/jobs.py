@@ -115,7 +115,11 @@ def advance_job(services: ImagingServices, job_id: str, status: Status, detail: 
     def change(job: Job) -> Job | None:
         if job.status is status:
             return None
-        return job.transition(status, at=at, detail=detail).revised(bytes_done=0, bytes_total=None)
+        moved = job.transition(status, at=at, detail=detail)
+        if status is Status.ACTIVE:  # the last step's bytes stay, all done
+            total = job.bytes_total if job.bytes_total is not None else job.bytes_done
+            return moved.revised(bytes_done=total, bytes_total=total)
+        return moved.revised(bytes_done=0, bytes_total=None)
 
     job = revise_job(services, job_id, change)
     services.state.update_image_status(job.image_id, status)

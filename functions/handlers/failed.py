@@ -1,0 +1,34 @@
+"""Failed: the job ERROR with a reason code and an operator hint, the upload aborted, staging removed, the lock
+released if this job holds it. Returns `{"error": CODE, "cause": HINT}` for the execution's Fail state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.parser import event_parser
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from functions.handlers.events import FailedEvent
+from functions.handlers.runtime import METRICS_NAMESPACE, SERVICE_NAME, services
+from functions.imaging.errors import failure_for
+from functions.imaging.failure import fail_job
+
+logger = Logger(service=SERVICE_NAME)
+tracer = Tracer(service=SERVICE_NAME)
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+@event_parser(model=FailedEvent)
+def handler(event: FailedEvent, context: LambdaContext) -> dict[str, Any]:
+    state = event.request
+    job_id = state.job.job_id if state.job is not None else state.job_id
+    error = state.failure.Error
+    failure = fail_job(services(), job_id, error, state.failure.Cause) if job_id else failure_for(error)
+    metrics.add_metric(name="ImagesFailed", unit=MetricUnit.Count, value=1)
+    logger.warning("job failed", extra={"job_id": job_id, "error": error, "code": failure.code})
+    return {"error": failure.code, "cause": failure.hint}

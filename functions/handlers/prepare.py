@@ -1,0 +1,44 @@
+"""Prepare: validate the request, take the server's lock, record the job at 0% (QUEUED)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.parser import event_parser
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from functions.handlers.events import JobRef, PrepareEvent
+from functions.handlers.runtime import METRICS_NAMESPACE, SERVICE_NAME, services
+from functions.imaging.jobs import ImagingRequest, start_job
+
+logger = Logger(service=SERVICE_NAME)
+tracer = Tracer(service=SERVICE_NAME)
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+@event_parser(model=PrepareEvent)
+def handler(event: PrepareEvent, context: LambdaContext) -> dict[str, Any]:
+    request = event.request
+    ctx = services()
+    job = start_job(
+        ctx,
+        ImagingRequest(
+            job_id=request.job_id,
+            image_id=request.image_id,
+            tenant=request.tenant,
+            name=request.name,
+            server_id=request.server_id,
+            disk=request.disk,
+        ),
+    )
+    metrics.add_metric(name="JobsStarted", unit=MetricUnit.Count, value=1)
+    logger.info("job queued", extra={"job_id": job.id, "server_id": job.server_id, "disk": job.disk})
+    deadline = job.created_at + timedelta(seconds=ctx.config.coalesce_deadline_s)
+    ref = JobRef(job_id=job.id, image_id=job.image_id, server_id=job.server_id, coalesce_deadline=deadline)
+    return ref.model_dump(mode="json")

@@ -1,0 +1,36 @@
+"""Upload: job at 50% (UPLOADING); the staged frames become the image object (multipart), completed and verified."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.parser import event_parser
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from functions.handlers.events import UploadEvent
+from functions.handlers.runtime import METRICS_NAMESPACE, SERVICE_NAME, services
+from functions.imaging.upload import upload_image
+
+logger = Logger(service=SERVICE_NAME)
+tracer = Tracer(service=SERVICE_NAME)
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+@event_parser(model=UploadEvent)
+def handler(event: UploadEvent, context: LambdaContext) -> dict[str, Any]:
+    ctx = services()
+    job = ctx.state.get_job(event.job.job_id)
+    flavor = ctx.state.get_server(job.server_id).flavor if job.server_id is not None else None
+    uploaded = upload_image(ctx, job, event.plan.plan_key, flavor)
+    metrics.add_metric(name="ImageBytes", unit=MetricUnit.Bytes, value=uploaded.size)
+    metrics.add_metric(name="UploadSeconds", unit=MetricUnit.Seconds, value=uploaded.seconds)
+    if uploaded.size:
+        ratio = event.plan.virtual_size / uploaded.size
+        metrics.add_metric(name="CompressionRatio", unit=MetricUnit.NoUnit, value=ratio)
+    logger.info("image uploaded", extra={"job_id": job.id, "key": uploaded.key, "parts": len(uploaded.parts)})
+    return {"key": uploaded.key, "size": uploaded.size, "parts": len(uploaded.parts), "copied": uploaded.parts_copied}
