@@ -15,7 +15,7 @@ from functions.imaging.errors import ServerBusyError
 from functions.imaging.failure import fail_job
 from functions.imaging.jobs import ImagingRequest, start_job
 from functions.imaging.services import ImagingServices
-from functions.state import Job, NotFoundError, Server
+from functions.state import ImageOrigin, Job, NotFoundError, Server
 
 Launcher = Callable[[ImagingRequest], None]
 """Starts the imaging execution of a recorded job (the embedded engine, or Step Functions on AWS)."""
@@ -59,6 +59,7 @@ def request_image(
     name: str | None = None,
     job_id: str | None = None,
     image_id: str | None = None,
+    origin: ImageOrigin = ImageOrigin.ON_DEMAND,
 ) -> Job:
     """Record and start an image of a tenant's server; ServerBeingImagedError (with the running job) if busy."""
     server = server_of_tenant(services, tenant, server_id)
@@ -68,6 +69,7 @@ def request_image(
         tenant=tenant,
         name=name or f"{server.name} {services.now():%Y-%m-%d %H:%M} UTC",
         server_id=server.id,
+        origin=origin,
     )
     try:
         job = start_job(services, request)

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from functions.state import Schedule, ScheduleFrequency, StateStore
+from functions.catalog.requests import Launcher, request_image
+from functions.imaging.services import ImagingServices
+from functions.state import ImageOrigin, Schedule, ScheduleFrequency, StateStore
 
 MAX_LATENESS = timedelta(days=7)
 """A window older than this is skipped rather than imaged (a schedule paused for weeks starts afresh)."""
@@ -93,3 +95,21 @@ def run_due(state: StateStore, now: datetime, start: Callable[[DueImage], None])
         state.claim_schedule_window(due.server_id, due.window)
         started.append(due)
     return RunOutcome(started=started, failed=failed)
+
+
+def scheduled_starter(services: ImagingServices, launch: Launcher) -> Callable[[DueImage], None]:
+    """`start` for run_due: request the scheduled image with its deterministic ids (idempotent)."""
+
+    def start(due: DueImage) -> None:
+        request_image(
+            services,
+            launch,
+            tenant=due.tenant,
+            server_id=due.server_id,
+            name=due.name,
+            job_id=due.job_id,
+            image_id=due.image_id,
+            origin=ImageOrigin.SCHEDULED,
+        )
+
+    return start

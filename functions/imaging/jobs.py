@@ -11,6 +11,7 @@ from functions.imaging.services import ImagingServices
 from functions.state import (
     AlreadyExistsError,
     Image,
+    ImageOrigin,
     InvalidIdError,
     Job,
     NotFoundError,
@@ -33,6 +34,7 @@ class ImagingRequest:
     name: str
     server_id: str | None = None
     disk: str | None = None
+    origin: ImageOrigin = ImageOrigin.ON_DEMAND
 
 
 def start_job(services: ImagingServices, request: ImagingRequest) -> Job:
@@ -85,6 +87,7 @@ def start_job(services: ImagingServices, request: ImagingRequest) -> Job:
         server_id=request.server_id,
         job_id=request.job_id,
         name=request.name,
+        origin=request.origin,
         created_at=now,
     )
     state.put_image(image)
