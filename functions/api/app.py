@@ -29,7 +29,6 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import (
 from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
 
 from functions.api.schemas import (
-    WEEKDAYS,
     CreateImageBody,
     ErrorBody,
     EstimateView,
@@ -41,6 +40,7 @@ from functions.api.schemas import (
 from functions.catalog.estimates import estimate_server
 from functions.catalog.images import ImageBusyError, delete_image
 from functions.catalog.requests import Launcher, ServerBeingImagedError, ServerNotFoundError, request_image
+from functions.catalog.schedules import WEEKDAYS
 from functions.catalog.tokens import tenant_of_token
 from functions.imaging.errors import ImagingError
 from functions.imaging.services import ImagingServices

@@ -7,9 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from functions.catalog.schedules import WEEKDAYS
 from functions.state import Image, Job, Schedule, ScheduleFrequency, Status
-
-WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
 
 class _Body(BaseModel):

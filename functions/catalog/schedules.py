@@ -18,6 +18,8 @@ from functions.catalog.requests import Launcher, request_image
 from functions.imaging.services import ImagingServices
 from functions.state import ImageOrigin, Schedule, ScheduleFrequency, StateStore
 
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+"""Schedule.weekday 0..6, as datetime.weekday() counts them."""
 MAX_LATENESS = timedelta(days=7)
 """A window older than this is skipped rather than imaged (a schedule paused for weeks starts afresh)."""
 
