@@ -31,13 +31,8 @@ def location_options(func: F) -> F:
     func = click.option(
         "--state", "state_url", default=None, help="State URL: sqlite:///PATH or dynamodb://TABLE (IMAGING_STATE)."
     )(func)
-    func = click.option(
-        "--store",
-        "store_url",
-        default=None,
-        help="Object store URL: file:///PATH or s3://BUCKET/PREFIX (IMAGING_STORE).",
-    )(func)
-    return func
+    store_help = "Object store URL: file:///PATH or s3://BUCKET/PREFIX (IMAGING_STORE)."
+    return click.option("--store", "store_url", default=None, help=store_help)(func)
 
 
 def open_services(store_url: str | None, state_url: str | None, endpoint_url: str | None) -> ImagingServices:
