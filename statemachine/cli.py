@@ -14,6 +14,7 @@ import click
 
 import vhdcore
 from statemachine.cli_common import UserError
+from statemachine.cli_api import schedule, serve, token
 from statemachine.cli_vhd import vhd
 
 HINTS: list[tuple[type[vhdcore.VhdError], str]] = [
@@ -73,6 +74,9 @@ def imaging() -> None:
 
 
 imaging.add_command(vhd)
+imaging.add_command(token)
+imaging.add_command(schedule)
+imaging.add_command(serve)
 
 
 def main() -> None:
