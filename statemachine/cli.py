@@ -27,6 +27,10 @@ HINTS: list[tuple[type[vhdcore.VhdError], str]] = [
         vhdcore.ParentMismatchError,
         "the parent file is not the disk this child was created on (its UUID differs): it was replaced or re-created",
     ),
+    (
+        vhdcore.CoalescePendingError,
+        "run `imaging vhd coalesce` on the chain's leaf to finish the interrupted coalesce; the content is intact",
+    ),
     (vhdcore.ChainCycleError, "the chain's parent links loop back; run `imaging vhd check` on the leaf"),
     (vhdcore.ChainTooDeepError, "the chain is deeper than the depth cap; coalesce it to shorten it"),
     (vhdcore.UnsupportedError, "this VHD uses a feature vhdcore does not support"),

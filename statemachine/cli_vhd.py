@@ -237,32 +237,57 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
+ProgressUpdate = Callable[[int, int], None]
+
+
+class ByteProgress:
+    """A rich progress bar on stderr (bytes, speed, ETA) whose label can change as the work moves on."""
+
+    def __init__(self, label: str) -> None:
+        # Imported here: rich is only needed for the bar, and the other commands start faster without it.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.task = self.bar.add_task(label, total=None)
+
+    def update(self, done: int, total: int, label: str | None = None) -> None:
+        if label is not None:
+            self.bar.update(self.task, description=label)
+        self.bar.update(self.task, completed=done, total=total)
+
+
 @contextmanager
-def export_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar on stderr (bytes, speed, ETA) fed by vhdcore's callback, or no callback at all."""
+def byte_progress(enabled: bool, label: str) -> Iterator[ByteProgress | None]:
+    """A [`ByteProgress`] shown while the block runs, or None when disabled."""
     if not enabled:
         yield None
         return
-    # Imported here: rich is only needed for the bar, and the other commands start faster without it.
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    progress = ByteProgress(label)
+    with progress.bar:
+        yield progress
 
-    progress = Progress(
-        TextColumn("exporting"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    task = progress.add_task("export", total=None)
 
-    def update(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
-
-    with progress:
-        yield update
+@contextmanager
+def export_progress(enabled: bool) -> Iterator[ProgressUpdate | None]:
+    """vhdcore's export callback feeding a progress bar, or no callback at all."""
+    with byte_progress(enabled, "exporting") as progress:
+        yield None if progress is None else progress.update
 
 
 @vhd.command()
@@ -573,3 +598,150 @@ def write(path: str, offset: int, source: str, as_json: bool) -> None:
         print_json({"path": path, "offset": offset, "bytes": written})
     else:
         click.echo(f"wrote {size_with_bytes(written)} at offset {offset} into {path}")
+
+
+COALESCE_STEP_BYTES = 64 * 1024 * 1024
+COALESCE_FILES_PREFIX = ".vhdcore-coalesce"  # the journal and the lock file
+
+
+def sibling_files(leaf: str) -> list[str]:
+    """The other files of the leaf's folder: the candidates for other children of the chain's layers."""
+    folder = Path(leaf).resolve().parent
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(COALESCE_FILES_PREFIX))
+
+
+def merge_dict(merge: vhdcore.CoalesceMerge) -> dict[str, Any]:
+    return {
+        "layer": merge.layer,
+        "parent": merge.parent,
+        "child": merge.child,
+        "duplicate_bytes": merge.duplicate_bytes,
+        "bytes_copied": merge.bytes_copied,
+        "file_bytes_freed": merge.file_bytes_freed,
+        "file_bytes_added": merge.file_bytes_added,
+    }
+
+
+def pending_dict(pending: vhdcore.PendingMerge | None) -> dict[str, Any] | None:
+    if pending is None:
+        return None
+    return {
+        "layer": pending.layer,
+        "parent": pending.parent,
+        "phase": pending.phase,
+        "bytes_copied": pending.bytes_copied,
+        "bytes_total": pending.bytes_total,
+    }
+
+
+def chain_depth(path: str) -> int | None:
+    """The chain's depth, or None while an interrupted coalesce leaves it unreadable (the next step repairs it)."""
+    try:
+        return vhdcore.open_chain(path).depth
+    except vhdcore.CoalescePendingError:
+        return None
+
+
+@vhd.command()
+@click.argument("path")
+@click.option(
+    "--budget-bytes",
+    type=SIZE,
+    default=None,
+    help="Do one bounded slice: copy about this many bytes (at least one block), then stop; run again to resume.",
+)
+@click.option(
+    "--budget-seconds",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Do one bounded slice of about this many seconds (at least one block), then stop; run again to resume.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar on stderr (default: when stderr is a terminal and --json is not given).",
+)
+@json_option
+def coalesce(
+    path: str, budget_bytes: int | None, budget_seconds: float | None, progress: bool | None, as_json: bool
+) -> None:
+    """Merge the read-only layers of PATH's chain into their parents, so the leaf ends on a single base.
+
+    The leaf's content never changes (only its parent pointer). A layer whose parent has another child among the
+    files of PATH's folder is left alone. A journal beside the chain makes this crash-safe: a run killed at any
+    point leaves the content intact, and the next run finishes the merge.
+    """
+    require_file(path)
+    depth_before = chain_depth(path)
+    siblings = sibling_files(path)
+    show = progress if progress is not None else (sys.stderr.isatty() and not as_json)
+    sliced = budget_bytes is not None or budget_seconds is not None
+    merges: list[vhdcore.CoalesceMerge] = []
+    recovered = False
+    steps = 0
+    with byte_progress(show, "coalescing") as bar:
+        while True:
+            step = vhdcore.coalesce_step(
+                path,
+                siblings,
+                budget_bytes=budget_bytes if sliced else COALESCE_STEP_BYTES,
+                budget_seconds=budget_seconds,
+            )
+            steps += 1
+            merges.extend(step.merges)
+            recovered |= step.recovered
+            if bar is not None and step.pending is not None:
+                pending = step.pending
+                label = f"merging {Path(pending.layer).name} into {Path(pending.parent).name}"
+                bar.update(pending.bytes_copied, pending.bytes_total, label)
+            if step.done or sliced:
+                break
+    totals = {
+        "duplicate_bytes": sum(m.duplicate_bytes for m in merges),
+        "bytes_copied": sum(m.bytes_copied for m in merges),
+        "file_bytes_freed": sum(m.file_bytes_freed for m in merges),
+        "file_bytes_added": sum(m.file_bytes_added for m in merges),
+    }
+    report: dict[str, Any] = {
+        "path": path,
+        "done": step.done,
+        "recovered": recovered,
+        "steps": steps,
+        "depth_before": depth_before,
+        "depth": step.depth,
+        "layers_merged": len(merges),
+        **totals,
+        "merges": [merge_dict(m) for m in merges],
+        "pending": pending_dict(step.pending),
+        "skipped": [{"layer": s.layer, "reason": s.reason} for s in step.skipped],
+    }
+    if as_json:
+        print_json(report)
+        return
+    state = "coalesced" if step.done else "coalesce paused (budget spent; run again to resume)"
+    before = "?" if depth_before is None else str(depth_before)
+    click.echo(
+        f"{state}: {path}: {len(merges)} layer{'s' if len(merges) != 1 else ''} merged, depth {before} -> {step.depth}"
+    )
+    rows = [
+        ("duplicates", f"{size_with_bytes(totals['duplicate_bytes'])} stored twice before, now once"),
+        ("copied", size_with_bytes(totals["bytes_copied"])),
+        ("files freed", size_with_bytes(totals["file_bytes_freed"])),
+        ("files grown", size_with_bytes(totals["file_bytes_added"])),
+    ]
+    if recovered:
+        rows.append(("resumed", "finished a coalesce left pending (paused or interrupted) by an earlier run"))
+    if step.pending is not None:
+        p = step.pending
+        rows.append(
+            (
+                "pending",
+                f"{Path(p.layer).name} into {Path(p.parent).name}: {p.phase}, "
+                f"{human_size(p.bytes_copied)} of {human_size(p.bytes_total)} copied",
+            )
+        )
+    print_fields(rows)
+    for merge in merges:
+        click.echo(f"  merged {merge.layer} into {merge.parent} (child {merge.child} relinked)")
+    for skipped in step.skipped:
+        click.echo(f"  left alone: {skipped.layer}: {skipped.reason}")

@@ -1,6 +1,6 @@
 """Typed stubs of the native module built from rust_core/crates/vhdcore-py."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, final
 
 DiskType = Literal["fixed", "dynamic", "differencing"]
@@ -32,6 +32,9 @@ class ParentMismatchError(ChainError): ...
 class ChainCycleError(ChainError): ...
 class ChainTooDeepError(ChainError): ...
 class InvalidArgumentError(VhdError): ...
+
+class CoalescePendingError(ChainError):
+    """A coalesce of the chain was interrupted and its journal is pending; run coalesce to finish it."""
 
 @final
 class Layer:
@@ -202,6 +205,68 @@ class Chain:
     def compress_chunk(self, plan: ImagePlan, index: int, level: int = 3) -> ChunkFrame: ...
     def estimate(self, level: int = 3, chunk_size: int = 67108864, seed: int | None = None) -> Estimate: ...
 
+CoalescePhase = Literal["copy", "relink", "remove"]
+
+@final
+class CoalesceMerge:
+    """One read-only layer merged into its parent (its child relinked to the parent, the layer deleted)."""
+
+    layer: str
+    parent: str
+    child: str
+    duplicate_bytes: int
+    """Bytes of the parent that the layer overwrote: stored twice before the merge."""
+    bytes_copied: int
+    file_bytes_freed: int
+    """Size of the deleted layer file."""
+    file_bytes_added: int
+    """Growth of the parent and child files."""
+
+@final
+class PendingMerge:
+    layer: str
+    parent: str
+    phase: CoalescePhase
+    bytes_copied: int
+    bytes_total: int
+
+@final
+class SkippedLayer:
+    layer: str
+    reason: str
+
+@final
+class CoalesceStep:
+    done: bool
+    """Nothing is left to merge and no journal is pending."""
+    recovered: bool
+    """The step finished a journal left by an interrupted run."""
+    merges: list[CoalesceMerge]
+    bytes_copied: int
+    pending: PendingMerge | None
+    skipped: list[SkippedLayer]
+    depth: int
+
+@final
+class CoalesceReport:
+    merges: list[CoalesceMerge]
+    steps: int
+    recovered: bool
+    skipped: list[SkippedLayer]
+    depth_before: int
+    depth: int
+    duplicate_bytes: int
+    bytes_copied: int
+    file_bytes_freed: int
+    file_bytes_added: int
+
+def coalesce_step(
+    leaf: str,
+    siblings: Sequence[str] = ...,
+    budget_bytes: int | None = None,
+    budget_seconds: float | None = None,
+) -> CoalesceStep: ...
+def coalesce(leaf: str, siblings: Sequence[str] = ..., step_bytes: int | None = None) -> CoalesceReport: ...
 def open_chain(path: str, max_depth: int = 30) -> Chain: ...
 def check(path: str, max_depth: int = 30) -> list[Problem]: ...
 def diff(old: str, new: str, max_depth: int = 30) -> Diff: ...

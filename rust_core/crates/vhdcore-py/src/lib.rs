@@ -24,6 +24,12 @@ create_exception!(_vhdcore, ParentMismatchError, ChainError, "The file found as 
 create_exception!(_vhdcore, ChainCycleError, ChainError, "The chain loops back on itself.");
 create_exception!(_vhdcore, ChainTooDeepError, ChainError, "The chain is deeper than the cap.");
 create_exception!(_vhdcore, InvalidArgumentError, VhdError, "A request the disk cannot honour.");
+create_exception!(
+    _vhdcore,
+    CoalescePendingError,
+    ChainError,
+    "A coalesce of the chain was interrupted and its journal is pending; run coalesce to finish it."
+);
 
 fn to_py_err(py: Python<'_>, err: vhdcore::VhdError) -> PyErr {
     let message = err.to_string();
@@ -39,6 +45,7 @@ fn to_py_err(py: Python<'_>, err: vhdcore::VhdError) -> PyErr {
         ErrorKind::ChainCycle => ChainCycleError::new_err(message),
         ErrorKind::ChainTooDeep => ChainTooDeepError::new_err(message),
         ErrorKind::InvalidArgument => InvalidArgumentError::new_err(message),
+        ErrorKind::CoalescePending => CoalescePendingError::new_err(message),
         ErrorKind::Interrupted => return pyo3::exceptions::PyKeyboardInterrupt::new_err("interrupted"),
     };
     let value = py_err.value(py);
@@ -637,6 +644,141 @@ fn write(py: Python<'_>, path: PathBuf, offset: u64, data: &[u8]) -> PyResult<()
     py.allow_threads(|| vhdcore::write(Path::new(&path), offset, &owned)).or_raise(py)
 }
 
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+#[derive(Clone)]
+struct CoalesceMerge {
+    layer: String,
+    parent: String,
+    child: String,
+    duplicate_bytes: u64,
+    bytes_copied: u64,
+    file_bytes_freed: u64,
+    file_bytes_added: u64,
+}
+
+impl CoalesceMerge {
+    fn from_core(m: &vhdcore::Merge) -> CoalesceMerge {
+        CoalesceMerge {
+            layer: m.layer.display().to_string(),
+            parent: m.parent.display().to_string(),
+            child: m.child.display().to_string(),
+            duplicate_bytes: m.duplicate_bytes,
+            bytes_copied: m.bytes_copied,
+            file_bytes_freed: m.file_bytes_freed,
+            file_bytes_added: m.file_bytes_added,
+        }
+    }
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+#[derive(Clone)]
+struct PendingMerge {
+    layer: String,
+    parent: String,
+    phase: String,
+    bytes_copied: u64,
+    bytes_total: u64,
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+#[derive(Clone)]
+struct SkippedLayer {
+    layer: String,
+    reason: String,
+}
+
+fn skipped_from_core(skipped: &[vhdcore::Skipped]) -> Vec<SkippedLayer> {
+    skipped.iter().map(|s| SkippedLayer { layer: s.layer.display().to_string(), reason: s.reason.clone() }).collect()
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct CoalesceStep {
+    done: bool,
+    recovered: bool,
+    merges: Vec<CoalesceMerge>,
+    bytes_copied: u64,
+    pending: Option<PendingMerge>,
+    skipped: Vec<SkippedLayer>,
+    depth: usize,
+}
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct CoalesceReport {
+    merges: Vec<CoalesceMerge>,
+    steps: u64,
+    recovered: bool,
+    skipped: Vec<SkippedLayer>,
+    depth_before: usize,
+    depth: usize,
+    duplicate_bytes: u64,
+    bytes_copied: u64,
+    file_bytes_freed: u64,
+    file_bytes_added: u64,
+}
+
+fn budget_duration(seconds: Option<f64>) -> PyResult<Option<std::time::Duration>> {
+    seconds
+        .map(|s| {
+            std::time::Duration::try_from_secs_f64(s).map_err(|_| {
+                InvalidArgumentError::new_err(format!("budget_seconds must be a finite number >= 0, not {s}"))
+            })
+        })
+        .transpose()
+}
+
+/// One bounded slice of coalescing: resumes a pending journal, then merges until the budget is spent.
+#[pyfunction]
+#[pyo3(signature = (leaf, siblings = Vec::new(), budget_bytes = None, budget_seconds = None))]
+fn coalesce_step(
+    py: Python<'_>,
+    leaf: PathBuf,
+    siblings: Vec<PathBuf>,
+    budget_bytes: Option<u64>,
+    budget_seconds: Option<f64>,
+) -> PyResult<CoalesceStep> {
+    let budget = vhdcore::Budget { bytes: budget_bytes, time: budget_duration(budget_seconds)? };
+    let step = py.allow_threads(|| vhdcore::coalesce_step(&leaf, &siblings, budget)).or_raise(py)?;
+    Ok(CoalesceStep {
+        done: step.done,
+        recovered: step.recovered,
+        merges: step.merges.iter().map(CoalesceMerge::from_core).collect(),
+        bytes_copied: step.bytes_copied,
+        pending: step.pending.map(|p| PendingMerge {
+            layer: p.layer.display().to_string(),
+            parent: p.parent.display().to_string(),
+            phase: p.phase.as_str().to_string(),
+            bytes_copied: p.bytes_copied,
+            bytes_total: p.bytes_total,
+        }),
+        skipped: skipped_from_core(&step.skipped),
+        depth: step.depth,
+    })
+}
+
+/// Coalesces the chain of `leaf` as far as it goes, in steps of `step_bytes` (resumable after a crash).
+#[pyfunction]
+#[pyo3(signature = (leaf, siblings = Vec::new(), step_bytes = None))]
+fn coalesce(
+    py: Python<'_>,
+    leaf: PathBuf,
+    siblings: Vec<PathBuf>,
+    step_bytes: Option<u64>,
+) -> PyResult<CoalesceReport> {
+    let report = py.allow_threads(|| vhdcore::coalesce(&leaf, &siblings, step_bytes)).or_raise(py)?;
+    Ok(CoalesceReport {
+        merges: report.merges.iter().map(CoalesceMerge::from_core).collect(),
+        steps: report.steps,
+        recovered: report.recovered,
+        skipped: skipped_from_core(&report.skipped),
+        depth_before: report.depth_before,
+        depth: report.depth,
+        duplicate_bytes: report.duplicate_bytes(),
+        bytes_copied: report.bytes_copied(),
+        file_bytes_freed: report.file_bytes_freed(),
+        file_bytes_added: report.file_bytes_added(),
+    })
+}
+
 #[pymodule]
 fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -653,6 +795,7 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ChainCycleError", py.get_type::<ChainCycleError>())?;
     m.add("ChainTooDeepError", py.get_type::<ChainTooDeepError>())?;
     m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;
+    m.add("CoalescePendingError", py.get_type::<CoalescePendingError>())?;
     m.add("DEFAULT_BLOCK_SIZE", vhdcore::DEFAULT_BLOCK_SIZE)?;
     m.add("MAX_CHAIN_DEPTH", vhdcore::MAX_CHAIN_DEPTH)?;
     m.add("MAX_VIRTUAL_SIZE", vhdcore::MAX_VIRTUAL_SIZE)?;
@@ -668,6 +811,11 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ChunkFrame>()?;
     m.add_class::<ImageStats>()?;
     m.add_class::<Estimate>()?;
+    m.add_class::<CoalesceMerge>()?;
+    m.add_class::<PendingMerge>()?;
+    m.add_class::<SkippedLayer>()?;
+    m.add_class::<CoalesceStep>()?;
+    m.add_class::<CoalesceReport>()?;
     m.add("DEFAULT_CHUNK_SIZE", vhdcore::DEFAULT_CHUNK_SIZE)?;
     m.add("DEFAULT_LEVEL", vhdcore::DEFAULT_LEVEL)?;
     m.add_function(wrap_pyfunction!(compress_fetched_chunk, m)?)?;
@@ -678,5 +826,7 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(create, m)?)?;
     m.add_function(wrap_pyfunction!(snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(write, m)?)?;
+    m.add_function(wrap_pyfunction!(coalesce_step, m)?)?;
+    m.add_function(wrap_pyfunction!(coalesce, m)?)?;
     Ok(())
 }

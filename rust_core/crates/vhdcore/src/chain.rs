@@ -37,12 +37,42 @@ fn candidate_paths(child: &Path, hint: &str) -> Vec<PathBuf> {
     out
 }
 
+fn pending_at(dir: PathBuf) -> Option<PathBuf> {
+    crate::journal::pending(&dir).then(|| crate::journal::journal_path(&dir))
+}
+
 fn canonical(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 impl Chain {
+    /// Opens the chain of `leaf`. A coalesce journal beside it (a merge interrupted or under way) adds a warning
+    /// when the chain reads consistently, and turns a failure to open into [`VhdError::CoalescePending`].
     pub fn open(leaf: &Path, max_depth: usize) -> Result<Chain> {
+        match Chain::open_unchecked(leaf, max_depth) {
+            Ok(mut chain) => {
+                if let Some(journal) =
+                    crate::coalesce::journal_dirs_of(leaf, Some(&chain)).into_iter().find_map(pending_at)
+                {
+                    chain.warnings.push(format!(
+                        "a coalesce of this chain is pending (journal {}); its content reads the same, and \
+                         `imaging vhd coalesce` finishes it",
+                        journal.display()
+                    ));
+                }
+                Ok(chain)
+            }
+            Err(cause) => match crate::coalesce::journal_dirs_of(leaf, None).into_iter().find_map(pending_at) {
+                Some(journal) => {
+                    Err(VhdError::CoalescePending { path: leaf.to_path_buf(), journal, cause: cause.to_string() })
+                }
+                None => Err(cause),
+            },
+        }
+    }
+
+    /// Opens the chain of `leaf` without looking for a coalesce journal.
+    pub fn open_unchecked(leaf: &Path, max_depth: usize) -> Result<Chain> {
         Chain::open_validated(leaf, max_depth, &mut Validator::fail_fast())
     }
 

@@ -19,6 +19,7 @@ pub enum ErrorKind {
     ChainTooDeep,
     InvalidArgument,
     Interrupted,
+    CoalescePending,
 }
 
 impl ErrorKind {
@@ -38,6 +39,7 @@ impl ErrorKind {
             ErrorKind::ChainTooDeep => "chain_too_deep",
             ErrorKind::InvalidArgument => "invalid_argument",
             ErrorKind::Interrupted => "interrupted",
+            ErrorKind::CoalescePending => "coalesce_pending",
         }
     }
 }
@@ -77,6 +79,8 @@ pub enum VhdError {
     InvalidArgument { path: Option<PathBuf>, what: String },
     #[error("{}: interrupted", path.display())]
     Interrupted { path: PathBuf },
+    #[error("{}: a coalesce of this chain was interrupted (journal {}); until it is finished: {cause}", path.display(), journal.display())]
+    CoalescePending { path: PathBuf, journal: PathBuf, cause: String },
 }
 
 fn fmt_paths(paths: &[PathBuf]) -> String {
@@ -113,6 +117,7 @@ impl VhdError {
             VhdError::ChainTooDeep { .. } => ErrorKind::ChainTooDeep,
             VhdError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
             VhdError::Interrupted { .. } => ErrorKind::Interrupted,
+            VhdError::CoalescePending { .. } => ErrorKind::CoalescePending,
         }
     }
 
@@ -130,7 +135,8 @@ impl VhdError {
             | VhdError::ParentMismatch { path, .. }
             | VhdError::ChainCycle { path, .. }
             | VhdError::ChainTooDeep { path, .. }
-            | VhdError::Interrupted { path } => Some(path),
+            | VhdError::Interrupted { path }
+            | VhdError::CoalescePending { path, .. } => Some(path),
             VhdError::InvalidArgument { path, .. } => path.as_deref(),
         }
     }
@@ -148,7 +154,10 @@ impl VhdError {
             VhdError::MissingParent { .. } => Some("header.parent_locator"),
             VhdError::ParentMismatch { .. } => Some("header.parent_uuid"),
             VhdError::ChainCycle { .. } | VhdError::ChainTooDeep { .. } => Some("header.parent_uuid"),
-            VhdError::Io { .. } | VhdError::InvalidArgument { .. } | VhdError::Interrupted { .. } => None,
+            VhdError::Io { .. }
+            | VhdError::InvalidArgument { .. }
+            | VhdError::Interrupted { .. }
+            | VhdError::CoalescePending { .. } => None,
         }
     }
 

@@ -1,10 +1,11 @@
-//! vhdcore: read, write, map, diff and flatten VHD chains.
+//! vhdcore: read, write, map, diff, flatten and coalesce VHD chains.
 //!
 //! A library a storage engineer can use alone, like `qemu-img`: it knows nothing of clouds, jobs or HTTP, only the
 //! disks it is handed. Every malformed input gives a typed [`VhdError`] naming the field and offset.
 
 pub mod chain;
 pub mod check;
+pub mod coalesce;
 pub mod compress;
 pub mod diff;
 pub mod disk;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod estimate;
 pub mod export;
 pub mod format;
+pub mod journal;
 pub mod map;
 pub mod plan;
 pub mod resolve;
@@ -20,6 +22,7 @@ pub mod writer;
 
 pub use chain::{Chain, MAX_CHAIN_DEPTH};
 pub use check::check;
+pub use coalesce::{coalesce, coalesce_step, Budget, CoalesceReport, Merge, Pending, Skipped, StepReport};
 pub use compress::{
     build_chunk, build_head, compress_chunk, compress_fetched_chunk, compress_head, compress_image, head_length,
     ChunkFrame, ImageStats, DEFAULT_LEVEL,

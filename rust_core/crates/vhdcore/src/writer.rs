@@ -144,7 +144,7 @@ pub fn create(path: &Path, size: u64, disk_type: DiskType, block_size: u32) -> R
 }
 
 /// The relative path from the child's folder to the parent, as locators store it.
-fn relative_parent_name(parent: &Path, child: &Path) -> Result<String> {
+pub(crate) fn relative_parent_name(parent: &Path, child: &Path) -> Result<String> {
     let parent_abs = std::fs::canonicalize(parent).map_err(|e| VhdError::io(parent, "resolve", e))?;
     let child_dir = child.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let child_dir = std::fs::canonicalize(child_dir).map_err(|e| VhdError::io(child_dir, "resolve", e))?;
