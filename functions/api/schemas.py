@@ -44,8 +44,7 @@ class ImageView(BaseModel):
 
     @classmethod
     def of(cls, image: Image, job: Job | None) -> ImageView:
-        manifest = image.manifest or {}
-        estimated = manifest.get("estimated_compressed_bytes")
+        estimated = (image.manifest or {}).get("estimated_compressed_size", {}).get("point")
         return cls(
             id=image.id,
             server_id=image.server_id,

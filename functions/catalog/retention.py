@@ -6,7 +6,7 @@ Never touched: on-demand images, images of other servers, and images that are no
 from __future__ import annotations
 
 from functions.catalog.images import delete_image_data
-from functions.state import Image, ImageOrigin, StateStore, Status
+from functions.state import Image, ImageOrigin, NotFoundError, StateStore, Status
 from functions.storage import ObjectStore
 
 
@@ -31,3 +31,12 @@ def apply_retention(state: StateStore, store: ObjectStore, server_id: str, keep:
         if state.delete_image(image.id):
             deleted.append(image.id)
     return deleted
+
+
+def keep_scheduled_images(state: StateStore, store: ObjectStore, server_id: str) -> list[str]:
+    """Apply the server's schedule's retention (nothing to do once the schedule is gone)."""
+    try:
+        schedule = state.get_schedule(server_id)
+    except NotFoundError:
+        return []
+    return apply_retention(state, store, server_id, schedule.retention)
