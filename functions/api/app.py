@@ -135,7 +135,7 @@ def build_app(deps: ApiDependencies) -> APIGatewayRestResolver:
         return None
 
     def _tenant_from_bearer(app: APIGatewayRestResolver) -> str | None:
-        header = app.current_event.get_header_value("Authorization") or ""
+        header = app.current_event.headers.get("Authorization") or ""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
@@ -205,14 +205,11 @@ def build_app(deps: ApiDependencies) -> APIGatewayRestResolver:
             ) from error
         return view(state.get_image(job.image_id)).model_dump(mode="json")
 
+    idempotency_config = IdempotencyConfig(
+        event_key_jmespath="key", payload_validation_jmespath="payload", expires_after_seconds=IDEMPOTENCY_TTL_S
+    )
     idempotent_create: Callable[..., dict[str, Any]] = idempotent_function(
-        data_keyword_argument="request",
-        persistence_store=deps.idempotency,
-        config=IdempotencyConfig(
-            event_key_jmespath="key",
-            payload_validation_jmespath="payload",
-            expires_after_seconds=IDEMPOTENCY_TTL_S,
-        ),
+        data_keyword_argument="request", persistence_store=deps.idempotency, config=idempotency_config
     )(_create)
 
     @app.post(
@@ -229,7 +226,7 @@ def build_app(deps: ApiDependencies) -> APIGatewayRestResolver:
             "tenant": tenant(),
             "payload": {"server_id": server.id, "body": (body or CreateImageBody()).model_dump(mode="json")},
         }
-        key = app.current_event.get_header_value(IDEMPOTENCY_KEY_HEADER)
+        key = app.current_event.headers.get(IDEMPOTENCY_KEY_HEADER)
         if key is None:
             return json_response(HTTPStatus.ACCEPTED, _create(request))
         if not (0 < len(key) <= 255 and key.isprintable()):
@@ -237,6 +234,8 @@ def build_app(deps: ApiDependencies) -> APIGatewayRestResolver:
                 HTTPStatus.BAD_REQUEST, "INVALID_IDEMPOTENCY_KEY", "Idempotency-Key is 1-255 printable characters"
             )
         request["key"] = f"{tenant()}/{key}"
+        # An in-progress record left by a request that died expires with the invocation's remaining time.
+        idempotency_config.register_lambda_context(app.lambda_context)
         deadline = time.monotonic() + IN_PROGRESS_WAIT_S
         while True:
             try:
