@@ -18,6 +18,7 @@ a separate moto server), which is why this does not use `moto.mock_aws`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -266,7 +267,10 @@ class LocalEngine:
                 if answer.status >= 300:
                     raise EngineError(f"moto refused the engine's configuration: HTTP {answer.status}")
             self._sfn = self.client("stepfunctions")
-            self.client("iam").create_role(RoleName=EXECUTION_ROLE_NAME, AssumeRolePolicyDocument=_TRUST_POLICY)
+            iam = self.client("iam")
+            # moto's backends outlive an engine: a later engine in this process finds the role there.
+            with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
+                iam.create_role(RoleName=EXECUTION_ROLE_NAME, AssumeRolePolicyDocument=_TRUST_POLICY)
         except BaseException:
             self.stop()
             raise
@@ -311,14 +315,19 @@ class LocalEngine:
         with _REGISTRY_LOCK:
             if arn in _REGISTRY:
                 raise EngineError(f"a function named {name!r} is already registered")
-        created = self.client("lambda").create_function(
-            FunctionName=name,
-            Runtime="python3.12",
-            Role=EXECUTION_ROLE,
-            Handler="handler.handler",
-            Code={"ZipFile": _function_zip()},
-            Timeout=int(timeout_s),
-        )
+        functions = self.client("lambda")
+        try:
+            created = functions.create_function(
+                FunctionName=name,
+                Runtime="python3.12",
+                Role=EXECUTION_ROLE,
+                Handler="handler.handler",
+                Code={"ZipFile": _function_zip()},
+                Timeout=int(timeout_s),
+            )
+        except functions.exceptions.ResourceConflictException:
+            # Left by an earlier engine of this process (moto's backends outlive it): the registry decides what runs.
+            created = functions.update_function_configuration(FunctionName=name, Timeout=int(timeout_s))
         if created["FunctionArn"] != arn:
             raise EngineError(f"unexpected ARN {created['FunctionArn']} for function {name}")
         with _REGISTRY_LOCK:

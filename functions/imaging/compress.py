@@ -76,8 +76,39 @@ def _fetch_reads(
     return reads
 
 
+def worker_failure_key(job_id: str, first: int) -> str:
+    return f"{keys.staging_prefix(job_id)}failures/{first:06d}.json"
+
+
+def recorded_worker_failure(services: ImagingServices, job_id: str) -> tuple[str, str] | None:
+    """The (error name, message) of a Map item that failed, if one did and none of its retries succeeded.
+
+    A Distributed Map that fails reports States.ExceedToleratedFailureThreshold, not its item's error; this keeps
+    the item's reason for the failure path (and catches an engine that lets a failed item pass unnoticed).
+    """
+    for info in services.store.list_objects(f"{keys.staging_prefix(job_id)}failures/"):
+        recorded = json.loads(services.store.get(info.key))
+        return str(recorded["error"]), str(recorded["message"])
+    return None
+
+
 def compress_group(services: ImagingServices, job: Job, plan_key: str, first: int, count: int) -> GroupResult:
-    """Compress chunks first .. first + count - 1 of the staged plan into staging, updating the job's progress."""
+    """Compress chunks first .. first + count - 1 of the staged plan into staging, updating the job's progress.
+
+    A failure is recorded (see recorded_worker_failure) before it propagates; a later success clears it.
+    """
+    failure_key = worker_failure_key(job.id, first)
+    try:
+        result = _compress_group(services, job, plan_key, first, count)
+    except Exception as error:
+        record = {"error": type(error).__name__, "message": str(error)}
+        services.store.put(failure_key, json.dumps(record).encode())
+        raise
+    services.store.delete(failure_key)
+    return result
+
+
+def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: int, count: int) -> GroupResult:
     plan = load_plan(services, plan_key)
     chunks = plan.chunks
     if first < 0 or count < 1 or first + count > len(chunks):

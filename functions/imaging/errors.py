@@ -75,6 +75,17 @@ class WorkerCrashed(ImagingError):  # noqa: N818 - the name the ASL retries
     hint = "a worker kept crashing: check the workers' memory and time limits, then image again"
 
 
+class ChunksNotCompressedError(ImagingError):
+    """Upload found chunks without a staged frame: a Map item failed (its recorded reason is used if known)."""
+
+    code = "WORKER_FAILED"
+    hint = "a compress worker failed: check the job's history for the reason, then image again"
+
+
+MAP_FAILURE_NAMES: Final = frozenset({"States.ExceedToleratedFailureThreshold", "ChunksNotCompressedError"})
+"""Failures that stand for a Map item's failure, whose own reason the failure path looks up."""
+
+
 @dataclass(frozen=True)
 class Failure:
     code: str
@@ -94,6 +105,7 @@ _IMAGING_ERRORS: Final[tuple[type[ImagingError], ...]] = (
     StorageUnavailableError,
     ImageVerificationError,
     WorkerCrashed,
+    ChunksNotCompressedError,
 )
 _BY_NAME: Final[dict[str, Failure]] = {cls.__name__: Failure(cls.code, cls.hint) for cls in _IMAGING_ERRORS}
 # Errors raised outside the imaging domain that still reach the Failed state by their class names.

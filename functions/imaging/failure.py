@@ -4,7 +4,8 @@ aborted, staging removed, and the server's lock released if this job holds it. S
 from __future__ import annotations
 
 from functions.imaging import keys
-from functions.imaging.errors import Failure, failure_for
+from functions.imaging.compress import recorded_worker_failure
+from functions.imaging.errors import MAP_FAILURE_NAMES, Failure, failure_for
 from functions.imaging.finalize import delete_staging
 from functions.imaging.jobs import release_server_lock, revise_job
 from functions.imaging.services import ImagingServices
@@ -17,11 +18,15 @@ MAX_DETAIL = 1024
 
 def fail_job(services: ImagingServices, job_id: str, error_name: str, cause: str) -> Failure:
     """Record the failure `error_name` (the Lambda error's name) on the job and clean up after it."""
-    failure = failure_for(error_name)
     try:
         job = services.state.get_job(job_id)
     except NotFoundError:
-        return failure  # the job was never recorded (e.g. its request was invalid or the server busy)
+        return failure_for(error_name)  # the job was never recorded (e.g. its request was invalid or the server busy)
+    if error_name in MAP_FAILURE_NAMES:
+        recorded = recorded_worker_failure(services, job_id)
+        if recorded is not None:
+            error_name, cause = recorded
+    failure = failure_for(error_name)
     at = services.now()
 
     def mark(current: Job) -> Job | None:

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass
 import vhdcore
 from functions.imaging import keys
 from functions.imaging.compress import StagedFrame, load_frame, load_plan
-from functions.imaging.errors import ImageVerificationError, StorageUnavailableError
+from functions.imaging.errors import ChunksNotCompressedError, ImageVerificationError, StorageUnavailableError
 from functions.imaging.jobs import advance_job, record_progress, revise_job
 from functions.imaging.progress import flavor_class, measured_eta
 from functions.imaging.services import ImagingServices
 from functions.state import Job, Status
-from functions.storage import StorageError
+from functions.storage import NotFoundError, StorageError
 from functions.storage.bandwidth import bucket_for_flavor_class
 from functions.storage.checksums import composite_crc32c, crc32c, md5_etag, multipart_etag, same_object_checksum
 from functions.storage.objects import MIN_PART_SIZE, ObjectInfo, PartInfo
@@ -90,7 +90,7 @@ def upload_image(services: ImagingServices, job: Job, plan_key: str, flavor: str
 def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | None, started: float) -> UploadedImage:
     store, retry = services.store, services.config.retry
     plan = load_plan(services, plan_key)
-    staged = [load_frame(services, job.id, chunk.index) for chunk in plan.chunks]
+    staged = _staged_frames(services, job.id, plan)
     head = vhdcore.compress_head(
         plan, [(frame.stored_blocks, frame.logical_bytes) for frame in staged], services.config.level
     )
@@ -176,6 +176,20 @@ def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | No
     )
     store.put(upload_record_key(job.id), json.dumps(asdict(result)).encode())
     return result
+
+
+def _staged_frames(services: ImagingServices, job_id: str, plan: vhdcore.ImagePlan) -> list[StagedFrame]:
+    """Every chunk's staged frame; ChunksNotCompressedError naming the missing chunks if a Map item failed."""
+    frames, missing = [], []
+    for chunk in plan.chunks:
+        try:
+            frames.append(load_frame(services, job_id, chunk.index))
+        except NotFoundError:
+            missing.append(chunk.index)
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise ChunksNotCompressedError(f"{len(missing)} chunks were not compressed: {shown}")
+    return frames
 
 
 def _layout(head: vhdcore.ChunkFrame, staged: list[StagedFrame]) -> list[ObjectFrame]:

@@ -1,0 +1,322 @@
+"""The real imaging ASL on the embedded engine with the real handlers, on a file store and SQLite in tmp_path.
+
+References: the image is checked with `zstd -d` and `qemu-img convert -f vpc -O raw` against the chain flattened by
+tests/support/pyvhd (an implementation independent of vhdcore); state is read back from the real SQLite store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import vhdcore
+from functions.state import SqliteStateStore, Status
+from functions.storage import FileObjectStore, StorageError
+from statemachine.engine import ExecutionResult, Handler
+from statemachine.local import LocalImaging
+from tests.support.files import snapshot_files
+from tests.support.pyvhd import flatten
+
+MIB = 1024**2
+CHUNK = 8 * MIB
+DISK_SIZE = 48 * MIB
+TIMEOUT_S = 180
+
+
+@dataclass(frozen=True)
+class Env:
+    root: Path
+    store: FileObjectStore
+    state: SqliteStateStore
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    store_root = tmp_path / "store"
+    state_path = tmp_path / "state.sqlite3"
+    monkeypatch.setenv("IMAGING_STORE", store_root.as_uri())
+    monkeypatch.setenv("IMAGING_STATE", f"sqlite:///{state_path}")
+    monkeypatch.setenv("IMAGING_CHUNK_SIZE", str(CHUNK))
+    monkeypatch.setenv("IMAGING_GROUP_BYTES", str(2 * CHUNK))
+    monkeypatch.setenv("IMAGING_PART_SIZE", str(5 * MIB))
+    monkeypatch.delenv("IMAGING_COALESCE_DEADLINE_S", raising=False)
+    state = SqliteStateStore(state_path)
+    yield Env(tmp_path, FileObjectStore(store_root), state)
+    state.close()
+
+
+def build_sample_chain(folder: Path, seed: int = 7) -> Path:
+    """A depth-3 chain of 48 MiB: random (incompressible) data filling whole chunks, text, zeros written over
+    allocated data (deleted-but-allocated), and overwrites across layers at unaligned offsets."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / "base.vhd"
+    vhdcore.create(str(base), DISK_SIZE)
+    vhdcore.write(str(base), CHUNK, rng.randbytes(2 * CHUNK))  # chunks 1 and 2: frames > 5 MiB (part copies)
+    vhdcore.write(str(base), 4 * CHUNK, b"kernel config=42 server image\n" * 100_000)
+    middle = folder / "middle.vhd"
+    vhdcore.snapshot(str(base), str(middle))
+    vhdcore.write(str(middle), 4 * CHUNK + 12_345, bytes(1_000_000))  # deleted but still allocated
+    vhdcore.write(str(middle), 3 * MIB + 512, rng.randbytes(700_000))
+    leaf = folder / "leaf.vhd"
+    vhdcore.snapshot(str(middle), str(leaf))
+    vhdcore.write(str(leaf), CHUNK + 4096, b"overwritten in the leaf " * 4000)
+    vhdcore.write(str(leaf), DISK_SIZE - 3000, b"end of disk" * 200)
+    return leaf
+
+
+def _nothing_to_coalesce(event: Any, context: Any) -> dict[str, Any]:
+    """Stand-in for the Coalesce handler while vhdcore has no coalesce_step (branch `coalesce` not merged): the test
+    chains have nothing the workflow must merge, and the real handler would fail with COALESCE_UNAVAILABLE."""
+    return {"done": True, "bytes_copied": 0, "depth": None}
+
+
+def coalesce_stand_in() -> dict[str, Handler]:
+    return {} if hasattr(vhdcore, "coalesce_step") else {"CoalesceFunctionArn": _nothing_to_coalesce}
+
+
+def request(job: str, *, disk: Path | None = None, server: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"job_id": job, "image_id": f"img-{job}", "tenant": "acme", "name": f"image of {job}"}
+    if disk is not None:
+        body["disk"] = str(disk)
+    if server is not None:
+        body["server_id"] = server
+    return body
+
+
+def register_server(env: Env, leaf: Path, server: str = "web1") -> None:
+    from datetime import UTC, datetime
+
+    from functions.state import Server
+
+    env.state.put_server(Server(id=server, tenant="acme", name=server, disk=str(leaf), created_at=datetime.now(UTC)))
+
+
+def run(body: dict[str, Any], overrides: dict[str, Handler] | None = None) -> ExecutionResult:
+    with LocalImaging(overrides) as workflow:
+        return workflow.run(body, timeout_s=TIMEOUT_S)
+
+
+def image_raw(env: Env, image_id: str) -> bytes:
+    compressed = env.store.root / "images" / image_id / "image.vhd.zst"
+    vhd = env.root / f"{image_id}.vhd"
+    raw = env.root / f"{image_id}.raw"
+    subprocess.run(["zstd", "-d", "-q", "-f", str(compressed), "-o", str(vhd)], check=True)
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd), str(raw)], check=True)
+    return raw.read_bytes()
+
+
+def assert_cleaned_up(env: Env, job: str, image_id: str) -> None:
+    assert list(env.store.list_objects(f"staging/{job}/")) == []
+    assert env.store.list_multipart_uploads() == []
+    assert list(env.store.list_objects(f"images/{image_id}/")) == []
+
+
+@pytest.fixture(autouse=True)
+def _tools(qemu_img: str, zstd_exe: str) -> None:
+    """Every test here checks images with the outside tools."""
+
+
+def test_a_disk_becomes_a_verified_image(env: Env) -> None:
+    leaf = build_sample_chain(env.root / "disks")
+    chain_files = [env.root / "disks" / name for name in ("base.vhd", "middle.vhd", "leaf.vhd")]
+    before = snapshot_files(chain_files)
+    expected = flatten(leaf)
+
+    result = run(request("job1", disk=leaf))
+
+    assert result.succeeded, (result.error, result.cause)
+    assert result.states_entered()[:5] == ["Prepare", "Coalesce", "Coalesced?", "Snapshot", "Estimate"]
+    assert result.output["plan"]["groups"] == [
+        {"first": 0, "count": 2},
+        {"first": 2, "count": 2},
+        {"first": 4, "count": 2},
+    ]
+    raw = image_raw(env, "img-job1")
+    assert raw == expected
+    manifest = json.loads(env.store.get("images/img-job1/manifest.json"))
+    assert manifest["content_sha256"] == hashlib.sha256(expected).hexdigest()
+    stored = env.store.get("images/img-job1/image.vhd.zst")
+    assert manifest["object_sha256"] == hashlib.sha256(stored).hexdigest()
+    assert manifest["compressed_size"] == len(stored)
+    assert manifest["virtual_size"] == DISK_SIZE
+    assert [layer["path"] for layer in manifest["source_chain"]] == [str(p) for p in reversed(chain_files)]
+    assert manifest["parts_copied"] >= 1  # whole-frame parts of 5 MiB or more were copied inside the store
+    assert manifest["estimated_compressed_size"]["low"] <= manifest["estimated_compressed_size"]["high"]
+    assert [event["status"] for event in manifest["history"]] == ["QUEUED", "SAVING", "UPLOADING", "ACTIVE"]
+    job = env.state.get_job("job1")
+    assert (job.status, job.progress, job.bytes_done, job.bytes_total) == (Status.ACTIVE, 100, len(stored), len(stored))
+    image = env.state.get_image("img-job1")
+    assert image.status is Status.ACTIVE
+    assert image.object_url == (env.store.root / "images/img-job1/image.vhd.zst").as_uri()
+    assert list(env.store.list_objects("staging/")) == []
+    assert env.store.list_multipart_uploads() == []
+    assert snapshot_files(chain_files) == before  # an unregistered disk is imaged read-only
+
+
+def test_a_registered_server_is_snapshotted_and_keeps_running_on_a_new_leaf(env: Env) -> None:
+    leaf = build_sample_chain(env.root / "disks")
+    expected = flatten(leaf)
+    register_server(env, leaf)
+
+    result = run(request("job2", server="web1"), coalesce_stand_in())
+
+    assert result.succeeded, (result.error, result.cause)
+    assert image_raw(env, "img-job2") == expected
+    server = env.state.get_server("web1")
+    new_leaf = Path(server.disk)
+    assert new_leaf.parent == env.store.root / "sr" / "web1"
+    chain = vhdcore.open_chain(str(new_leaf))
+    assert Path(chain.layers[1].path).resolve() == leaf.resolve()
+    assert chain.layers[0].allocated_blocks == 0
+    assert flatten(new_leaf) == expected
+    assert env.state.get_lock("web1") is None
+
+
+def test_a_corrupt_disk_fails_the_job_with_a_code_and_a_hint(env: Env) -> None:
+    leaf = build_sample_chain(env.root / "disks")
+    middle = env.root / "disks" / "middle.vhd"
+    with middle.open("r+b") as disk:  # the dynamic header's checksum (offset 512 + 36)
+        disk.seek(512 + 36)
+        disk.write(b"\xde\xad\xbe\xef")
+
+    result = run(request("job3", disk=leaf))
+
+    assert result.status == "FAILED"
+    assert result.error == "DISK_CORRUPT"
+    assert result.cause is not None and "imaging vhd check" in result.cause
+    job = env.state.get_job("job3")
+    assert job.status is Status.ERROR
+    assert job.error_code == "DISK_CORRUPT"
+    assert job.error_hint == result.cause
+    assert "ChecksumError" in (job.history[-1].detail or "") or "DiskCorruptError" in (job.history[-1].detail or "")
+    assert env.state.get_image("img-job3").status is Status.ERROR
+    assert_cleaned_up(env, "job3", "img-job3")
+
+
+def test_a_layer_lost_inside_the_map_fails_and_cleans_staging(env: Env) -> None:
+    """The chain loses a layer after the plan is staged: the Map's worker fails, staged frames are removed."""
+    leaf = build_sample_chain(env.root / "disks")
+    from functions.handlers import estimate
+
+    def estimate_then_lose_a_layer(event: Any, context: Any) -> Any:
+        answer = estimate.handler(event, context)
+        (env.root / "disks" / "base.vhd").rename(env.root / "disks" / "base.moved")
+        return answer
+
+    result = run(request("job4", disk=leaf), {"EstimateFunctionArn": estimate_then_lose_a_layer})
+
+    job = env.state.get_job("job4")
+    assert job.error_code == "DISK_MISSING", job.history[-1].detail
+    assert (result.status, result.error) == ("FAILED", "DISK_MISSING")
+    assert_cleaned_up(env, "job4", "img-job4")
+
+
+def test_a_storage_failure_mid_upload_aborts_the_upload_and_releases_the_lock(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    leaf = build_sample_chain(env.root / "disks")
+    register_server(env, leaf)
+    original = FileObjectStore.upload_part
+    calls: list[int] = []
+
+    def failing_upload_part(self: FileObjectStore, key: str, upload_id: str, number: int, *args: Any) -> Any:
+        calls.append(number)
+        if len(calls) > 1:
+            raise StorageError("the store refused the write: device is full", key=key)
+        return original(self, key, upload_id, number, *args)
+
+    monkeypatch.setattr(FileObjectStore, "upload_part", failing_upload_part)
+
+    result = run(request("job5", server="web1"), coalesce_stand_in())
+
+    assert result.status == "FAILED"
+    assert result.error == "STORAGE_UNAVAILABLE"
+    assert result.cause is not None and "check the storage service" in result.cause
+    assert len(calls) >= 2
+    job = env.state.get_job("job5")
+    assert (job.status, job.error_code) == (Status.ERROR, "STORAGE_UNAVAILABLE")
+    assert job.upload_id is not None
+    assert_cleaned_up(env, "job5", "img-job5")
+    assert env.state.get_lock("web1") is None
+
+
+class WorkerCrashed(Exception):  # noqa: N818 - the Lambda error name the ASL retries
+    """What the engine reports when a worker dies; raised here in the middle of a Map item."""
+
+
+def test_a_worker_crash_inside_the_map_is_retried_and_reuses_staged_frames(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    leaf = build_sample_chain(env.root / "disks")
+    expected = flatten(leaf)
+    original_put = FileObjectStore.put
+    crashes: list[str] = []
+    frames_written: list[str] = []
+
+    def put_that_crashes_once(self: FileObjectStore, key: str, data: bytes, **kwargs: Any) -> Any:
+        if key.endswith("/frames/000003.zst") and not crashes:
+            crashes.append(key)  # the worker dies after staging chunk 2 of its group (chunks 2 and 3)
+            raise WorkerCrashed("worker process exited")
+        if key.endswith(".zst"):
+            frames_written.append(key.rsplit("/", 1)[-1])
+        return original_put(self, key, data, **kwargs)
+
+    monkeypatch.setattr(FileObjectStore, "put", put_that_crashes_once)
+    from functions.handlers import compress
+
+    invocations: list[tuple[int, str]] = []
+
+    def observed_compress(event: Any, context: Any) -> Any:
+        try:
+            answer = compress.handler(event, context)
+        except Exception as error:
+            invocations.append((event["group"]["first"], type(error).__name__))
+            raise
+        invocations.append((event["group"]["first"], "ok"))
+        return answer
+
+    result = run(request("job6", disk=leaf), {"CompressFunctionArn": observed_compress})
+
+    assert result.succeeded, (result.error, result.cause)
+    assert crashes == ["staging/job6/frames/000003.zst"]
+    assert sorted(invocations) == [(0, "ok"), (2, "WorkerCrashed"), (2, "ok"), (4, "ok")]
+    assert frames_written.count("000002.zst") == 1  # staged before the crash, reused by the retry
+    assert image_raw(env, "img-job6") == expected
+
+
+def test_coalesce_past_the_deadline_fails_with_coalesce_timeout(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    leaf = build_sample_chain(env.root / "disks")
+    register_server(env, leaf)
+    monkeypatch.setenv("IMAGING_COALESCE_DEADLINE_S", "0")
+
+    result = run(request("job7", server="web1"))
+
+    assert result.status == "FAILED"
+    assert result.error == "COALESCE_TIMEOUT"
+    assert result.cause == "the chain could not be merged in time: wait and issue the image again"
+    assert env.state.get_job("job7").error_code == "COALESCE_TIMEOUT"
+    assert env.state.get_server("web1").disk == str(leaf)  # never snapshotted
+    assert env.state.get_lock("web1") is None
+    assert_cleaned_up(env, "job7", "img-job7")
+
+
+def test_a_second_job_on_a_busy_server_fails_without_taking_the_lock(env: Env) -> None:
+    leaf = build_sample_chain(env.root / "disks")
+    register_server(env, leaf)
+    assert env.state.acquire_lock("web1", "job-running", 600)
+
+    result = run(request("job8", server="web1"))
+
+    assert result.status == "FAILED"
+    assert result.error == "SERVER_BUSY"
+    lock = env.state.get_lock("web1")
+    assert lock is not None and lock.owner == "job-running"
