@@ -160,14 +160,15 @@ def test_ten_scheduled_runs_with_retention_three_keep_the_newest_three(
     on_demand = request_image(services, launch, tenant="t1", server_id="s1", name="by hand")  # type: ignore[arg-type]
     wait_all(runner, executions, 0)
     services.state.put_schedule(daily_schedule("s2", 1, EPOCH))
-    assert run_due(services.state, datetime(2026, 2, 1, 1, 0, tzinfo=UTC), start).started
+    # moto keeps executions for the life of the process: other days than the other test's, so names never collide.
+    assert run_due(services.state, datetime(2026, 3, 1, 1, 0, tzinfo=UTC), start).started
     wait_all(runner, executions, 0)
     services.state.put_image(image("failed-sched", "s1", ImageOrigin.SCHEDULED, Status.ERROR, 0))
 
     services.state.put_schedule(daily_schedule("s1", 3, EPOCH))
     made = []
     for day in range(10):
-        now = datetime(2026, 2, 1, 1, 0, tzinfo=UTC) + timedelta(days=day, minutes=7)
+        now = datetime(2026, 3, 2, 1, 0, tzinfo=UTC) + timedelta(days=day, minutes=7)
         since = len(executions)
         outcome = run_due(services.state, now, start)
         started_for_s1 = [due for due in outcome.started if due.server_id == "s1"]
