@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 import vhdcore
-from statemachine.cli_common import UserError
 from statemachine.cli_api import schedule, serve, token
+from statemachine.cli_common import UserError
 from statemachine.cli_vhd import vhd
 
 HINTS: list[tuple[type[vhdcore.VhdError], str]] = [

@@ -230,14 +230,12 @@ def serve(host: str, port: int, store_url: str | None, state_url: str | None, en
             runner.start(execution_input(request))
 
         launcher: Launcher = launch
-        app = build_app(
-            ApiDependencies(
-                services=services,
-                launch=launcher,
-                idempotency=persistence_layer_for(settings.state_url, endpoint_url=settings.endpoint_url),
-            )
+        dependencies = ApiDependencies(
+            services=services,
+            launch=launcher,
+            idempotency=persistence_layer_for(settings.state_url, endpoint_url=settings.endpoint_url),
         )
-        server = make_server(app.resolve, host, port)
+        server = make_server(lambda: build_app(dependencies).resolve, host, port)
         bound_host, bound_port = server.server_address[:2]
         # One machine-readable line first: scripts (and the tests) read the address from it.
         click.echo(json.dumps({"listening": f"http://{bound_host!s}:{bound_port}", "openapi": "/v1/openapi.json"}))

@@ -3,11 +3,16 @@
 Each request becomes an API Gateway REST proxy event (payload 1.0) handed to `resolver.resolve`, and the proxy
 response is written back, so the local API and the deployed one run the same code. Bodies are bounded before they
 are read. The request context carries no authorizer: locally a tenant is only ever named by a bearer token.
+
+A resolver keeps the request it is answering on itself (as on Lambda, one request at a time per instance), so
+the server keeps a pool of resolvers and each request borrows one: concurrent requests never share one.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import traceback
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
@@ -51,8 +56,13 @@ def proxy_event(method: str, target: str, headers: dict[str, str], body: str | N
     }
 
 
-def make_server(resolve: Resolve, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
-    """A threading HTTP server answering every request through `resolve(event, context)`."""
+def make_server(
+    new_resolver: Callable[[], Resolve], host: str = "127.0.0.1", port: int = 8080, resolvers: int = 8
+) -> ThreadingHTTPServer:
+    """A threading HTTP server answering every request through `resolve(event, context)` of a pooled resolver."""
+    pool: queue.SimpleQueue[Resolve] = queue.SimpleQueue()
+    for _ in range(resolvers):
+        pool.put(new_resolver())
 
     class ApiRequestHandler(BaseHTTPRequestHandler):
         server_version = "cloud-imaging"
@@ -81,7 +91,16 @@ def make_server(resolve: Resolve, host: str = "127.0.0.1", port: int = 8080) -> 
             headers = dict(self.headers.items())
             event = proxy_event(self.command, self.path, headers, body, self.client_address[0])
             context = LocalLambdaContext(function_name="imaging-api", invoked_function_arn="local", timeout_s=29)
-            response = resolve(event, context)
+            resolve = pool.get()  # blocks while every resolver is busy
+            try:
+                response = resolve(event, context)
+            except Exception:
+                # What API Gateway answers when the Lambda itself fails; the traceback goes to the server's log.
+                traceback.print_exc()
+                self._answer(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "INTERNAL_ERROR", "message": "internal error"})
+                return
+            finally:
+                pool.put(resolve)
             out = (response.get("body") or "").encode()
             self.send_response(int(response["statusCode"]))
             for name, values in (response.get("multiValueHeaders") or {}).items():
@@ -107,6 +126,10 @@ def make_server(resolve: Resolve, host: str = "127.0.0.1", port: int = 8080) -> 
         def log_message(self, format: str, *args: Any) -> None:
             return  # the CLI prints its own one-line access log if asked
 
-    server = ThreadingHTTPServer((host, port), ApiRequestHandler)
-    server.daemon_threads = True
-    return server
+    return ApiServer((host, port), ApiRequestHandler)
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # The default backlog of 5 resets bursts of clients (20 concurrent creates); the kernel caps it anyway.
+    request_queue_size = 128

@@ -53,7 +53,9 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
     chain = open_disk(frozen.leaf)
     content_hash = content_sha256(chain)
     object_hash = object_sha256(services, uploaded.key, uploaded.size)
-    job = advance_job(services, job.id, Status.ACTIVE, detail=f"{uploaded.size} bytes at {uploaded.key}")
+    job = advance_job(
+        services, job.id, Status.ACTIVE, detail=f"{uploaded.size} bytes at {uploaded.key}", update_image=False
+    )
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
         "image_id": job.image_id,

@@ -111,8 +111,11 @@ def revise_job(services: ImagingServices, job_id: str, change: Callable[[Job], J
     raise VersionConflictError("job", job_id, -1, None)
 
 
-def advance_job(services: ImagingServices, job_id: str, status: Status, detail: str | None = None) -> Job:
-    """Move the job to its next step (idempotent: a job already there stays as it is); the image follows."""
+def advance_job(
+    services: ImagingServices, job_id: str, status: Status, detail: str | None = None, *, update_image: bool = True
+) -> Job:
+    """Move the job to its next step (idempotent: a job already there stays as it is); the image follows unless
+    the caller writes the image record itself (Finalize, so that ACTIVE is never seen without its sizes)."""
     at = services.now()
 
     def change(job: Job) -> Job | None:
@@ -125,7 +128,8 @@ def advance_job(services: ImagingServices, job_id: str, status: Status, detail: 
         return moved.revised(bytes_done=0, bytes_total=None)
 
     job = revise_job(services, job_id, change)
-    services.state.update_image_status(job.image_id, status)
+    if update_image:
+        services.state.update_image_status(job.image_id, status)
     return job
 
 
