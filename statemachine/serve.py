@@ -120,8 +120,12 @@ def make_server(
             self.end_headers()
             self.wfile.write(out)
 
-        # http.server dispatches on do_<METHOD>; every method goes to the resolver, which answers 404/405.
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _serve  # noqa: N815
+        def __getattr__(self, name: str) -> Any:
+            # http.server dispatches on do_<METHOD> and answers 501 to any other: every method, however unusual,
+            # goes to the resolver instead, which answers it like API Gateway does.
+            if name.startswith("do_"):
+                return self._serve
+            raise AttributeError(name)
 
         def log_message(self, format: str, *args: Any) -> None:
             return  # the CLI prints its own one-line access log if asked

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
 from aws_lambda_powertools.event_handler.middlewares import NextMiddleware
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer
 from aws_lambda_powertools.event_handler.openapi.params import Body
 from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig, idempotent_function
@@ -90,22 +91,56 @@ def _not_found(kind: str, identifier: str) -> ApiError:
     )
 
 
-def build_app(deps: ApiDependencies) -> APIGatewayRestResolver:
-    """The API's resolver, wired to the given stores and launcher."""
+def precheck(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The answer to a request refused before routing (its body too large or not JSON), else None.
+
+    Runs ahead of the resolver because Powertools parses the body (form data included) before any middleware.
+    """
+    body = event.get("body") or ""
+    headers = {str(k).lower(): str(v) for k, v in (event.get("headers") or {}).items()}
+    refusal: tuple[HTTPStatus, ErrorBody] | None = None
+    if len(body.encode()) > MAX_BODY_BYTES:
+        message = f"request bodies are limited to {MAX_BODY_BYTES} bytes"
+        refusal = (HTTPStatus.REQUEST_ENTITY_TOO_LARGE, ErrorBody(error="BODY_TOO_LARGE", message=message))
+    else:
+        media_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if body and media_type != "application/json":
+            message = f"request bodies are JSON, not {media_type}"
+            refusal = (HTTPStatus.UNSUPPORTED_MEDIA_TYPE, ErrorBody(error="UNSUPPORTED_MEDIA_TYPE", message=message))
+    if refusal is None:
+        return None
+    status, error = refusal
+    return {
+        "statusCode": status.value,
+        "headers": {"Content-Type": content_types.APPLICATION_JSON},
+        "multiValueHeaders": {},
+        "body": error.model_dump_json(exclude_none=True),
+        "isBase64Encoded": False,
+    }
+
+
+class ImagingApi:
+    """The resolver behind its pre-checks: what API Gateway's Lambda and `imaging serve` call per request."""
+
+    def __init__(self, resolver: APIGatewayRestResolver) -> None:
+        self.resolver = resolver
+
+    def resolve(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        return precheck(event) or self.resolver.resolve(event, context)
+
+
+def build_app(deps: ApiDependencies) -> ImagingApi:
+    """The API, wired to the given stores and launcher."""
+    return ImagingApi(build_resolver(deps))
+
+
+def build_resolver(deps: ApiDependencies) -> APIGatewayRestResolver:
+    """The API's routes on a Powertools resolver."""
     app = APIGatewayRestResolver(enable_validation=True)
     services = deps.services
     state = services.state
 
-    # --- middlewares: body size, then the tenant ----------------------------------------------------------------
-    def limit_body(app: APIGatewayRestResolver, next_middleware: NextMiddleware) -> Response[Any]:
-        body = app.current_event.body or ""
-        if len(body.encode()) > MAX_BODY_BYTES:
-            return error_response(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                ErrorBody(error="BODY_TOO_LARGE", message=f"request bodies are limited to {MAX_BODY_BYTES} bytes"),
-            )
-        return next_middleware(app)
-
+    # --- middleware: the tenant -----------------------------------------------------------------------------------
     def authenticate(app: APIGatewayRestResolver, next_middleware: NextMiddleware) -> Response[Any]:
         if app.current_event.path == "/v1/openapi.json":
             return next_middleware(app)
@@ -141,7 +176,7 @@ def build_app(deps: ApiDependencies) -> APIGatewayRestResolver:
             return None
         return tenant_of_token(state, token.strip())
 
-    app.use(middlewares=[limit_body, authenticate])
+    app.use(middlewares=[authenticate])
 
     def tenant() -> str:
         return str(app.context["tenant"])
@@ -352,6 +387,26 @@ def build_app(deps: ApiDependencies) -> APIGatewayRestResolver:
     @app.exception_handler(ApiError)  # type: ignore[untyped-decorator]  # Powertools leaves it untyped
     def on_api_error(error: ApiError) -> Response[str]:
         return error_response(error.status, error.body)
+
+    @app.exception_handler(RequestValidationError)  # type: ignore[untyped-decorator]  # Powertools leaves it untyped
+    def on_invalid_request(error: RequestValidationError) -> Response[str]:
+        # The documented HTTPValidationError shape (Powertools' own answer leaves out its required `msg`).
+        detail = [
+            {
+                "loc": list(item.get("loc", ())),
+                "msg": str(item.get("msg") or item.get("type")),
+                "type": item.get("type"),
+            }
+            for item in error.errors()
+        ]
+        where = ", ".join(".".join(str(part) for part in item["loc"]) for item in detail) or "the request"
+        body = {
+            "error": "INVALID_REQUEST",
+            "message": f"invalid {where}",
+            "hint": "see /v1/openapi.json for this operation's parameters and body",
+            "detail": detail,
+        }
+        return json_response(HTTPStatus.UNPROCESSABLE_ENTITY, body)
 
     @app.not_found
     def on_no_route(error: Exception) -> Response[str]:

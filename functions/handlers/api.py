@@ -8,11 +8,10 @@ from typing import Any
 
 import boto3
 from aws_lambda_powertools import Logger, Tracer
-from aws_lambda_powertools.event_handler import APIGatewayRestResolver
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from functions.api.app import ApiDependencies, build_app
+from functions.api.app import ApiDependencies, ImagingApi, build_app
 from functions.catalog.launch import step_functions_launcher
 from functions.handlers.runtime import SERVICE_NAME, services
 from functions.settings import Settings
@@ -23,7 +22,7 @@ tracer = Tracer(service=SERVICE_NAME)
 
 
 @functools.cache
-def _app() -> APIGatewayRestResolver:
+def _app() -> ImagingApi:
     """Built on the first request (a module import must not need the deployment's environment)."""
     settings = Settings.resolve()
     machine = os.environ["IMAGING_STATE_MACHINE_ARN"]
