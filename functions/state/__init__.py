@@ -42,7 +42,7 @@ from functions.state.models import (
     validate_id,
 )
 from functions.state.sqlite_state import SqliteStateStore
-from functions.state.store import StateStore
+from functions.state.store import StateStore, modify_job
 from functions.state.urls import SqliteLocation, parse_state_url
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ __all__ = [
     "VersionConflictError",
     "create_table",
     "hash_token",
+    "modify_job",
     "open_state_store",
     "persistence_layer_for",
     "validate_id",

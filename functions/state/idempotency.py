@@ -121,6 +121,9 @@ class SqlitePersistenceLayer(BasePersistenceLayer):
         with self.database.write() as db:
             db.execute("DELETE FROM idempotency WHERE key = ?", (data_record.idempotency_key,))
 
+    def close(self) -> None:
+        self.database.close()
+
 
 def dynamodb_persistence_layer(client: DynamoDBClient, table: str) -> DynamoDBPersistenceLayer:
     """Powertools' DynamoDB layer configured for the state table's key schema and TTL attribute."""

@@ -7,9 +7,11 @@ reaches a key. Time comes from the store's injected clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from functions.state.errors import VersionConflictError
 from functions.state.models import ApiToken, Image, Job, LockInfo, Schedule, Server, Status
 
 
@@ -100,3 +102,19 @@ class StateStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def modify_job(store: StateStore, job_id: str, change: Callable[[Job], Job], *, max_attempts: int = 100) -> Job:
+    """Read the job, apply `change`, store it; on a version conflict re-read and re-apply (optimistic concurrency).
+
+    For writers that race on one job (Map workers adding their bytes done). `change` must be a pure function of
+    the job it is given. Raises the last VersionConflictError after `max_attempts` lost races.
+    """
+    for attempt in range(1, max_attempts + 1):
+        current = store.get_job(job_id)
+        try:
+            return store.update_job(change(current))
+        except VersionConflictError:
+            if attempt == max_attempts:
+                raise
+    raise AssertionError("unreachable: the loop returns or raises")

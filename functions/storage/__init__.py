@@ -41,7 +41,7 @@ def make_s3_client(endpoint_url: str | None = None) -> S3Client:
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"mode": "standard", "max_attempts": 3}, max_pool_connections=S3_MAX_POOL_CONNECTIONS)
+    config = Config(retries={"mode": "standard", "total_max_attempts": 3}, max_pool_connections=S3_MAX_POOL_CONNECTIONS)
     return boto3.client("s3", endpoint_url=endpoint_url, config=config)
 
 

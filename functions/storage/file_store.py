@@ -31,13 +31,13 @@ from pathlib import Path
 
 from functions.storage.checksums import (
     composite_crc32c,
-    crc32c,
     decode_crc32c,
     encode_crc32c,
     md5_etag,
     multipart_etag,
     unquote_etag,
 )
+from functions.storage.checksums import crc32c as _crc32c_of
 from functions.storage.errors import (
     ChecksumMismatchError,
     InvalidKeyError,
@@ -77,12 +77,26 @@ class FileObjectStore:
         self._tmp = self._area / "tmp"
         self._uploads = self._area / "uploads"
         self._locks = self._area / "locks"
-        for folder in (self._tmp, self._uploads, self._locks):
-            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            for folder in (self._tmp, self._uploads, self._locks):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"cannot create the file store at {root}: {error.strerror}") from error
+        self._check_extended_attributes()
 
     @property
     def url(self) -> str:
         return self.root.as_uri()
+
+    def _check_extended_attributes(self) -> None:
+        with self._staged_file() as (_, fd):
+            try:
+                _set_metadata(fd, "probe", "probe")
+            except OSError as error:
+                raise StorageError(
+                    f"the file system of {self.root} does not keep user extended attributes ({error.strerror})",
+                    hint="put the file store on ext4, xfs, btrfs or tmpfs (Linux 6.6+), or use an s3:// store",
+                ) from error
 
     # -- objects ----------------------------------------------------------------------------------------------
 
@@ -117,7 +131,7 @@ class FileObjectStore:
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> ObjectInfo:
         path = self._object_path(key)
         etag = md5_etag(data)
-        checksum = encode_crc32c(crc32c(data))
+        checksum = encode_crc32c(_crc32c_of(data))
         with self._staged_file() as (staged, fd):
             _write_all(fd, data)
             _set_metadata(fd, etag, checksum)
@@ -404,10 +418,6 @@ class FileObjectStore:
             yield
         finally:
             os.close(fd)  # closing releases the flock
-
-
-def _crc32c_of(data: bytes | memoryview, value: int = 0) -> int:
-    return crc32c(data, value)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

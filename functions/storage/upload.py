@@ -7,8 +7,9 @@
 - Resume: given an upload id, ListParts, keep every stored part whose size and checksum (CRC32C when the store
   reports it, else the MD5 ETag) match the local bytes, and send only the missing or mismatching ones.
 - Verify after completion: the object's size; its composite CRC32C when the store reports one; its multipart ETag
-  when every part ETag is an MD5; and the bytes of sampled ranges (first, last and seeded random ones) re-read and
-  compared with the file. Any mismatch is VerificationFailedError (the object stays, for inspection).
+  when every part ETag is an MD5; and the bytes of sampled ranges re-read and compared with the file: the first and
+  the last MiB always, plus `verify_samples` seeded random ranges when the store reported no checksum. Any mismatch
+  is VerificationFailedError (the object stays, for inspection).
 - On failure the multipart upload is kept (UploadFailedError carries its id) so the caller resumes or aborts it.
 """
 
@@ -48,7 +49,7 @@ class UploadOptions:
     phase: PhaseCallback | None = None
     """Called with "created"/"resumed", "completing", "verifying", "done"."""
     verify_samples: int = 4
-    """Random ranges re-read after completion, besides the first and the last."""
+    """Random ranges re-read after completion, besides the first and the last, when the store has no checksum."""
     sample_size: int = 1024**2
     seed: int | None = None
     sleep: Callable[[float], None] = time.sleep
@@ -104,14 +105,20 @@ def find_resumable_upload(store: ObjectStore, key: str) -> str | None:
     return max(uploads, key=lambda upload: upload.initiated).upload_id if uploads else None
 
 
-def abort_upload(store: ObjectStore, key: str, upload_id: str, retry: RetryPolicy | None = None) -> None:
+def abort_upload(
+    store: ObjectStore,
+    key: str,
+    upload_id: str,
+    retry: RetryPolicy | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
     """Abort an upload and make sure no part survives (S3 may keep a part whose upload raced the abort: abort again
     until ListParts says the upload is gone). Aborting an upload that is already gone succeeds."""
     policy = retry or RetryPolicy()
     for _ in range(policy.attempts):
         try:
-            call_with_retries(lambda: store.abort_multipart(key, upload_id), policy)
-            call_with_retries(lambda: store.list_parts(key, upload_id), policy)
+            call_with_retries(lambda: store.abort_multipart(key, upload_id), policy, sleep=sleep)
+            call_with_retries(lambda: store.list_parts(key, upload_id), policy, sleep=sleep)
         except UploadNotFoundError:
             return
     raise StorageError(f"multipart upload {upload_id} still lists parts after {policy.attempts} aborts", key=key)
@@ -167,16 +174,16 @@ class _PartSender:
         if have is not None and _is_same_part(have, data, checksum):
             self.progress.add(plan.length)
             return UploadedPart(plan.number, plan.offset, plan.length, checksum, have.etag, sent=False)
-        if self.options.bandwidth is not None:
-            self.options.bandwidth.acquire(plan.length)
+        bandwidth = self.options.bandwidth
+
+        def send() -> PartInfo:
+            if bandwidth is not None:  # every attempt puts the bytes on the wire again
+                bandwidth.acquire(plan.length)
+            return self.store.upload_part(self.key, self.upload_id, plan.number, data, checksum)
+
         with self._rng_lock:
             rng = random.Random(self._rng.random())
-        info = call_with_retries(
-            lambda: self.store.upload_part(self.key, self.upload_id, plan.number, data, checksum),
-            self.options.retry,
-            sleep=self.options.sleep,
-            rng=rng,
-        )
+        info = call_with_retries(send, self.options.retry, sleep=self.options.sleep, rng=rng)
         self.progress.add(plan.length)
         return UploadedPart(plan.number, plan.offset, plan.length, checksum, info.etag, sent=True)
 
@@ -220,7 +227,8 @@ def upload_file(
             _report_phase(opts, "created")
         else:
             resumed = upload_id
-            stored = {part.number: part for part in call_with_retries(lambda: store.list_parts(key, resumed), retry)}
+            listed = call_with_retries(lambda: store.list_parts(key, resumed), retry, sleep=opts.sleep)
+            stored = {part.number: part for part in listed}
             _report_phase(opts, "resumed")
         sender = _PartSender(store, key, upload_id, fd, stored, opts, _Progress(size, opts.progress))
         uploaded = _send_parts(sender, plan, opts.concurrency)
@@ -335,7 +343,9 @@ def _verify(
         if info.etag != expected_etag:
             raise VerificationFailedError(f"the object's ETag is {info.etag}, expected {expected_etag}", key=key)
         checked_etag = expected_etag
-    ranges = _sample_ranges(size, options.sample_size, options.verify_samples, random.Random(options.seed))
+    # The composite CRC32C already covers every byte the store received; without it, re-read more of the object.
+    samples = 0 if checked_checksum is not None else options.verify_samples
+    ranges = _sample_ranges(size, options.sample_size, samples, random.Random(options.seed))
     for start, length in ranges:
         stored = call_with_retries(partial(store.get_range, key, start, length), options.retry, sleep=options.sleep)
         if stored != os.pread(fd, length, start):

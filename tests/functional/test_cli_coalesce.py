@@ -103,6 +103,19 @@ def test_budget_slices_pause_and_resume(run_imaging: RunImaging, tmp_path: Path)
     assert ok_json(run_imaging("vhd", "info", leaf, "--json"))["depth"] == 2
 
 
+def test_a_zero_second_budget_still_copies_one_block(run_imaging: RunImaging, tmp_path: Path) -> None:
+    layers = build_chain(tmp_path / "sr", 3, 5)
+    leaf = layers[-1]
+    before = content_sha(run_imaging, leaf)
+    first = ok_json(run_imaging("vhd", "coalesce", leaf, "--budget-seconds", "0", "--json"))
+    assert first["done"] is False
+    assert 0 < first["pending"]["bytes_copied"] <= 2 * MIB
+    done = ok_json(run_imaging("vhd", "coalesce", leaf, "--json"))
+    assert done["recovered"] is True and done["done"] is True
+    assert content_sha(run_imaging, leaf) == before
+    assert ok_json(run_imaging("vhd", "info", leaf, "--json"))["depth"] == 2
+
+
 def test_text_output_names_layers_left_alone(run_imaging: RunImaging, tmp_path: Path) -> None:
     layers = build_chain(tmp_path / "sr", 3, 3)
     vhdcore.snapshot(str(layers[0]), str(tmp_path / "sr" / "clone.vhd"))

@@ -23,6 +23,7 @@ import pytest
 import vhdcore
 from tests.support import pyvhd
 from tests.support.qemu import have_qemu
+from tests.support.samples import Sample
 
 MIB = 1024 * 1024
 KIB = 1024
@@ -161,6 +162,22 @@ def test_mixed_block_sizes_and_macx_locators_from_pyvhd(tmp_path: Path) -> None:
     assert {c.name for c in leaf.parent_candidates()} == {"l0.vhd"}
 
 
+def test_chain_written_by_xen_orchestra(tmp_path: Path, xo_chain3: Sample) -> None:
+    """vhd-lib's chain: a W2ku locator only, so the new W2ru locator is appended and the leaf's footer moves."""
+    for path in xo_chain3.folder.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    leaf = tmp_path / xo_chain3.leaf.name
+    size_before = leaf.stat().st_size
+    report = vhdcore.coalesce(str(leaf), siblings(tmp_path))
+    assert [Path(m.layer).name for m in report.merges] == ["layer1.vhd"]
+    data = vhdcore.open_chain(str(leaf)).read(0, xo_chain3.expected["virtual_size"])
+    assert hashlib.sha256(data).hexdigest() == xo_chain3.expected["sha256_raw"]
+    assert hashlib.sha256(pyvhd.flatten(leaf)).hexdigest() == xo_chain3.expected["sha256_raw"]
+    assert vhdcore.check(str(leaf)) == []
+    assert leaf.stat().st_size > size_before, "the new locator was appended"
+    assert {c.name for c in pyvhd.VhdFile(leaf).parent_candidates()} == {"layer0.vhd"}
+
+
 def test_a_parent_with_another_child_is_reported(tmp_path: Path) -> None:
     chain = build_chain(tmp_path, 3, 9)
     vhdcore.snapshot(str(chain.layers[0]), str(tmp_path / "other-child.vhd"))
@@ -189,7 +206,7 @@ def test_steps_are_bounded_and_resume(tmp_path: Path) -> None:
     assert len(steps) > 3
     assert export_raw(chain.leaf, tmp_path.parent / "steps.raw") == chain.model
     with pytest.raises(vhdcore.InvalidArgumentError):
-        vhdcore.coalesce_step(str(chain.leaf), budget_seconds=float("nan"))
+        vhdcore.coalesce_step(str(chain.leaf), [], budget_seconds=float("nan"))
 
 
 # --- crashes --------------------------------------------------------------------------------------------------
@@ -333,3 +350,29 @@ def test_crash_hook_aborts_at_write_points_and_the_next_run_finishes(
             assert child.returncode == 0, child.stderr.read() if child.stderr else ""
         finish_and_verify(leaf, expected, f"crash point {point}")
     assert aborted >= len(points) // 2, f"only {aborted} of {len(points)} points were reached"
+
+
+def test_crash_hook_at_every_write_point_of_the_xen_orchestra_chain(tmp_path: Path, xo_chain3: Sample) -> None:
+    """Every write point of a merge whose relink appends a locator and moves the leaf's footer."""
+    expected = xo_chain3.expected["sha256_raw"]
+    size = xo_chain3.expected["virtual_size"]
+    aborted = 0
+    for point in range(1, 500):
+        folder = tmp_path / "xo"
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.copytree(xo_chain3.folder, folder)
+        leaf = folder / xo_chain3.leaf.name
+        child = start_child(leaf, {CRASH_ENV: str(point)})
+        wait_ready(child)
+        child.wait(timeout=120)
+        if child.returncode == 0:
+            break
+        assert child.returncode == -signal.SIGABRT, child.stderr.read() if child.stderr else ""
+        aborted += 1
+        vhdcore.coalesce(str(leaf), siblings(folder))
+        data = vhdcore.open_chain(str(leaf)).read(0, size)
+        assert hashlib.sha256(data).hexdigest() == expected, f"crash point {point}: content changed"
+        assert vhdcore.check(str(leaf)) == [], f"crash point {point}"
+    print(f"xo-chain3: recovered from an abort at each of {aborted} write points")
+    assert aborted >= 10, f"only {aborted} write points"

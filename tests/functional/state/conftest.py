@@ -18,7 +18,7 @@ from aws_lambda_powertools.utilities.idempotency import BasePersistenceLayer
 from moto import mock_aws
 from moto.dynamodb.models import DynamoDBBackend
 
-from functions.state import StateStore, create_table, open_state_store, persistence_layer_for
+from functions.state import SqlitePersistenceLayer, StateStore, create_table, open_state_store, persistence_layer_for
 from tests.functional.state.clocks import ManualClock
 from tests.support.moto_server import TEST_CREDENTIALS, TEST_REGION
 
@@ -97,10 +97,13 @@ def store(backend_url: tuple[str, DynamoDBClient | None], clock: ManualClock) ->
 
 
 @pytest.fixture
-def persistence_layer(backend_url: tuple[str, DynamoDBClient | None]) -> BasePersistenceLayer:
+def persistence_layer(backend_url: tuple[str, DynamoDBClient | None]) -> Iterator[BasePersistenceLayer]:
     """The idempotency layer of the backend, on the system clock like Powertools itself."""
     url, client = backend_url
-    return persistence_layer_for(url, client=client)
+    layer = persistence_layer_for(url, client=client)
+    yield layer
+    if isinstance(layer, SqlitePersistenceLayer):
+        layer.close()
 
 
 @pytest.fixture

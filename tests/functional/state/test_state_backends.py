@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from functions.state import (
 from functions.state.dynamodb_state import TTL_ATTRIBUTE
 from functions.state.sqlite_db import SCHEMA_VERSION
 from functions.state.urls import DynamoDBLocation, SqliteLocation, parse_state_url
+from tests.functional.state.lock_racer import race_for_the_lock
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SERVER = Server(id="srv-1", tenant="tenant-a", name="web", disk="/sr/leaf.vhd", created_at=T0)
@@ -111,3 +113,25 @@ def test_a_lock_item_carries_the_ttl_attribute_in_epoch_seconds() -> None:
         assert store.acquire_lock("srv-1", "job-1", 90)
         item = client.get_item(TableName="imaging-state", Key={"pk": {"S": "LOCK#srv-1"}, "sk": {"S": "LOCK"}})["Item"]
         assert float(item[TTL_ATTRIBUTE]["N"]) == T0.timestamp() + 90
+
+
+def test_processes_sharing_the_sqlite_file_get_exactly_one_lock(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    SqliteStateStore(path).close()
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(6), context.Queue()
+    racers = [
+        context.Process(target=race_for_the_lock, args=(str(path), f"proc-{index}", barrier, results))
+        for index in range(6)
+    ]
+    for racer in racers:
+        racer.start()
+    outcomes = dict(results.get(timeout=120) for _ in racers)
+    for racer in racers:
+        racer.join(timeout=60)
+        assert racer.exitcode == 0
+
+    winners = [owner for owner, won in outcomes.items() if won]
+    assert len(outcomes) == 6 and len(winners) == 1
+    lock = SqliteStateStore(path).get_lock("srv-1")
+    assert lock is not None and lock.owner == winners[0]

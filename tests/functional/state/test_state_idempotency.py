@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from aws_lambda_powertools.utilities.idempotency import BasePersistenceLayer, IdempotencyConfig, idempotent_function
@@ -13,6 +17,13 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyValidationError,
 )
+
+from functions.state.dynamodb_state import IDEMPOTENCY_PARTITION, TTL_ATTRIBUTE
+from functions.state.idempotency import DATA_ATTRIBUTE, STATUS_ATTRIBUTE
+from functions.state.urls import SqliteLocation, parse_state_url
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.client import DynamoDBClient
 
 CreateImage = Callable[..., dict[str, Any]]
 
@@ -168,3 +179,30 @@ def test_the_record_of_a_run_still_within_its_timeout_is_respected(
     with pytest.raises(IdempotencyAlreadyInProgressError):
         create_image(request=request("k-1"))
     assert len(recorder.runs) == 1
+
+
+def test_records_live_beside_the_state_with_the_documented_layout(
+    create_image: CreateImage, backend_url: tuple[str, DynamoDBClient | None]
+) -> None:
+    result = create_image(request=request("k-1"))
+    url, client = backend_url
+
+    location = parse_state_url(url)
+    if isinstance(location, SqliteLocation):
+        with sqlite3.connect(location.path) as raw:
+            rows = raw.execute("SELECT key, status, expiration, data FROM idempotency").fetchall()
+        [(key, status, expiration, data)] = rows
+    else:
+        assert client is not None
+        items = client.query(
+            TableName=location.table,
+            KeyConditionExpression="pk = :partition",
+            ExpressionAttributeValues={":partition": {"S": IDEMPOTENCY_PARTITION}},
+        )["Items"]
+        [item] = items
+        key, status = item["sk"]["S"], item[STATUS_ATTRIBUTE]["S"]
+        expiration, data = int(item[TTL_ATTRIBUTE]["N"]), item[DATA_ATTRIBUTE]["S"]
+    assert key.endswith("create_image#" + hashlib.md5(json.dumps("k-1").encode()).hexdigest())
+    assert status == "COMPLETED"
+    assert expiration > time.time()  # one hour of replay by default
+    assert json.loads(data) == result

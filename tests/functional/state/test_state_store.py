@@ -23,6 +23,7 @@ from functions.state import (
     Status,
     VersionConflictError,
     hash_token,
+    modify_job,
 )
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -177,22 +178,28 @@ def test_concurrent_job_updates_lose_nothing(
 ) -> None:
     store.create_job(job().revised(bytes_total=1000))
 
-    def add_ten_bytes(_: int) -> int:
-        conflicts = 0
-        while True:
-            current = store.get_job("job-1")
-            try:
-                store.update_job(current.revised(bytes_done=current.bytes_done + 10))
-                return conflicts
-            except VersionConflictError:
-                conflicts += 1
+    def add_ten_bytes(_: int) -> object:
+        return modify_job(store, "job-1", lambda current: current.revised(bytes_done=current.bytes_done + 10))
 
     results = run_threads(12, add_ten_bytes)
 
-    assert all(isinstance(result, int) for result in results), results
+    assert all(isinstance(result, Job) for result in results), results
     final = store.get_job("job-1")
     assert final.bytes_done == 120
     assert final.version == 12
+    assert sorted(result.bytes_done for result in results if isinstance(result, Job)) == list(range(10, 130, 10))
+
+
+def test_modify_job_gives_up_after_its_attempts(store: StateStore) -> None:
+    store.create_job(job())
+
+    def always_overtaken(current: Job) -> Job:
+        store.update_job(store.get_job("job-1").revised(bytes_done=current.bytes_done + 1))
+        return current.revised(eta_seconds=1.0)
+
+    with pytest.raises(VersionConflictError):
+        modify_job(store, "job-1", always_overtaken, max_attempts=3)
+    assert store.get_job("job-1").bytes_done == 3
 
 
 def test_jobs_list_by_server_oldest_first(store: StateStore) -> None:

@@ -20,7 +20,7 @@ BACKENDS = ["file", "s3-inprocess", "s3-server"]
 
 def s3_client(endpoint_url: str | None, *, attempts: int = 3) -> S3Client:
     """A client for moto; `attempts=1` turns botocore's own retries off so the uploader's are exercised."""
-    config = Config(retries={"mode": "standard", "max_attempts": attempts}, max_pool_connections=32)
+    config = Config(retries={"mode": "standard", "total_max_attempts": attempts}, max_pool_connections=32)
     return boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1", config=config)
 
 

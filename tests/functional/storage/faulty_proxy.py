@@ -23,22 +23,40 @@ _INTERNAL_ERROR = (
 
 @dataclass
 class FaultPlan:
-    """Each UploadPart fails with probability `rate`: a 500, a cut before forwarding, or a cut after the server
-    stored the part (the client never learns it succeeded)."""
+    """One UploadPart in every `window` fails, at a seeded random position in each window (so exactly 1/window of
+    them, in an unpredictable pattern): a 500, a cut before forwarding, or a cut after the server stored the part
+    (the client never learns that it succeeded)."""
 
-    rate: float = 0.0
+    window: int | None = 10
+    """None: no faults, the proxy only relays and counts."""
     seed: int = 0
     rng: random.Random = field(init=False)
     lock: threading.Lock = field(default_factory=threading.Lock)
     injected: Counter[str] = field(default_factory=Counter)
     forwarded_parts: Counter[int] = field(default_factory=Counter)
+    seen: int = 0
+    in_flight: int = 0
+    idle: threading.Condition = field(init=False)
+    _victim: int = 0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        self.idle = threading.Condition(self.lock)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is being relayed: everything a (killed) client sent has been answered upstream."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.in_flight == 0, timeout)
 
     def choose(self) -> str | None:
         with self.lock:
-            if self.rng.random() >= self.rate:
+            if self.window is None:
+                return None
+            position = self.seen % self.window
+            if position == 0:
+                self._victim = self.rng.randrange(self.window)
+            self.seen += 1
+            if position != self._victim:
                 return None
             fault = self.rng.choice(["500", "cut-before", "cut-after"])
             self.injected[fault] += 1
@@ -64,8 +82,21 @@ def _handler(upstream: tuple[str, int], plan: FaultPlan) -> type[BaseHTTPRequest
             self.connection.shutdown(socket.SHUT_RDWR)
 
         def _relay(self) -> None:
+            with plan.idle:
+                plan.in_flight += 1
+            try:
+                self._relay_one()
+            finally:
+                with plan.idle:
+                    plan.in_flight -= 1
+                    plan.idle.notify_all()
+
+        def _relay_one(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length) if length else b""
+            if len(body) < length:  # the client died mid-request: a server would drop it too
+                self.close_connection = True
+                return
             part = _is_upload_part(self.command, self.path)
             fault = plan.choose() if part is not None else None
             if fault == "cut-before":
@@ -96,7 +127,9 @@ def _handler(upstream: tuple[str, int], plan: FaultPlan) -> type[BaseHTTPRequest
             for name, value in reply.getheaders():
                 if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
                     self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
+            # a HEAD reply announces the object's length without a body
+            length = reply.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(payload))
+            self.send_header("Content-Length", length)
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(payload)

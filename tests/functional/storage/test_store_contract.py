@@ -20,6 +20,7 @@ from functions.storage import (
     ObjectStore,
     PreconditionFailedError,
     S3ObjectStore,
+    StorageError,
     UploadNotFoundError,
     open_object_store,
 )
@@ -246,3 +247,22 @@ def test_s3_url_prefix_is_prepended(aws_test_env: None) -> None:
         raw = client.list_objects_v2(Bucket=bucket)["Contents"]
         assert [item["Key"] for item in raw] == ["deep/prefix/a/b"]
         assert [item.key for item in store.list_objects()] == ["a/b"]
+
+
+def test_s3_store_built_from_an_endpoint_url_or_the_standard_settings(
+    moto_endpoint: str, aws_test_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .conftest import new_bucket, s3_client
+
+    bucket = new_bucket(s3_client(moto_endpoint))
+    explicit = open_object_store(f"s3://{bucket}/p", endpoint_url=moto_endpoint)
+    explicit.put("k", b"explicit")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    from_environment = open_object_store(f"s3://{bucket}/p")
+    assert from_environment.get("k") == b"explicit"
+
+
+def test_file_store_that_cannot_be_created_is_a_typed_error(tmp_path: Path) -> None:
+    (tmp_path / "plain-file").write_bytes(b"")
+    with pytest.raises(StorageError, match="cannot create the file store"):
+        open_object_store((tmp_path / "plain-file" / "store").as_uri())

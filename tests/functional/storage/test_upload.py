@@ -15,6 +15,7 @@ from functions.storage import (
     NotFoundError,
     ObjectInfo,
     ObjectStore,
+    PartInfo,
     StorageError,
     TransientStorageError,
     UploadFailedError,
@@ -157,6 +158,8 @@ class LyingStore(HookedStore):
             return replace(info, size=info.size - 1)
         if self.lie == "checksum":
             return replace(info, checksum_crc32c="AAAAAA==-3")
+        if self.lie == "no-checksum":
+            return replace(info, checksum_crc32c=None)
         return info
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
@@ -223,3 +226,53 @@ def test_bandwidth_limit_paces_the_parts(store: ObjectStore, make_file: Callable
     )
     assert sum(waited) == pytest.approx(3.0)  # 20 MiB at 5 MiB/s after a 5 MiB burst
     assert store.get("paced") == path.read_bytes()
+
+
+def test_without_a_store_checksum_more_ranges_are_reread(
+    store: ObjectStore, make_file: Callable[[int, int], Path]
+) -> None:
+    path = make_file(12 * MiB, 10)
+    options = UploadOptions(verify_samples=3, seed=11)
+    result = upload_file(
+        LyingStore(store, "no-checksum"), path, "sampled", plan_fixed_parts(12 * MiB, 5 * MiB), options=options
+    )
+    assert result.verification.checksum_crc32c is None
+    ranges = result.verification.sampled_ranges
+    assert ranges[0] == (0, MiB) and ranges[-1] == (12 * MiB - MiB, MiB)
+    assert len(ranges) == 5  # first, last and three seeded random ones
+    with_checksum = upload_file(store, path, "sampled-2", plan_fixed_parts(12 * MiB, 5 * MiB), options=options)
+    assert with_checksum.verification.sampled_ranges == ((0, MiB), (12 * MiB - MiB, MiB))
+
+
+def test_empty_file(store: ObjectStore, tmp_path: Path) -> None:
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    result = upload_file(store, path, "empty")
+    assert result.size == 0 and len(result.parts) == 1
+    assert store.head("empty").size == 0
+    assert result.verification.sampled_ranges == ()
+
+
+class LostCompletionReply(HookedStore):
+    """The first completion succeeds on the store but its reply is lost (a cut connection)."""
+
+    completions = 0
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[PartInfo]) -> ObjectInfo:
+        self.completions += 1
+        info = self.inner.complete_multipart(key, upload_id, parts)
+        if self.completions == 1:
+            raise TransientStorageError("injected: reply lost after the store completed the upload")
+        return info
+
+
+def test_a_completion_whose_reply_was_lost_is_recognised(
+    store: ObjectStore, make_file: Callable[[int, int], Path]
+) -> None:
+    path = make_file(11 * MiB, 12)
+    lossy = LostCompletionReply(store)
+    parts = plan_fixed_parts(11 * MiB, 5 * MiB)
+    result = upload_file(lossy, path, "lost-reply", parts, options=UploadOptions(sleep=no_sleep))
+    assert lossy.completions == 2
+    assert store.get("lost-reply") == path.read_bytes()
+    assert result.verification.size == 11 * MiB

@@ -727,8 +727,9 @@ fn budget_duration(seconds: Option<f64>) -> PyResult<Option<std::time::Duration>
 }
 
 /// One bounded slice of coalescing: resumes a pending journal, then merges until the budget is spent.
+/// `siblings` are the files that may be other children of the chain's layers (required: they protect those).
 #[pyfunction]
-#[pyo3(signature = (leaf, siblings = Vec::new(), budget_bytes = None, budget_seconds = None))]
+#[pyo3(signature = (leaf, siblings, budget_bytes = None, budget_seconds = None))]
 fn coalesce_step(
     py: Python<'_>,
     leaf: PathBuf,
@@ -757,7 +758,7 @@ fn coalesce_step(
 
 /// Coalesces the chain of `leaf` as far as it goes, in steps of `step_bytes` (resumable after a crash).
 #[pyfunction]
-#[pyo3(signature = (leaf, siblings = Vec::new(), step_bytes = None))]
+#[pyo3(signature = (leaf, siblings, step_bytes = None))]
 fn coalesce(
     py: Python<'_>,
     leaf: PathBuf,

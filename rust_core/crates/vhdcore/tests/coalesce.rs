@@ -276,3 +276,18 @@ fn a_second_coalesce_of_the_same_folder_waits_its_turn() {
     let report = vhdcore::coalesce(paths.last().unwrap(), &siblings(dir.path()), None).unwrap();
     assert_eq!(report.merges.len(), 1);
 }
+
+#[test]
+fn a_parent_that_gains_a_child_mid_merge_stops_the_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, model) = build_chain(dir.path(), 3, 71, DiskType::Dynamic);
+    let leaf = paths.last().unwrap();
+    let budget = Budget { bytes: Some(1), time: None };
+    let step = coalesce_step_with(leaf, &siblings(dir.path()), budget, &|| Duration::ZERO, &Faults::none()).unwrap();
+    assert!(step.pending.is_some());
+    vhdcore::snapshot(&paths[0], &dir.path().join("late.vhd")).unwrap();
+    let err = vhdcore::coalesce(leaf, &siblings(dir.path()), None).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("became a child of"), "{err}");
+    assert!(flatten(leaf) == model);
+}
