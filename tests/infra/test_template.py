@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ def _plain(value: Any) -> Any:
 
 
 def cfn_lint(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["cfn-lint", str(path)], capture_output=True, text=True, timeout=300, check=False)
+    executable = Path(sysconfig.get_path("scripts")) / "cfn-lint"  # installed with the dev extras
+    return subprocess.run([str(executable), str(path)], capture_output=True, text=True, timeout=300, check=False)
 
 
 def sam_executable() -> str:
