@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 import vhdcore
+from statemachine.cli_api import schedule, serve, token
 from statemachine.cli_common import UserError
 from statemachine.cli_image import image
 from statemachine.cli_server import server
@@ -81,6 +82,9 @@ def imaging() -> None:
 imaging.add_command(vhd)
 imaging.add_command(server)
 imaging.add_command(image)
+imaging.add_command(token)
+imaging.add_command(schedule)
+imaging.add_command(serve)
 
 
 def main() -> None:

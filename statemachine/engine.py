@@ -335,6 +335,14 @@ class LocalEngine:
             self._arns.append(arn)
         return arn
 
+    def bind_function(self, arn: str, handler: Handler, *, timeout_s: float = DEFAULT_FUNCTION_TIMEOUT_S) -> None:
+        """Run `handler` for an existing function of the server (e.g. one a CloudFormation stack created)."""
+        with _REGISTRY_LOCK:
+            if arn in _REGISTRY:
+                raise EngineError(f"function {arn} is already bound")
+            _REGISTRY[arn] = _Registered(handler=handler, timeout_s=timeout_s, arn=arn)
+            self._arns.append(arn)
+
     def create_state_machine(self, name: str, definition: str, substitutions: Mapping[str, str] | None = None) -> str:
         """Create (or update) a STANDARD state machine from an ASL text with its `${...}` substitutions applied."""
         text = substitute(definition, substitutions or {})

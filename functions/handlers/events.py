@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from functions.state import ImageOrigin
+
 
 class _Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -19,6 +21,7 @@ class ImageRequest(_Event):
     name: str = Field(min_length=1, max_length=255)
     server_id: str | None = None
     disk: str | None = None
+    origin: ImageOrigin = ImageOrigin.ON_DEMAND
 
 
 class PrepareEvent(_Event):

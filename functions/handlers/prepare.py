@@ -35,6 +35,7 @@ def handler(event: PrepareEvent, context: LambdaContext) -> dict[str, Any]:
             name=request.name,
             server_id=request.server_id,
             disk=request.disk,
+            origin=request.origin,
         ),
     )
     metrics.add_metric(name="JobsStarted", unit=MetricUnit.Count, value=1)

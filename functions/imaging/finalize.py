@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 
 import vhdcore
+from functions.catalog.retention import keep_scheduled_images
 from functions.imaging import keys
 from functions.imaging.content import READ_SIZE, content_sha256
 from functions.imaging.disks import open_disk
@@ -19,7 +20,7 @@ from functions.imaging.planning import estimate_key
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain, snapshot_key
 from functions.imaging.upload import load_upload
-from functions.state import Image, Job, Status
+from functions.state import Image, ImageOrigin, Job, Status
 from functions.storage.retry import call_with_retries
 
 MANIFEST_VERSION = 1
@@ -56,7 +57,9 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
         content_future = pool.submit(content_sha256, chain)
         object_hash = object_sha256(services, uploaded.key, uploaded.size)
         content_hash = content_future.result()
-    job = advance_job(services, job.id, Status.ACTIVE, detail=f"{uploaded.size} bytes at {uploaded.key}")
+    job = advance_job(
+        services, job.id, Status.ACTIVE, detail=f"{uploaded.size} bytes at {uploaded.key}", update_image=False
+    )
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
         "image_id": job.image_id,
@@ -107,6 +110,8 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
     services.state.put_image(image)
     delete_staging(services, job.id)
     release_server_lock(services, job)
+    if image.origin is ImageOrigin.SCHEDULED and image.server_id is not None:
+        keep_scheduled_images(services, image.server_id)
     return image
 
 

@@ -11,6 +11,7 @@ from functions.imaging.services import ImagingServices
 from functions.state import (
     AlreadyExistsError,
     Image,
+    ImageOrigin,
     InvalidIdError,
     Job,
     NotFoundError,
@@ -33,6 +34,7 @@ class ImagingRequest:
     name: str
     server_id: str | None = None
     disk: str | None = None
+    origin: ImageOrigin = ImageOrigin.ON_DEMAND
 
 
 def start_job(services: ImagingServices, request: ImagingRequest) -> Job:
@@ -85,6 +87,7 @@ def start_job(services: ImagingServices, request: ImagingRequest) -> Job:
         server_id=request.server_id,
         job_id=request.job_id,
         name=request.name,
+        origin=request.origin,
         created_at=now,
     )
     state.put_image(image)
@@ -108,8 +111,11 @@ def revise_job(services: ImagingServices, job_id: str, change: Callable[[Job], J
     raise VersionConflictError("job", job_id, -1, None)
 
 
-def advance_job(services: ImagingServices, job_id: str, status: Status, detail: str | None = None) -> Job:
-    """Move the job to its next step (idempotent: a job already there stays as it is); the image follows."""
+def advance_job(
+    services: ImagingServices, job_id: str, status: Status, detail: str | None = None, *, update_image: bool = True
+) -> Job:
+    """Move the job to its next step (idempotent: a job already there stays as it is); the image follows unless
+    the caller writes the image record itself (Finalize, so that ACTIVE is never seen without its sizes)."""
     at = services.now()
 
     def change(job: Job) -> Job | None:
@@ -122,7 +128,8 @@ def advance_job(services: ImagingServices, job_id: str, status: Status, detail: 
         return moved.revised(bytes_done=0, bytes_total=None)
 
     job = revise_job(services, job_id, change)
-    services.state.update_image_status(job.image_id, status)
+    if update_image:
+        services.state.update_image_status(job.image_id, status)
     return job
 
 

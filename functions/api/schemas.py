@@ -1,0 +1,126 @@
+"""The HTTP API's request and response bodies (DESIGN §6); the OpenAPI document is generated from these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from functions.catalog.schedules import WEEKDAYS
+from functions.state import Image, Job, Schedule, ScheduleFrequency, Status
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateImageBody(_Body):
+    """Optional settings of an on-demand image."""
+
+    name: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")] | None = None
+
+
+class ImageView(BaseModel):
+    """An image and the job making it: status with the customary progress (0, 25, 50, 100), bytes, ETA, sizes."""
+
+    id: str
+    server_id: str | None
+    name: str
+    status: Status
+    progress: Literal[0, 25, 50, 100]
+    origin: str
+    job_id: str | None
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    eta_seconds: float | None = None
+    virtual_size: int | None = None
+    compressed_size: int | None = None
+    estimated_size: int | None = None
+    object_url: str | None = None
+    error_code: str | None = None
+    error_hint: str | None = None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, image: Image, job: Job | None) -> ImageView:
+        estimated = (image.manifest or {}).get("estimated_compressed_size", {}).get("point")
+        return cls(
+            id=image.id,
+            server_id=image.server_id,
+            name=image.name,
+            status=image.status,
+            progress=job.progress if job is not None else (100 if image.status is Status.ACTIVE else 0),
+            origin=str(image.origin),
+            job_id=image.job_id,
+            bytes_done=job.bytes_done if job else 0,
+            bytes_total=job.bytes_total if job else None,
+            eta_seconds=job.eta_seconds if job else None,
+            virtual_size=image.virtual_size,
+            compressed_size=image.compressed_size,
+            estimated_size=estimated if isinstance(estimated, int) else None,
+            object_url=image.object_url,
+            error_code=job.error_code if job else None,
+            error_hint=job.error_hint if job else None,
+            created_at=image.created_at,
+        )
+
+
+class ImageList(BaseModel):
+    images: list[ImageView]
+
+
+class EstimateView(BaseModel):
+    """What imaging the server now would produce and take, before starting."""
+
+    server_id: str
+    virtual_size: int
+    allocated_bytes: int
+    estimated_size: int
+    estimated_size_low: int
+    estimated_size_high: int
+    estimated_seconds: float
+    flavor_class: str
+
+
+class ScheduleBody(_Body):
+    """`daily` at HH:MM UTC, or `weekly` on a weekday at HH:MM UTC; keep the newest `retention` scheduled images."""
+
+    frequency: ScheduleFrequency
+    at: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", examples=["02:30"])]
+    weekday: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"] | None = None
+    retention: Annotated[int, Field(ge=1, le=1000)] = 7
+
+    @field_validator("weekday", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class ScheduleView(BaseModel):
+    server_id: str
+    frequency: ScheduleFrequency
+    at: str
+    weekday: str | None
+    retention: int
+    last_window_started: datetime | None
+
+    @classmethod
+    def of(cls, schedule: Schedule) -> ScheduleView:
+        return cls(
+            server_id=schedule.server_id,
+            frequency=schedule.frequency,
+            at=schedule.at.strftime("%H:%M"),
+            weekday=None if schedule.weekday is None else WEEKDAYS[schedule.weekday],
+            retention=schedule.retention,
+            last_window_started=schedule.last_window_started,
+        )
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a stable code, what was wrong, and what to do."""
+
+    error: str
+    message: str
+    hint: str | None = None
+    job_id: str | None = None

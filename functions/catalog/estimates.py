@@ -1,0 +1,36 @@
+"""The estimate of an image made now: its compressed size with a low-high range and how long it would take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from functions.imaging.disks import open_disk
+from functions.imaging.progress import flavor_class, upload_seconds
+from functions.imaging.services import ImagingServices
+from functions.state import Server
+
+
+@dataclass(frozen=True)
+class ServerEstimate:
+    virtual_size: int
+    allocated_bytes: int
+    estimated_size: int
+    estimated_size_low: int
+    estimated_size_high: int
+    estimated_seconds: float
+    flavor_class: str
+
+
+def estimate_server(services: ImagingServices, server: Server) -> ServerEstimate:
+    """Estimate the server's chain as it is now (read-only: nothing is frozen or written)."""
+    config = services.config
+    estimate = open_disk(server.disk).estimate(level=config.level, chunk_size=config.chunk_size)
+    return ServerEstimate(
+        virtual_size=estimate.virtual_size,
+        allocated_bytes=estimate.allocated_bytes,
+        estimated_size=estimate.compressed_bytes,
+        estimated_size_low=estimate.low,
+        estimated_size_high=estimate.high,
+        estimated_seconds=estimate.predicted_seconds + upload_seconds(estimate.compressed_bytes, server.flavor),
+        flavor_class=flavor_class(server.flavor),
+    )

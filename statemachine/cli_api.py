@@ -1,0 +1,224 @@
+"""`imaging token`, `imaging schedule` and `imaging serve`: API tokens, scheduled imaging, and the local HTTP API."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from datetime import time as time_of_day
+from typing import Any
+
+import click
+
+from functions.catalog.launch import execution_input
+from functions.catalog.requests import Launcher
+from functions.catalog.schedules import WEEKDAYS, run_due, scheduled_starter
+from functions.catalog.tokens import issue_token
+from functions.handlers.runtime import services as runtime_services
+from functions.imaging.jobs import ImagingRequest
+from functions.imaging.services import ImagingServices
+from functions.settings import Settings
+from functions.state import InvalidIdError, NotFoundError, Schedule, ScheduleFrequency, persistence_layer_for
+from statemachine.cli_common import UserError, json_option, print_json
+from statemachine.cli_services import export_settings, location_options
+
+
+def open_services(settings: Settings) -> ImagingServices:
+    """The services of `settings`, also exported for the handlers that run in this process."""
+    export_settings(settings)
+    return runtime_services()
+
+
+# --- tokens --------------------------------------------------------------------------------------------------------
+@click.group()
+def token() -> None:
+    """API tokens: each maps to one tenant; stored hashed, shown once."""
+
+
+@token.command("create")
+@click.argument("tenant")
+@location_options
+@json_option
+def token_create(tenant: str, settings: Settings, as_json: bool) -> None:
+    """Create an API token for TENANT and print it (the only time it is shown)."""
+    services = open_services(settings)
+    try:
+        secret = issue_token(services.state, tenant, services.now())
+    except InvalidIdError as error:
+        raise UserError(str(error), hint="tenant ids are 1-80 letters, digits, - and _") from error
+    if as_json:
+        print_json({"tenant": tenant, "token": secret})
+    else:
+        click.echo(secret)
+        click.echo(
+            f"(token for tenant {tenant}: send it as 'Authorization: Bearer TOKEN'; it is not shown again)", err=True
+        )
+
+
+# --- schedules -----------------------------------------------------------------------------------------------------
+@click.group()
+def schedule() -> None:
+    """Image servers on a schedule (daily or weekly, in UTC) and keep the newest N scheduled images."""
+
+
+def _schedule_dict(item: Schedule) -> dict[str, Any]:
+    return {
+        "server_id": item.server_id,
+        "frequency": item.frequency.value,
+        "at": item.at.strftime("%H:%M"),
+        "weekday": None if item.weekday is None else WEEKDAYS[item.weekday],
+        "retention": item.retention,
+        "last_window_started": item.last_window_started.isoformat() if item.last_window_started else None,
+    }
+
+
+def _parse_hhmm(text: str) -> time_of_day:
+    try:
+        parsed = datetime.strptime(text, "%H:%M")
+    except ValueError as error:
+        raise click.BadParameter(f"{text!r} is not HH:MM (24-hour, UTC)") from error
+    return time_of_day(parsed.hour, parsed.minute)
+
+
+@schedule.command("set")
+@click.argument("server")
+@click.option("--daily", "daily", metavar="HH:MM", help="Every day at HH:MM UTC.")
+@click.option(
+    "--weekly", "weekly", nargs=2, metavar="DAY HH:MM", help="Every week on DAY (monday..sunday) at HH:MM UTC."
+)
+@click.option("--retention", default=7, show_default=True, type=click.IntRange(1, 1000), help="Scheduled images kept.")
+@location_options
+@json_option
+def schedule_set(
+    server: str,
+    daily: str | None,
+    weekly: tuple[str, str] | None,
+    retention: int,
+    settings: Settings,
+    as_json: bool,
+) -> None:
+    """Set SERVER's imaging schedule (replaces the previous one)."""
+    if (daily is None) == (weekly is None):
+        raise click.UsageError("give exactly one of --daily HH:MM or --weekly DAY HH:MM")
+    services = open_services(settings)
+    try:
+        record = services.state.get_server(server)
+    except (NotFoundError, InvalidIdError) as error:
+        raise UserError(f"no server {server!r}", hint="`imaging server list` shows the registered servers") from error
+    if weekly is not None:
+        day = weekly[0].lower()
+        if day not in WEEKDAYS:
+            raise click.BadParameter(f"{weekly[0]!r} is not a weekday (monday..sunday)", param_hint="--weekly")
+        frequency, at, weekday = ScheduleFrequency.WEEKLY, _parse_hhmm(weekly[1]), WEEKDAYS.index(day)
+    else:
+        assert daily is not None
+        frequency, at, weekday = ScheduleFrequency.DAILY, _parse_hhmm(daily), None
+    try:
+        previous = services.state.get_schedule(record.id)
+    except NotFoundError:
+        previous = None
+    item = Schedule(
+        server_id=record.id,
+        tenant=record.tenant,
+        frequency=frequency,
+        at=at,
+        weekday=weekday,
+        retention=retention,
+        last_window_started=previous.last_window_started if previous else None,
+        created_at=services.now(),
+    )
+    services.state.put_schedule(item)
+    if as_json:
+        print_json(_schedule_dict(item))
+    else:
+        when = f"{WEEKDAYS[weekday]}s" if weekday is not None else "every day"
+        click.echo(f"{record.id}: imaged {when} at {at:%H:%M} UTC, newest {retention} scheduled images kept")
+
+
+@schedule.command("show")
+@click.argument("server", required=False)
+@location_options
+@json_option
+def schedule_show(server: str | None, settings: Settings, as_json: bool) -> None:
+    """Show SERVER's schedule, or every schedule."""
+    services = open_services(settings)
+    if server is None:
+        items = services.state.list_schedules()
+    else:
+        try:
+            items = [services.state.get_schedule(server)]
+        except (NotFoundError, InvalidIdError) as error:
+            raise UserError(f"server {server!r} has no schedule", hint="set one with `imaging schedule set`") from error
+    if as_json:
+        print_json([_schedule_dict(item) for item in items])
+        return
+    for item in items:
+        data = _schedule_dict(item)
+        when = f"weekly on {data['weekday']}" if data["weekday"] else "daily"
+        last = data["last_window_started"] or "never"
+        click.echo(f"{item.server_id}: {when} at {data['at']} UTC, keep {item.retention}, last window {last}")
+
+
+@schedule.command("run-due")
+@location_options
+@json_option
+def schedule_run_due(settings: Settings, as_json: bool) -> None:
+    """Start every due scheduled image (once per window) and wait for them; run it from cron or a timer."""
+    from statemachine.local import LocalImaging  # the engine starts only for commands that run the workflow
+
+    services = open_services(settings)
+    with LocalImaging() as runner:
+        executions: list[str] = []
+
+        def launch(request: ImagingRequest) -> None:
+            executions.append(runner.start(execution_input(request)))
+
+        outcome = run_due(services.state, datetime.now(UTC), scheduled_starter(services, launch))
+        results = [runner.wait(execution) for execution in executions]
+    summary = {
+        "started": [due.image_id for due in outcome.started],
+        "failed_to_start": [{"server_id": due.server_id, "reason": reason} for due, reason in outcome.failed],
+        "executions": [{"status": result.status, "error": result.error} for result in results],
+    }
+    if as_json:
+        print_json(summary)
+    else:
+        click.echo(f"started {len(outcome.started)} scheduled image(s); {len(outcome.failed)} could not start")
+        for due, reason in outcome.failed:
+            click.echo(f"  {due.server_id}: {reason}")
+    if outcome.failed or any(not result.succeeded for result in results):
+        raise SystemExit(1)
+
+
+# --- serve ---------------------------------------------------------------------------------------------------------
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@location_options
+def serve(host: str, port: int, settings: Settings) -> None:
+    """Serve the HTTP API (the same code as on API Gateway); images run in this process."""
+    from functions.api.app import ApiDependencies, build_app
+    from statemachine.local import LocalImaging
+    from statemachine.serve import make_server
+
+    services = open_services(settings)
+    with LocalImaging() as runner:
+
+        def launch(request: ImagingRequest) -> None:
+            runner.start(execution_input(request))
+
+        launcher: Launcher = launch
+        dependencies = ApiDependencies(
+            services=services,
+            launch=launcher,
+            idempotency=persistence_layer_for(settings.state_url, endpoint_url=settings.endpoint_url),
+        )
+        server = make_server(lambda: build_app(dependencies).resolve, host, port)
+        bound_host, bound_port = server.server_address[:2]
+        # One machine-readable line first: scripts (and the tests) read the address from it.
+        click.echo(json.dumps({"listening": f"http://{bound_host!s}:{bound_port}", "openapi": "/v1/openapi.json"}))
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
