@@ -80,6 +80,7 @@ def stack(
     expected_left_out = {
         "AWS::ApiGateway::RestApi", "AWS::ApiGateway::Deployment", "AWS::ApiGateway::Stage",
         "AWS::Lambda::Permission", "AWS::Scheduler::Schedule", "AWS::S3::BucketPolicy",
+        "AWS::Cognito::UserPool", "AWS::Cognito::UserPoolClient",
     }  # fmt: skip
     assert left_out <= expected_left_out, left_out
     with LocalEngine() as engine:
