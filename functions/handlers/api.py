@@ -7,18 +7,14 @@ import os
 from typing import Any
 
 import boto3
-from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.api.app import ApiDependencies, ImagingApi, build_app
 from functions.catalog.launch import step_functions_launcher
-from functions.handlers.runtime import SERVICE_NAME, services
+from functions.handlers.runtime import logger, services, tracer
 from functions.settings import Settings
 from functions.state import persistence_layer_for
-
-logger = Logger(service=SERVICE_NAME)
-tracer = Tracer(service=SERVICE_NAME)
 
 
 @functools.cache

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.handlers.events import CompressEvent
-from functions.handlers.runtime import METRICS_NAMESPACE, SERVICE_NAME, services
+from functions.handlers.runtime import logger, metrics, services, state_handler
 from functions.imaging.compress import compress_group
 
-logger = Logger(service=SERVICE_NAME)
-tracer = Tracer(service=SERVICE_NAME)
-metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
 
-
-@logger.inject_lambda_context
-@tracer.capture_lambda_handler
-@metrics.log_metrics
-@event_parser(model=CompressEvent)
+@state_handler(CompressEvent)
 def handler(event: CompressEvent, context: LambdaContext) -> dict[str, Any]:
     ctx = services()
     started = ctx.monotonic()

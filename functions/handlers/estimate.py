@@ -4,25 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.handlers.events import EstimateEvent
-from functions.handlers.runtime import METRICS_NAMESPACE, SERVICE_NAME, services
+from functions.handlers.runtime import logger, metrics, services, state_handler
 from functions.imaging.planning import plan_image
 from functions.imaging.snapshot import FrozenChain
 
-logger = Logger(service=SERVICE_NAME)
-tracer = Tracer(service=SERVICE_NAME)
-metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
 
-
-@logger.inject_lambda_context
-@tracer.capture_lambda_handler
-@metrics.log_metrics
-@event_parser(model=EstimateEvent)
+@state_handler(EstimateEvent)
 def handler(event: EstimateEvent, context: LambdaContext) -> dict[str, Any]:
     ctx = services()
     staged = plan_image(ctx, ctx.state.get_job(event.job.job_id), FrozenChain(**event.snapshot))

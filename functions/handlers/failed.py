@@ -5,25 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.handlers.events import FailedEvent
-from functions.handlers.runtime import METRICS_NAMESPACE, SERVICE_NAME, services
+from functions.handlers.runtime import logger, metrics, services, state_handler
 from functions.imaging.errors import failure_for
 from functions.imaging.failure import fail_job
 
-logger = Logger(service=SERVICE_NAME)
-tracer = Tracer(service=SERVICE_NAME)
-metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
 
-
-@logger.inject_lambda_context
-@tracer.capture_lambda_handler
-@metrics.log_metrics
-@event_parser(model=FailedEvent)
+@state_handler(FailedEvent)
 def handler(event: FailedEvent, context: LambdaContext) -> dict[str, Any]:
     state = event.request
     job_id = state.job.job_id if state.job is not None else state.job_id

@@ -5,24 +5,15 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.handlers.events import JobRef, PrepareEvent
-from functions.handlers.runtime import METRICS_NAMESPACE, SERVICE_NAME, services
+from functions.handlers.runtime import logger, metrics, services, state_handler
 from functions.imaging.jobs import ImagingRequest, start_job
 
-logger = Logger(service=SERVICE_NAME)
-tracer = Tracer(service=SERVICE_NAME)
-metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
 
-
-@logger.inject_lambda_context
-@tracer.capture_lambda_handler
-@metrics.log_metrics
-@event_parser(model=PrepareEvent)
+@state_handler(PrepareEvent)
 def handler(event: PrepareEvent, context: LambdaContext) -> dict[str, Any]:
     request = event.request
     ctx = services()

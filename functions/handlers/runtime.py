@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.utilities.parser import event_parser
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel
 
 from functions.imaging.services import ImagingConfig, ImagingServices
 from functions.settings import Settings
@@ -16,6 +22,31 @@ from functions.storage import open_object_store
 
 SERVICE_NAME = "imaging"
 METRICS_NAMESPACE = "CloudImaging"
+
+# Module-level, as Powertools wants them: one logger, tracer and metrics set for every handler of the service.
+logger = Logger(service=SERVICE_NAME)
+tracer = Tracer(service=SERVICE_NAME)
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
+
+EventT = TypeVar("EventT", bound=BaseModel)
+
+
+def state_handler(
+    model: type[EventT],
+) -> Callable[[Callable[[EventT, LambdaContext], dict[str, Any]]], Callable[[Any, LambdaContext], dict[str, Any]]]:
+    """What every state's handler wears: the Lambda context in its logs, a trace, its metrics flushed, and its event
+    parsed into `model` (a malformed event fails the state before any work)."""
+
+    def wrap(
+        function: Callable[[EventT, LambdaContext], dict[str, Any]],
+    ) -> Callable[[Any, LambdaContext], dict[str, Any]]:
+        parsed = event_parser(model=model)(function)
+        wrapped: Callable[[Any, LambdaContext], dict[str, Any]] = logger.inject_lambda_context(
+            tracer.capture_lambda_handler(metrics.log_metrics(parsed))
+        )
+        return wrapped
+
+    return wrap
 
 
 def config_from_environment() -> ImagingConfig:

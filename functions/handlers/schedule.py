@@ -8,18 +8,13 @@ import os
 from typing import Any
 
 import boto3
-from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.catalog.launch import step_functions_launcher
 from functions.catalog.requests import Launcher
 from functions.catalog.schedules import run_due, scheduled_starter
-from functions.handlers.runtime import METRICS_NAMESPACE, SERVICE_NAME, services
-
-logger = Logger(service=SERVICE_NAME)
-tracer = Tracer(service=SERVICE_NAME)
-metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
+from functions.handlers.runtime import logger, metrics, services, tracer
 
 
 @functools.cache
