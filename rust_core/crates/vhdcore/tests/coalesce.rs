@@ -7,39 +7,12 @@ use vhdcore::coalesce::{coalesce_step_with, Faults};
 use vhdcore::rng::SplitMix;
 use vhdcore::{Budget, Chain, DiskType, ErrorKind, StepReport};
 
-const SIZE: u64 = 8 * 1024 * 1024;
-const BLOCK: u32 = 512 * 1024;
+mod common;
 
-/// A chain of `depth` layers (base first) with whole-block, single-sector and unaligned writes in each, and the
-/// bytes its flattened disk must hold.
+use common::{BLOCK, SIZE};
+
 fn build_chain(dir: &Path, depth: usize, seed: u64, base_type: DiskType) -> (Vec<PathBuf>, Vec<u8>) {
-    let mut rng = SplitMix(seed);
-    let mut model = vec![0u8; usize::try_from(SIZE).unwrap()];
-    let base = dir.join("layer0.vhd");
-    vhdcore::create(&base, SIZE, base_type, BLOCK).unwrap();
-    let mut paths = vec![base];
-    for level in 0..depth {
-        let leaf = paths.last().unwrap().clone();
-        for _ in 0..8 {
-            let len = match rng.below(3) {
-                0 => u64::from(BLOCK),
-                1 => 512,
-                _ => 1 + rng.below(3 * u64::from(BLOCK)),
-            };
-            let offset = rng.below(SIZE - len);
-            let mut data = vec![0u8; usize::try_from(len).unwrap()];
-            rng.fill(&mut data);
-            vhdcore::write(&leaf, offset, &data).unwrap();
-            let at = usize::try_from(offset).unwrap();
-            model[at..at + data.len()].copy_from_slice(&data);
-        }
-        if level + 1 < depth {
-            let child = dir.join(format!("layer{}.vhd", level + 1));
-            vhdcore::snapshot(&leaf, &child).unwrap();
-            paths.push(child);
-        }
-    }
-    (paths, model)
+    common::build_chain(dir, depth, seed, base_type, 8)
 }
 
 fn flatten(leaf: &Path) -> Vec<u8> {
