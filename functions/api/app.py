@@ -50,8 +50,9 @@ from functions.state import Image, InvalidIdError, NotFoundError, Schedule, vali
 MAX_BODY_BYTES = 16 * 1024
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_TTL_S = 24 * 3600
-# A duplicate that arrives while the first request is still being served waits for its result this long.
-IN_PROGRESS_WAIT_S = 30.0
+# A duplicate that arrives while the first request is still being served waits for its result this long (under API
+# Gateway's 29 s integration timeout).
+IN_PROGRESS_WAIT_S = 20.0
 
 
 @dataclass(frozen=True)
