@@ -19,9 +19,9 @@ from tests.support.samples import Sample, sample_available, shared_dir, unpack_s
 IN_CI = bool(os.environ.get("CI"))
 
 
-def _missing(what: str) -> None:
-    """A missing prerequisite fails loudly in CI (whose setup installs it) and skips on a developer's machine."""
-    message = f"{what}: run .ci/setup (it installs qemu-utils and zstd)"
+def _missing(what: str, remedy: str = "run .ci/setup (it installs qemu-utils and zstd)") -> None:
+    """A missing prerequisite fails loudly in CI (whose setup provides it) and skips on a developer's machine."""
+    message = f"{what}: {remedy}"
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
@@ -38,7 +38,10 @@ def qemu() -> None:
 def xo_chain3(tmp_path_factory: pytest.TempPathFactory) -> Sample:
     """shared/samples/xo-chain3, each layer `zstd -d`-ed into a temporary folder under its own name."""
     if not sample_available("xo-chain3"):
-        _missing(f"shared sample missing under {shared_dir()} (set IMAGING_SHARED_DIR)")
+        _missing(
+            f"shared sample missing under {shared_dir()}",
+            "lay the shared folder beside the repository, or set IMAGING_SHARED_DIR to it",
+        )
     if shutil.which("zstd") is None:
         _missing("zstd not found on PATH")
     return unpack_sample("xo-chain3", tmp_path_factory.mktemp("xo-chain3"))
