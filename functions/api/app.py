@@ -8,7 +8,6 @@ create`, stored hashed). Another tenant's server or image answers 404, exactly l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -320,7 +319,7 @@ def build_resolver(deps: ApiDependencies) -> APIGatewayRestResolver:
             found = estimate_server(services, server)
         except ImagingError as error:
             raise ApiError(HTTPStatus.CONFLICT, error.code, str(error), error.hint) from error
-        return EstimateView(server_id=server.id, **dataclasses.asdict(found))
+        return EstimateView(server_id=server.id, **found.model_dump())
 
     # --- schedules -------------------------------------------------------------------------------------------------
     @app.put("/v1/servers/<server_id>/image-schedule", summary="Set the server's imaging schedule", tags=["schedules"])

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from functions.catalog.estimates import ServerEstimate
 from functions.catalog.schedules import WEEKDAYS
 from functions.state import Image, Job, Schedule, ScheduleFrequency, Status
 
@@ -70,17 +71,10 @@ class ImageList(BaseModel):
     images: list[ImageView]
 
 
-class EstimateView(BaseModel):
+class EstimateView(ServerEstimate):
     """What imaging the server now would produce and take, before starting."""
 
     server_id: str
-    virtual_size: int
-    allocated_bytes: int
-    estimated_size: int
-    estimated_size_low: int
-    estimated_size_high: int
-    estimated_seconds: float
-    flavor_class: str
 
 
 class ScheduleBody(_Body):

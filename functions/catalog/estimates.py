@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import BaseModel
 
 from functions.imaging.disks import open_disk
 from functions.imaging.progress import flavor_class, upload_seconds
@@ -10,8 +10,7 @@ from functions.imaging.services import ImagingServices
 from functions.state import Server
 
 
-@dataclass(frozen=True)
-class ServerEstimate:
+class ServerEstimate(BaseModel):
     virtual_size: int
     allocated_bytes: int
     estimated_size: int

@@ -17,18 +17,7 @@ from functions.imaging.jobs import ImagingRequest, start_job
 def handler(event: PrepareEvent, context: LambdaContext) -> dict[str, Any]:
     request = event.request
     ctx = services()
-    job = start_job(
-        ctx,
-        ImagingRequest(
-            job_id=request.job_id,
-            image_id=request.image_id,
-            tenant=request.tenant,
-            name=request.name,
-            server_id=request.server_id,
-            disk=request.disk,
-            origin=request.origin,
-        ),
-    )
+    job = start_job(ctx, ImagingRequest(**request.model_dump()))
     metrics.add_metric(name="JobsStarted", unit=MetricUnit.Count, value=1)
     logger.info("job queued", extra={"job_id": job.id, "server_id": job.server_id, "disk": job.disk})
     deadline = job.created_at + timedelta(seconds=ctx.config.coalesce_deadline_s)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import vhdcore
 from functions.catalog.launch import execution_input
-from functions.catalog.requests import request_image
+from functions.catalog.requests import Launcher, request_image
 from functions.catalog.retention import expired_images
 from functions.catalog.schedules import due_image, run_due, scheduled_starter, window_start
 from functions.handlers.runtime import services as runtime_services
@@ -26,9 +26,10 @@ MIB = 1024**2
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def schedule_of(frequency: ScheduleFrequency, at: time, weekday: int | None, **extra: object) -> Schedule:
-    fields = {"server_id": "s1", "tenant": "t1", "retention": 3, "created_at": EPOCH} | extra
-    return Schedule(frequency=frequency, at=at, weekday=weekday, **fields)  # type: ignore[arg-type]
+def schedule_of(frequency: ScheduleFrequency, at: time, weekday: int | None, created_at: datetime = EPOCH) -> Schedule:
+    return Schedule(
+        server_id="s1", tenant="t1", frequency=frequency, at=at, weekday=weekday, retention=3, created_at=created_at
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -55,7 +56,8 @@ def test_a_window_is_due_once_and_never_before_the_schedule_existed() -> None:
     assert due_image(daily, datetime(2026, 3, 10, 23, tzinfo=UTC)) is None  # today's 02:30 predates the schedule
     due = due_image(daily, datetime(2026, 3, 11, 2, 31, tzinfo=UTC))
     assert due is not None and due.window == datetime(2026, 3, 11, 2, 30, tzinfo=UTC)
-    assert due.job_id == due_image(daily, datetime(2026, 3, 11, 20, tzinfo=UTC)).job_id  # type: ignore[union-attr]
+    later = due_image(daily, datetime(2026, 3, 11, 20, tzinfo=UTC))
+    assert later is not None and later.job_id == due.job_id
     started = daily.model_copy(update={"last_window_started": due.window})
     assert due_image(started, datetime(2026, 3, 11, 20, tzinfo=UTC)) is None
     assert due_image(started, datetime(2026, 3, 12, 2, 30, tzinfo=UTC)) is not None
@@ -101,7 +103,7 @@ def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Ima
         yield services, runner
 
 
-def launcher_into(runner: LocalImaging, executions: list[str]) -> object:
+def launcher_into(runner: LocalImaging, executions: list[str]) -> Launcher:
     lock = threading.Lock()
 
     def launch(request: ImagingRequest) -> None:
@@ -130,7 +132,7 @@ def test_a_trigger_delivered_three_times_at_once_starts_one_image(local: tuple[I
     services.state.put_schedule(daily_schedule("s1", 3, EPOCH))
     now = datetime(2026, 2, 1, 1, 5, tzinfo=UTC)
     executions: list[str] = []
-    start = scheduled_starter(services, launcher_into(runner, executions))  # type: ignore[arg-type]
+    start = scheduled_starter(services, launcher_into(runner, executions))
     deliveries = threading.Barrier(3)
     outcomes = []
 
@@ -155,9 +157,9 @@ def test_ten_scheduled_runs_with_retention_three_keep_the_newest_three(
     services, runner = local
     executions: list[str] = []
     launch = launcher_into(runner, executions)
-    start = scheduled_starter(services, launch)  # type: ignore[arg-type]
+    start = scheduled_starter(services, launch)
     # Untouchable neighbours: an on-demand image of s1, s2's scheduled image (retention 1), a failed scheduled one.
-    on_demand = request_image(services, launch, tenant="t1", server_id="s1", name="by hand")  # type: ignore[arg-type]
+    on_demand = request_image(services, launch, tenant="t1", server_id="s1", name="by hand")
     wait_all(runner, executions, 0)
     services.state.put_schedule(daily_schedule("s2", 1, EPOCH))
     # moto keeps executions for the life of the process: other days than the other test's, so names never collide.
