@@ -1,22 +1,20 @@
 """A Map worker: compress a group of chunks into staged zstd frames (DESIGN §3).
 
-Each chunk's source reads are fetched by pread from the frozen layer files and handed to vhdcore, which merges the
-layers through their bitmaps and compresses one independent frame. A frame is staged before its result record, so
+vhdcore reads each chunk's planned source ranges from the frozen layer files (prefetched), merges the layers through
+their bitmaps and compresses one independent frame, the GIL released. A frame is staged before its result record, so
 a record's presence means the frame is whole: a retried worker (after a crash) skips those chunks.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import vhdcore
 from functions.imaging import keys
-from functions.imaging.errors import DiskCorruptError, DiskMissingError
+from functions.imaging.disks import open_disk
+from functions.imaging.errors import DiskCorruptError
 from functions.imaging.jobs import record_progress
 from functions.imaging.progress import measured_eta, step_started
 from functions.imaging.services import ImagingServices
@@ -55,38 +53,16 @@ def load_frame(services: ImagingServices, job_id: str, index: int) -> StagedFram
     return StagedFrame(**json.loads(services.store.get(keys.frame_result_key(job_id, index))))
 
 
-class _LayerFiles:
-    """The frozen chain's layer files, opened once per group, shared by the worker threads (pread has no offset)."""
-
-    def __init__(self, plan: vhdcore.ImagePlan, stack: ExitStack) -> None:
-        self._plan = plan
-        self._stack = stack
-        self._fds: dict[int, int] = {}
-        self._lock = threading.Lock()
-
-    def fd(self, layer: int) -> int:
-        with self._lock:
-            fd = self._fds.get(layer)
-            if fd is None:
-                path = self._plan.layer_paths[layer]
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError as error:
-                    raise DiskMissingError(f"layer {path} of the frozen chain is gone") from error
-                self._stack.callback(os.close, fd)
-                self._fds[layer] = fd
-            return fd
-
-    def fetch(self, chunk: vhdcore.ChunkPlan) -> list[bytes]:
-        """The chunk's source reads, in plan order."""
-        reads = []
-        for read in chunk.reads:
-            data = os.pread(self.fd(read.layer), read.length, read.file_offset)
-            if len(data) != read.length:
-                path = self._plan.layer_paths[read.layer]
-                raise DiskCorruptError(f"{path}: read {len(data)} of {read.length} bytes at offset {read.file_offset}")
-            reads.append(data)
-        return reads
+def _open_planned_chain(plan: vhdcore.ImagePlan) -> vhdcore.Chain:
+    """The frozen chain the plan was made from: vhdcore reads each chunk's planned ranges itself (pread, prefetched
+    with posix_fadvise), so no byte passes through Python before it is compressed."""
+    paths = plan.layer_paths
+    if not paths:
+        raise DiskCorruptError("the chunk plan names no layer")
+    chain = open_disk(paths[0])
+    if [layer.path for layer in chain.layers] != paths or chain.virtual_size != plan.virtual_size:
+        raise DiskCorruptError(f"the chain of {paths[0]} is no longer the one that was planned")
+    return chain
 
 
 def worker_failure_key(job_id: str, first: int) -> str:
@@ -127,24 +103,23 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
     if first < 0 or count < 1 or first + count > len(chunks):
         raise DiskCorruptError(f"chunk group {first}+{count} is outside the plan's {len(chunks)} chunks")
     started = step_started(job, Status.SAVING) or services.now()
-    with ExitStack() as stack:
-        files = _LayerFiles(plan, stack)
+    chain = _open_planned_chain(plan)
 
-        def one(chunk: vhdcore.ChunkPlan) -> tuple[StagedFrame, bool]:
-            try:
-                return load_frame(services, job.id, chunk.index), False
-            except NotFoundError:
-                pass
-            staged = _compress_chunk(services, job, plan, chunk, files.fetch(chunk))
-            elapsed = (services.now() - started).total_seconds()
-            current = services.state.get_job(job.id)
-            eta = measured_eta(current.bytes_done + chunk.length, plan.virtual_size, elapsed, current.eta_seconds)
-            record_progress(services, job.id, add_bytes=chunk.length, total=plan.virtual_size, eta_seconds=eta)
-            return staged, True
+    def one(chunk: vhdcore.ChunkPlan) -> tuple[StagedFrame, bool]:
+        try:
+            return load_frame(services, job.id, chunk.index), False
+        except NotFoundError:
+            pass
+        staged = _compress_chunk(services, job, chain, plan, chunk)
+        elapsed = (services.now() - started).total_seconds()
+        current = services.state.get_job(job.id)
+        eta = measured_eta(current.bytes_done + chunk.length, plan.virtual_size, elapsed, current.eta_seconds)
+        record_progress(services, job.id, add_bytes=chunk.length, total=plan.virtual_size, eta_seconds=eta)
+        return staged, True
 
-        # vhdcore releases the GIL while it merges and compresses: one thread per core keeps every core busy.
-        with ThreadPoolExecutor(max_workers=services.config.compress_threads, thread_name_prefix="chunk") as pool:
-            done = list(pool.map(one, chunks[first : first + count]))
+    # vhdcore releases the GIL while it merges and compresses: one thread per core keeps every core busy.
+    with ThreadPoolExecutor(max_workers=services.config.compress_threads, thread_name_prefix="chunk") as pool:
+        done = list(pool.map(one, chunks[first : first + count]))
     frames = [staged for staged, _ in done]
     compressed = sum(fresh for _, fresh in done)
     return GroupResult(
@@ -157,10 +132,10 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
 
 
 def _compress_chunk(
-    services: ImagingServices, job: Job, plan: vhdcore.ImagePlan, chunk: vhdcore.ChunkPlan, reads: list[bytes]
+    services: ImagingServices, job: Job, chain: vhdcore.Chain, plan: vhdcore.ImagePlan, chunk: vhdcore.ChunkPlan
 ) -> StagedFrame:
     try:
-        frame = vhdcore.compress_fetched_chunk(plan, chunk.index, reads, services.config.level)
+        frame = chain.compress_chunk(plan, chunk.index, services.config.level)
     except vhdcore.VhdError as error:
         raise DiskCorruptError(str(error)) from error
     staged = StagedFrame(

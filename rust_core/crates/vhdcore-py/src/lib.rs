@@ -287,6 +287,7 @@ impl Chain {
         let frame = py
             .allow_threads(|| {
                 let chunk = image_plan.chunk(index)?;
+                vhdcore::compress::prefetch(&inner, chunk);
                 vhdcore::compress_chunk(&*inner, &image_plan, chunk, level)
             })
             .or_raise(py)?;

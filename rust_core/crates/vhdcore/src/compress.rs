@@ -304,7 +304,7 @@ impl SparePool {
 /// Asks the kernel to start reading `chunk`'s source ranges now (`posix_fadvise` WILLNEED), so the block-by-block
 /// reads that follow find them in the page cache instead of waiting on the disk one small read at a time (measured:
 /// most of a loaded machine's wall time on a depth-3 chain whose layers had partly left the cache).
-fn prefetch(chain: &Chain, chunk: &ChunkPlan) {
+pub fn prefetch(chain: &Chain, chunk: &ChunkPlan) {
     use std::os::fd::AsRawFd;
     for read in &chunk.reads {
         let Some(layer) = chain.layers.get(read.layer) else { continue };

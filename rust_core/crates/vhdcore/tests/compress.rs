@@ -203,3 +203,18 @@ fn check_mixed_image(chain: &Chain, plan: &vhdcore::ImagePlan, level: i32, model
         assert!(ratio <= 1.01, "level {level}, chunk {}: {ratio:.4} of zstd's size", chunk.index);
     }
 }
+
+#[test]
+fn an_output_that_is_not_a_regular_file_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, _) = sample_chain(dir.path());
+    let chain = Chain::open(&leaf, 30).unwrap();
+    let plan = chain.plan(8 * MIB).unwrap();
+    let folder = dir.path().join("a-folder");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("inside"), b"kept").unwrap();
+    let err = vhdcore::compress_image(&chain, &plan, 3, &folder, &mut |_, _| true).unwrap_err();
+    assert_eq!(err.kind(), vhdcore::ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    assert_eq!(std::fs::read(folder.join("inside")).unwrap(), b"kept");
+}
