@@ -29,6 +29,7 @@ class StagedFrame:
     index: int
     logical_bytes: int
     sha256: str
+    content_sha256: str
     crc32c: int
     stored_blocks: list[int]
     virtual_bytes: int
@@ -131,17 +132,24 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
     )
 
 
+def _content_digest(frame: vhdcore.ChunkFrame) -> str:
+    if frame.content_sha256 is None:
+        raise RuntimeError(f"vhdcore gave chunk {frame.index} no content digest though asked for one")
+    return frame.content_sha256
+
+
 def _compress_chunk(
     services: ImagingServices, job: Job, chain: vhdcore.Chain, plan: vhdcore.ImagePlan, chunk: vhdcore.ChunkPlan
 ) -> StagedFrame:
     try:
-        frame = chain.compress_chunk(plan, chunk.index, services.config.level)
+        frame = chain.compress_chunk(plan, chunk.index, services.config.level, content_hash=True)
     except vhdcore.VhdError as error:
         raise DiskCorruptError(str(error)) from error
     staged = StagedFrame(
         index=chunk.index,
         logical_bytes=frame.logical_bytes,
         sha256=frame.sha256,
+        content_sha256=_content_digest(frame),
         crc32c=frame.crc32c,
         stored_blocks=list(frame.stored_blocks),
         virtual_bytes=frame.virtual_bytes,

@@ -41,6 +41,8 @@ class ObjectFrame:
     crc32c: int
     sha256: str
     logical_bytes: int
+    content_sha256: str | None
+    """Of the chunk's disk content (see functions.imaging.content); None for the head."""
 
 
 @dataclass(frozen=True)
@@ -193,11 +195,19 @@ def _staged_frames(services: ImagingServices, job_id: str, plan: vhdcore.ImagePl
 
 
 def _layout(head: vhdcore.ChunkFrame, staged: list[StagedFrame]) -> list[ObjectFrame]:
-    frames = [ObjectFrame(None, 0, len(head.frame), head.crc32c, head.sha256, head.logical_bytes)]
+    frames = [ObjectFrame(None, 0, len(head.frame), head.crc32c, head.sha256, head.logical_bytes, None)]
     offset = len(head.frame)
     for frame in staged:
         frames.append(
-            ObjectFrame(frame.index, offset, frame.compressed_bytes, frame.crc32c, frame.sha256, frame.logical_bytes)
+            ObjectFrame(
+                frame.index,
+                offset,
+                frame.compressed_bytes,
+                frame.crc32c,
+                frame.sha256,
+                frame.logical_bytes,
+                frame.content_sha256,
+            )
         )
         offset += frame.compressed_bytes
     return frames

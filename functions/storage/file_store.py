@@ -248,9 +248,7 @@ class FileObjectStore:
             raise NotFoundError("no such source object", key=source_key) from None
         return PartInfo(number=number, size=length, etag=etag, crc32c=checksum)
 
-    def _link_part(
-        self, source: Path, source_fd: int, part: PartInfo, folder: Path, key: str, upload_id: str
-    ) -> bool:
+    def _link_part(self, source: Path, source_fd: int, part: PartInfo, folder: Path, key: str, upload_id: str) -> bool:
         """The whole object `source` (open as `source_fd`) becomes `part` by a hard link, when the key still names
         that file: objects are never written in place, so the part keeps its bytes, ETag and CRC32C whatever later
         happens to the key. False (nothing linked) if the key moved on meanwhile."""

@@ -27,6 +27,7 @@ from functions.storage import (
 from functions.storage.checksums import composite_crc32c, crc32c, encode_crc32c, md5_etag, multipart_etag
 from functions.storage.objects import MIN_PART_SIZE
 
+
 def assert_etag_of(store: ObjectStore, etag: str, data: bytes) -> None:
     """S3 gives a single-part object or a part the hex MD5 of its bytes; the file store's ETags are opaque (CRC32C,
     size and a nonce of the write), which S3's documentation allows: only their shape is common."""

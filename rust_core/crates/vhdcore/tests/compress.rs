@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 
+use sha2::{Digest, Sha256};
 use vhdcore::{Chain, DiskType};
 
 const MIB: u64 = 1024 * 1024;
@@ -80,6 +81,7 @@ fn chunk_plans_from_fetched_reads_match_the_all_in_one_path() {
     let chain = Chain::open(&leaf, 30).unwrap();
     let plan = vhdcore::ImagePlan::from_json(&chain.plan(8 * MIB).unwrap().to_json()).unwrap();
     let files: Vec<std::fs::File> = plan.layers.iter().map(|l| std::fs::File::open(&l.path).unwrap()).collect();
+    assert!(plan.chunks.iter().any(|c| c.reads.is_empty()), "no chunk without data: the zero-digest path is untested");
     for chunk in &plan.chunks {
         let data: Vec<Vec<u8>> = chunk
             .reads
@@ -90,11 +92,18 @@ fn chunk_plans_from_fetched_reads_match_the_all_in_one_path() {
                 buf
             })
             .collect();
-        let remote = vhdcore::compress_fetched_chunk(&plan, chunk.index, &data, 3).unwrap();
-        let local = vhdcore::compress_chunk(&chain, &plan, chunk, 3).unwrap();
+        let remote = vhdcore::compress_fetched_chunk(&plan, chunk.index, &data, 3, true).unwrap();
+        let local = vhdcore::compress_chunk(&chain, &plan, chunk, 3, true).unwrap();
         assert_eq!(remote.frame, local.frame, "chunk {}", chunk.index);
         assert_eq!(remote.sha256, local.sha256);
         assert_eq!(remote.crc32c, crc32c::crc32c(&remote.frame));
+        // The content digest is of the flattened disk's bytes in the chunk's range, zeros included.
+        let mut content = vec![0u8; usize::try_from(chunk.length).unwrap()];
+        chain.read_at(chunk.start, &mut content).unwrap();
+        let expected: String = Sha256::digest(&content).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(remote.content_sha256.as_deref(), Some(expected.as_str()), "chunk {}", chunk.index);
+        assert_eq!(local.content_sha256, remote.content_sha256);
+        assert_eq!(vhdcore::compress_chunk(&chain, &plan, chunk, 3, false).unwrap().content_sha256, None);
     }
 }
 
@@ -106,7 +115,7 @@ fn a_worker_given_short_reads_gets_a_typed_error() {
     let plan = chain.plan(8 * MIB).unwrap();
     let chunk = plan.chunks.iter().find(|c| !c.reads.is_empty()).unwrap();
     let short: Vec<Vec<u8>> = chunk.reads.iter().map(|r| vec![0u8; usize::try_from(r.length).unwrap() - 1]).collect();
-    let err = vhdcore::compress_fetched_chunk(&plan, chunk.index, &short, 3).unwrap_err();
+    let err = vhdcore::compress_fetched_chunk(&plan, chunk.index, &short, 3, false).unwrap_err();
     assert_eq!(err.kind(), vhdcore::ErrorKind::InvalidArgument);
 }
 
