@@ -28,7 +28,6 @@ class StagedFrame:
 
     index: int
     logical_bytes: int
-    sha256: str
     content_sha256: str
     crc32c: int
     stored_blocks: list[int]
@@ -142,13 +141,12 @@ def _compress_chunk(
     services: ImagingServices, job: Job, chain: vhdcore.Chain, plan: vhdcore.ImagePlan, chunk: vhdcore.ChunkPlan
 ) -> StagedFrame:
     try:
-        frame = chain.compress_chunk(plan, chunk.index, services.config.level, content_hash=True)
+        frame = chain.compress_chunk(plan, chunk.index, services.config.level, digest="content")
     except vhdcore.VhdError as error:
         raise DiskCorruptError(str(error)) from error
     staged = StagedFrame(
         index=chunk.index,
         logical_bytes=frame.logical_bytes,
-        sha256=frame.sha256,
         content_sha256=_content_digest(frame),
         crc32c=frame.crc32c,
         stored_blocks=list(frame.stored_blocks),

@@ -39,7 +39,8 @@ class ObjectFrame:
     offset: int
     compressed_bytes: int
     crc32c: int
-    sha256: str
+    sha256: str | None
+    """Of the frame's decompressed bytes: the head's only (a chunk's are guarded by zstd's content checksum)."""
     logical_bytes: int
     content_sha256: str | None
     """Of the chunk's disk content (see functions.imaging.content); None for the head."""
@@ -204,7 +205,7 @@ def _layout(head: vhdcore.ChunkFrame, staged: list[StagedFrame]) -> list[ObjectF
                 offset,
                 frame.compressed_bytes,
                 frame.crc32c,
-                frame.sha256,
+                None,
                 frame.logical_bytes,
                 frame.content_sha256,
             )

@@ -10,10 +10,11 @@
 //! incompressible pieces from level 5 on, see `early_abort`); a worker keeps its buffers and zstd context from
 //! chunk to chunk and hashes each stored block right after reading it.
 //!
-//! On request a chunk also gets the sha256 of its *disk content* (the flattened disk's bytes in its range, zeros
-//! included): the digests of all chunks, in order, hashed together make a tree hash of the whole disk that needs no
-//! second read of it (the same as `split -b CHUNK --filter=sha256sum disk.raw | cut -c1-64 | xxd -r -p |
-//! sha256sum` on the raw disk).
+//! A chunk's digest ([`ChunkDigest`]) is the sha256 of the bytes its frame decompresses to, or of its *disk
+//! content* (the flattened disk's bytes in its range, zeros included): the content digests of all chunks, in order,
+//! hashed together make a tree hash of the whole disk that needs no second read of it (the same as
+//! `split -b CHUNK --filter=sha256sum disk.raw | cut -c1-64 | xxd -r -p | sha256sum` on the raw disk), while zstd's
+//! content checksum already guards each frame's decompressed bytes.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -46,9 +47,10 @@ pub struct ChunkFrame {
     pub frame: Vec<u8>,
     /// Bytes of the image this frame decompresses to.
     pub logical_bytes: u64,
-    /// Hex sha256 of those decompressed bytes.
-    pub sha256: String,
-    /// Hex sha256 of the chunk's disk content (the flattened disk's bytes in its range, zeros included), when asked.
+    /// Hex sha256 of those decompressed bytes (with [`ChunkDigest::Image`]).
+    pub sha256: Option<String>,
+    /// Hex sha256 of the chunk's disk content: the flattened disk's bytes in its range, zeros included (with
+    /// [`ChunkDigest::Content`]).
     pub content_sha256: Option<String>,
     /// CRC-32C of the frame itself, as S3 takes part checksums.
     pub crc32c: u32,
@@ -64,7 +66,13 @@ pub struct ChunkFrame {
 
 impl ChunkFrame {
     /// The description of a compressed chunk whose frame bytes stay with the caller (`frame` is left empty).
-    fn describe(index: usize, sha256: [u8; 32], logical_bytes: usize, frame: &[u8], stored_blocks: Vec<u64>) -> Self {
+    fn describe(
+        index: usize,
+        sha256: Option<[u8; 32]>,
+        logical_bytes: usize,
+        frame: &[u8],
+        stored_blocks: Vec<u64>,
+    ) -> Self {
         ChunkFrame {
             index,
             crc32c: crc32c::crc32c(frame),
@@ -72,7 +80,7 @@ impl ChunkFrame {
             object_offset: None,
             frame: Vec::new(),
             logical_bytes: u64::try_from(logical_bytes).unwrap_or(u64::MAX),
-            sha256: hex(&sha256),
+            sha256: sha256.as_ref().map(hex),
             content_sha256: None,
             stored_blocks,
             virtual_bytes: 0,
@@ -241,20 +249,25 @@ impl Scratch {
         plan: &ImagePlan,
         chunk: &ChunkPlan,
         level: i32,
-        content_hash: bool,
+        digest: ChunkDigest,
     ) -> Result<ChunkFrame> {
         self.logical.len = 0;
-        let mut hasher = Sha256::new();
+        let mut image = (digest == ChunkDigest::Image).then(Sha256::new);
         let nothing_allocated = chunk.reads.is_empty();
-        let mut content = (content_hash && !nothing_allocated).then(Sha256::new);
-        let stored = assemble_chunk(src, plan, chunk, &mut self.logical, Some(&mut hasher), content.as_mut())?;
+        let mut content = (digest == ChunkDigest::Content && !nothing_allocated).then(Sha256::new);
+        let stored = assemble_chunk(src, plan, chunk, &mut self.logical, image.as_mut(), content.as_mut())?;
         let encoder = encoder_for(&mut self.encoder, level)?;
         encoder.compress(self.logical.as_slice(), &mut self.frame)?;
-        let mut result =
-            ChunkFrame::describe(chunk.index, hasher.finalize().into(), self.logical.len, &self.frame, stored);
+        let mut result = ChunkFrame::describe(
+            chunk.index,
+            image.map(|h| h.finalize().into()),
+            self.logical.len,
+            &self.frame,
+            stored,
+        );
         result.virtual_bytes = chunk.length;
         result.read_bytes = chunk.read_bytes();
-        if content_hash {
+        if digest == ChunkDigest::Content {
             let digest = content.map_or_else(|| zero_digest(chunk.length), |hasher| hasher.finalize().into());
             result.content_sha256 = Some(hex(&digest));
         }
@@ -266,17 +279,27 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// Builds and compresses one chunk from any layer source; `content_hash` adds the sha256 of its disk content.
+/// Which sha256 a compressed chunk carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChunkDigest {
+    /// Of the bytes its frame decompresses to.
+    #[default]
+    Image,
+    /// Of its disk content: the flattened disk's bytes in the chunk's range, zeros included.
+    Content,
+}
+
+/// Builds and compresses one chunk from any layer source.
 pub fn compress_chunk<S: LayerSource>(
     src: &S,
     plan: &ImagePlan,
     chunk: &ChunkPlan,
     level: i32,
-    content_hash: bool,
+    digest: ChunkDigest,
 ) -> Result<ChunkFrame> {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        let mut result = scratch.compress(src, plan, chunk, level, content_hash)?;
+        let mut result = scratch.compress(src, plan, chunk, level, digest)?;
         result.frame = scratch.frame.clone();
         Ok(result)
     })
@@ -288,12 +311,12 @@ pub fn compress_fetched_chunk(
     index: usize,
     data: &[Vec<u8>],
     level: i32,
-    content_hash: bool,
+    digest: ChunkDigest,
 ) -> Result<ChunkFrame> {
     plan.validate()?;
     let chunk = plan.chunk(index)?;
     let source = FetchedChunk::new(plan, chunk, data)?;
-    compress_chunk(&source, plan, chunk, level, content_hash)
+    compress_chunk(&source, plan, chunk, level, digest)
 }
 
 /// Where each chunk starts in the decompressed image, given how many bytes each one decompresses to.
@@ -345,7 +368,8 @@ pub fn compress_head(plan: &ImagePlan, chunks: &[(Vec<u64>, u64)], level: i32) -
     let head = build_head(plan, chunks)?;
     let mut frame = Vec::new();
     FrameEncoder::new(level)?.compress(&head, &mut frame)?;
-    let mut result = ChunkFrame::describe(usize::MAX, Sha256::digest(&head).into(), head.len(), &frame, Vec::new());
+    let mut result =
+        ChunkFrame::describe(usize::MAX, Some(Sha256::digest(&head).into()), head.len(), &frame, Vec::new());
     result.frame = frame;
     Ok(result)
 }
@@ -426,7 +450,7 @@ fn compress_and_place<S: LayerSource>(
                     }
                     let outcome = SCRATCH.with(|scratch| {
                         let mut scratch = scratch.borrow_mut();
-                        let frame = scratch.compress(src, plan, chunk, level, false)?;
+                        let frame = scratch.compress(src, plan, chunk, level, ChunkDigest::Image)?;
                         let bytes = std::mem::replace(&mut scratch.frame, spares.take());
                         Ok((frame, bytes))
                     });

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 
 use sha2::{Digest, Sha256};
-use vhdcore::{Chain, DiskType};
+use vhdcore::{Chain, ChunkDigest, DiskType};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -42,6 +42,10 @@ fn sample_chain(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
     put(&leaf, 3 * MIB + 7, fill(3, 100_000));
     put(&leaf, 33 * MIB, fill(4, 4096));
     (leaf, model)
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn decompress(bytes: &[u8]) -> Vec<u8> {
@@ -92,18 +96,21 @@ fn chunk_plans_from_fetched_reads_match_the_all_in_one_path() {
                 buf
             })
             .collect();
-        let remote = vhdcore::compress_fetched_chunk(&plan, chunk.index, &data, 3, true).unwrap();
-        let local = vhdcore::compress_chunk(&chain, &plan, chunk, 3, true).unwrap();
+        let remote = vhdcore::compress_fetched_chunk(&plan, chunk.index, &data, 3, ChunkDigest::Image).unwrap();
+        let local = vhdcore::compress_chunk(&chain, &plan, chunk, 3, ChunkDigest::Image).unwrap();
         assert_eq!(remote.frame, local.frame, "chunk {}", chunk.index);
         assert_eq!(remote.sha256, local.sha256);
+        assert_eq!(remote.sha256, Some(hex(&Sha256::digest(decompress(&remote.frame)))));
         assert_eq!(remote.crc32c, crc32c::crc32c(&remote.frame));
         // The content digest is of the flattened disk's bytes in the chunk's range, zeros included.
         let mut content = vec![0u8; usize::try_from(chunk.length).unwrap()];
         chain.read_at(chunk.start, &mut content).unwrap();
-        let expected: String = Sha256::digest(&content).iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(remote.content_sha256.as_deref(), Some(expected.as_str()), "chunk {}", chunk.index);
-        assert_eq!(local.content_sha256, remote.content_sha256);
-        assert_eq!(vhdcore::compress_chunk(&chain, &plan, chunk, 3, false).unwrap().content_sha256, None);
+        let by_content = vhdcore::compress_fetched_chunk(&plan, chunk.index, &data, 3, ChunkDigest::Content).unwrap();
+        assert_eq!(by_content.content_sha256, Some(hex(&Sha256::digest(&content))), "chunk {}", chunk.index);
+        assert_eq!((by_content.sha256, remote.content_sha256), (None, None));
+        assert_eq!(by_content.frame, remote.frame);
+        let local_content = vhdcore::compress_chunk(&chain, &plan, chunk, 3, ChunkDigest::Content).unwrap();
+        assert_eq!(local_content.content_sha256, by_content.content_sha256);
     }
 }
 
@@ -115,7 +122,7 @@ fn a_worker_given_short_reads_gets_a_typed_error() {
     let plan = chain.plan(8 * MIB).unwrap();
     let chunk = plan.chunks.iter().find(|c| !c.reads.is_empty()).unwrap();
     let short: Vec<Vec<u8>> = chunk.reads.iter().map(|r| vec![0u8; usize::try_from(r.length).unwrap() - 1]).collect();
-    let err = vhdcore::compress_fetched_chunk(&plan, chunk.index, &short, 3, false).unwrap_err();
+    let err = vhdcore::compress_fetched_chunk(&plan, chunk.index, &short, 3, ChunkDigest::Image).unwrap_err();
     assert_eq!(err.kind(), vhdcore::ErrorKind::InvalidArgument);
 }
 
