@@ -8,7 +8,8 @@ a record's presence means the frame is whole: a retried worker (after a crash) s
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import vhdcore
@@ -105,21 +106,34 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
     started = step_started(job, Status.SAVING) or services.now()
     chain = _open_planned_chain(plan)
 
-    def one(chunk: vhdcore.ChunkPlan) -> tuple[StagedFrame, bool]:
+    def stage(frame: vhdcore.ChunkFrame, chunk: vhdcore.ChunkPlan) -> StagedFrame:
         try:
-            return load_frame(services, job.id, chunk.index), False
-        except NotFoundError:
-            pass
-        staged = _compress_chunk(services, job, chain, plan, chunk)
+            staged = _stage_frame(services, job, frame)
+        finally:
+            pending.release()
         elapsed = (services.now() - started).total_seconds()
         current = services.state.get_job(job.id)
         eta = measured_eta(current.bytes_done + chunk.length, plan.virtual_size, elapsed, current.eta_seconds)
         record_progress(services, job.id, add_bytes=chunk.length, total=plan.virtual_size, eta_seconds=eta)
-        return staged, True
+        return staged
 
-    # vhdcore releases the GIL while it merges and compresses: one thread per core keeps every core busy.
-    with ThreadPoolExecutor(max_workers=services.config.compress_threads, thread_name_prefix="chunk") as pool:
-        done = list(pool.map(one, chunks[first : first + count]))
+    def one(chunk: vhdcore.ChunkPlan) -> Future[StagedFrame] | StagedFrame:
+        try:
+            return load_frame(services, job.id, chunk.index)
+        except NotFoundError:
+            pass
+        frame = _compress_chunk(services, chain, plan, chunk)
+        pending.acquire()
+        return stager.submit(stage, frame, chunk)
+
+    # vhdcore releases the GIL while it merges and compresses: one thread per core keeps every core busy, and a
+    # stager writes the frames (and waits on their fsyncs) meanwhile, at most one frame per core behind.
+    threads = services.config.compress_threads
+    pending = threading.BoundedSemaphore(threads)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage") as stager:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chunk") as pool:
+            outcomes = list(pool.map(one, chunks[first : first + count]))
+        done = [(o.result(), True) if isinstance(o, Future) else (o, False) for o in outcomes]
     frames = [staged for staged, _ in done]
     compressed = sum(fresh for _, fresh in done)
     return GroupResult(
@@ -138,14 +152,20 @@ def _content_digest(frame: vhdcore.ChunkFrame) -> str:
 
 
 def _compress_chunk(
-    services: ImagingServices, job: Job, chain: vhdcore.Chain, plan: vhdcore.ImagePlan, chunk: vhdcore.ChunkPlan
-) -> StagedFrame:
+    services: ImagingServices, chain: vhdcore.Chain, plan: vhdcore.ImagePlan, chunk: vhdcore.ChunkPlan
+) -> vhdcore.ChunkFrame:
     try:
-        frame = chain.compress_chunk(plan, chunk.index, services.config.level, digest="content")
+        return chain.compress_chunk(plan, chunk.index, services.config.level, digest="content")
     except vhdcore.VhdError as error:
         raise DiskCorruptError(str(error)) from error
+
+
+def _stage_frame(services: ImagingServices, job: Job, frame: vhdcore.ChunkFrame) -> StagedFrame:
+    """The frame, then its record (whose presence says the frame is whole)."""
+    if frame.index is None:
+        raise RuntimeError("the head frame is not staged by a worker")
     staged = StagedFrame(
-        index=chunk.index,
+        index=frame.index,
         logical_bytes=frame.logical_bytes,
         content_sha256=_content_digest(frame),
         crc32c=frame.crc32c,
@@ -154,6 +174,6 @@ def _compress_chunk(
         read_bytes=frame.read_bytes,
         compressed_bytes=len(frame.frame),
     )
-    services.store.put(keys.frame_key(job.id, chunk.index), frame.frame)
-    services.store.put(keys.frame_result_key(job.id, chunk.index), json.dumps(asdict(staged)).encode())
+    services.store.put(keys.frame_key(job.id, staged.index), frame.frame)
+    services.store.put(keys.frame_result_key(job.id, staged.index), json.dumps(asdict(staged)).encode())
     return staged

@@ -198,6 +198,16 @@ def test_a_whole_object_copied_as_a_part_keeps_its_bytes_when_the_source_changes
         store.upload_part_copy("whole", store.create_multipart("whole"), 1, "frame-b", 0, 1000)
 
 
+def test_delete_many_removes_those_keys_and_ignores_absent_ones(store: ObjectStore) -> None:
+    keys = [f"staging/job/frames/{index:04d}" for index in range(1205)]  # more than one S3 batch of 1000
+    for key in keys[:3] + keys[-3:]:
+        store.put(key, key.encode())
+    store.put("staging/job/keep", b"kept")
+    store.delete_many(keys + ["never-written"])
+    assert [info.key for info in store.list_objects("staging/")] == ["staging/job/keep"]
+    store.delete_many([])
+
+
 def test_multipart_rules(store: ObjectStore) -> None:
     upload_id = store.create_multipart("k")
     small = b"s" * 1000
