@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use zerocopy::IntoBytes;
 
 use crate::chain::Chain;
+use crate::direct_writer::AppendWriter;
 use crate::error::{Result, VhdError};
 use crate::export::{is_zero, Target};
 use crate::format::{bitmap_size, DiskType, SECTOR_SIZE};
@@ -404,18 +405,6 @@ pub fn prefetch(chain: &Chain, chunk: &ChunkPlan) {
     }
 }
 
-/// Bytes per write call: the page-cache copy of a slice this size runs while its source is still in cache.
-const WRITE_SLICE: usize = 1 << 20;
-
-fn write_in_slices(target: &Target, bytes: &[u8], at: u64) -> Result<()> {
-    let mut offset = at;
-    for slice in bytes.chunks(WRITE_SLICE) {
-        target.write_at(slice, offset)?;
-        offset += u64::try_from(slice.len()).unwrap_or(0);
-    }
-    Ok(())
-}
-
 /// Compresses every chunk on all cores and writes the frames in chunk order from the calling thread as they
 /// become ready, so writing overlaps compressing; `done` sees each chunk, with its offset, once written.
 /// One writer, because ext4 serialises buffered writes to one file (the inode lock): workers writing themselves
@@ -464,13 +453,14 @@ fn compress_and_place<S: LayerSource>(
         let mut waiting: BTreeMap<usize, (ChunkFrame, Vec<u8>)> = BTreeMap::new();
         let mut wanted = 0usize;
         let mut at = first_offset;
+        let mut writer = AppendWriter::new(target, first_offset);
         let outcome = (|| {
             for ready in rx.iter() {
                 let ready = ready?;
                 waiting.insert(ready.0.index, ready);
                 while let Some((mut frame, bytes)) = waiting.remove(&wanted) {
                     wanted += 1;
-                    write_in_slices(target, &bytes, at)?;
+                    writer.append(&bytes)?;
                     spares.give(bytes);
                     frame.object_offset = Some(at);
                     at = at
@@ -483,6 +473,10 @@ fn compress_and_place<S: LayerSource>(
             }
             Ok(Some(at))
         })();
+        let outcome = match outcome {
+            Ok(Some(_)) => writer.finish().map(Some),
+            other => other,
+        };
         // Whatever happened, let the workers finish their current chunk and leave.
         stop.store(true, Ordering::Relaxed);
         drop(rx);

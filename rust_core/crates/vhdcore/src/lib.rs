@@ -8,6 +8,7 @@ pub mod check;
 pub mod coalesce;
 pub mod compress;
 pub mod diff;
+mod direct_writer;
 pub mod disk;
 pub mod early_abort;
 pub mod error;

@@ -234,3 +234,22 @@ fn an_output_that_is_not_a_regular_file_is_refused_and_left_alone() {
     assert!(err.to_string().contains("not a regular file"), "{err}");
     assert_eq!(std::fs::read(folder.join("inside")).unwrap(), b"kept");
 }
+
+#[test]
+fn the_image_file_is_the_same_whether_the_file_system_takes_direct_writes_or_not() {
+    // /tmp takes O_DIRECT here (ext4); tmpfs (/dev/shm) refuses it, and the writer falls back to buffered writes.
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, _) = sample_chain(dir.path());
+    let chain = Chain::open(&leaf, 30).unwrap();
+    let plan = chain.plan(8 * MIB).unwrap();
+    let on_disk = dir.path().join("image.vhd.zst");
+    vhdcore::compress_image(&chain, &plan, 3, &on_disk, &mut |_, _| true).unwrap();
+    let memory = tempfile::tempdir_in(shm).unwrap();
+    let in_memory = memory.path().join("image.vhd.zst");
+    vhdcore::compress_image(&chain, &plan, 3, &in_memory, &mut |_, _| true).unwrap();
+    assert!(std::fs::read(&on_disk).unwrap() == std::fs::read(&in_memory).unwrap());
+}
