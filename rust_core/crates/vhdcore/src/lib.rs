@@ -20,6 +20,7 @@ pub mod map;
 pub mod plan;
 pub mod resolve;
 pub mod rng;
+pub mod source;
 pub mod writer;
 
 pub use chain::{Chain, MAX_CHAIN_DEPTH};
@@ -38,4 +39,5 @@ pub use format::{DiskType, DEFAULT_BLOCK_SIZE, MAX_VIRTUAL_SIZE};
 pub use map::{Extent, Occupancy};
 pub use plan::{ChunkPlan, FetchedChunk, ImagePlan, PlanLayer, SourceRead, DEFAULT_CHUNK_SIZE, IMAGE_BLOCK_SIZE};
 pub use resolve::{LayerGeometry, LayerSource, Run};
-pub use writer::{create, snapshot, write};
+pub use source::{LayerStore, MemoryStore, ReadAt};
+pub use writer::{create, snapshot, snapshot_bytes, write};
