@@ -307,6 +307,14 @@ impl Chain {
         Ok(Estimate::from_core(level, estimate))
     }
 
+    /// The whole file of a new, empty differencing child of this chain's leaf, whose locators name the leaf
+    /// `relative_parent` (relative to the child's folder, e.g. `./leaf.vhd`): a snapshot to store elsewhere.
+    fn snapshot_bytes<'py>(&self, py: Python<'py>, relative_parent: &str) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = Arc::clone(&self.inner);
+        let bytes = py.allow_threads(|| vhdcore::snapshot_bytes(inner.leaf(), relative_parent)).or_raise(py)?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Chain(leaf={:?}, depth={}, virtual_size={})",
@@ -593,6 +601,78 @@ fn open_chain(py: Python<'_>, path: PathBuf, max_depth: usize) -> PyResult<Chain
     Ok(wrap_chain(chain))
 }
 
+/// Layers read through a Python object with `size(name) -> int | None` (None: no such layer) and
+/// `read(name, offset, length) -> bytes`; the GIL is taken only around those calls.
+struct PyLayerStore {
+    reader: Arc<Py<PyAny>>,
+}
+
+/// One layer of a [`PyLayerStore`].
+struct PyLayer {
+    reader: Arc<Py<PyAny>>,
+    name: String,
+    size: u64,
+}
+
+impl std::fmt::Debug for PyLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PyLayer").field("name", &self.name).field("size", &self.size).finish()
+    }
+}
+
+/// A Python exception from the reader, as the I/O error vhdcore reports with the layer's name and offset.
+fn reader_error(call: &str, err: &PyErr) -> std::io::Error {
+    std::io::Error::other(format!("{call} raised {err}"))
+}
+
+impl vhdcore::ReadAt for PyLayer {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        Python::with_gil(|py| {
+            let data = self
+                .reader
+                .call_method1(py, "read", (&self.name, offset, buf.len()))
+                .and_then(|out| out.extract::<PyBackedBytes>(py))
+                .map_err(|e| reader_error("read", &e))?;
+            if data.len() != buf.len() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("read returned {} of {} bytes", data.len(), buf.len()),
+                ));
+            }
+            buf.copy_from_slice(&data);
+            Ok(())
+        })
+    }
+
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.size)
+    }
+}
+
+impl vhdcore::LayerStore for PyLayerStore {
+    fn open(&self, name: &str) -> std::io::Result<Option<Arc<dyn vhdcore::ReadAt>>> {
+        let size = Python::with_gil(|py| {
+            self.reader
+                .call_method1(py, "size", (name,))
+                .and_then(|out| out.extract::<Option<u64>>(py))
+                .map_err(|e| reader_error("size", &e))
+        })?;
+        Ok(size.map(|size| {
+            Arc::new(PyLayer { reader: Arc::clone(&self.reader), name: name.to_string(), size })
+                as Arc<dyn vhdcore::ReadAt>
+        }))
+    }
+}
+
+/// Opens the chain whose leaf is called `leaf` in `reader` (see PyLayerStore): an object store read by ranges.
+#[pyfunction]
+#[pyo3(signature = (reader, leaf, max_depth = vhdcore::MAX_CHAIN_DEPTH), text_signature = "(reader, leaf, max_depth=30)")]
+fn open_chain_from(py: Python<'_>, reader: PyObject, leaf: &str, max_depth: usize) -> PyResult<Chain> {
+    let store = PyLayerStore { reader: Arc::new(reader) };
+    let chain = py.allow_threads(|| vhdcore::Chain::open_in(&store, leaf, max_depth)).or_raise(py)?;
+    Ok(wrap_chain(chain))
+}
+
 #[pyfunction]
 #[pyo3(signature = (path, max_depth = vhdcore::MAX_CHAIN_DEPTH), text_signature = "(path, max_depth=30)")]
 fn check(py: Python<'_>, path: PathBuf, max_depth: usize) -> Vec<Problem> {
@@ -826,6 +906,7 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compress_fetched_chunk, m)?)?;
     m.add_function(wrap_pyfunction!(compress_head, m)?)?;
     m.add_function(wrap_pyfunction!(open_chain, m)?)?;
+    m.add_function(wrap_pyfunction!(open_chain_from, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(diff, m)?)?;
     m.add_function(wrap_pyfunction!(create, m)?)?;
