@@ -2,7 +2,8 @@
 
 vhdcore's `coalesce_step` does the journaled merging (a killed slice is finished or rolled back by the next); each
 slice is bounded by the invocation's remaining time and, if configured, by a byte budget. An unregistered disk
-(`--disk`) is imaged read-only, so it is never coalesced.
+(`--disk`) is imaged read-only, so it is never coalesced; nor, yet, is a chain that lives in the object store
+(its objects are immutable: merging there means writing new objects, which is not built).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import vhdcore
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import CoalescePendingError, CoalesceTimeout, DiskCorruptError, DiskMissingError
 from functions.imaging.services import ImagingServices
+from functions.imaging.store_chains import is_store_key
 from functions.state import Job
 from functions.storage import FileObjectStore
 
@@ -38,7 +40,7 @@ def sibling_candidates(services: ImagingServices, leaf: str) -> list[str]:
     each layer of the chain (beside the leaf only while a merge is pending) and every server disk under the store's
     `sr/` (other servers' leaves, which may share a golden base)."""
     try:
-        folders = {Path(layer.path).parent for layer in open_disk(leaf).layers}
+        folders = {Path(layer.path).parent for layer in open_disk(services.store, leaf).layers}
     except CoalescePendingError:
         folders = {Path(leaf).absolute().parent}
     found = {
@@ -61,6 +63,8 @@ def coalesce_slice(services: ImagingServices, job: Job, deadline: datetime, rema
         raise CoalesceTimeout(f"the chain of server {job.server_id} was not coalesced by {deadline.isoformat()}")
     budget_s = max(MIN_SLICE_S, min(remaining_s - SAFETY_MARGIN_S, (deadline - now).total_seconds()))
     leaf = services.state.get_server(job.server_id).disk
+    if is_store_key(leaf):
+        return CoalesceSlice(done=True, bytes_copied=0, merged=0, depth=None)
     try:
         step = vhdcore.coalesce_step(
             leaf,

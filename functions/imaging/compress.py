@@ -1,6 +1,7 @@
 """A Map worker: compress a group of chunks into staged zstd frames (DESIGN §3).
 
-Each chunk's source reads are fetched by pread from the frozen layer files and handed to vhdcore, which merges the
+Each chunk's source reads are fetched (pread from the frozen layer files, or ranged GETs when the chain lives in
+the object store) and handed to vhdcore, which merges the
 layers through their bitmaps and compresses one independent frame. A frame is staged before its result record, so
 a record's presence means the frame is whole: a retried worker (after a crash) skips those chunks.
 """
@@ -20,6 +21,7 @@ from functions.imaging.errors import DiskCorruptError, DiskMissingError
 from functions.imaging.jobs import record_progress
 from functions.imaging.progress import measured_eta, step_started
 from functions.imaging.services import ImagingServices
+from functions.imaging.store_chains import FETCH_CONCURRENCY, StoreChunkReads, is_store_key
 from functions.state import Job, Status
 from functions.storage import NotFoundError
 
@@ -89,6 +91,16 @@ class _LayerFiles:
         return reads
 
 
+def _chunk_fetcher(
+    services: ImagingServices, plan: vhdcore.ImagePlan, stack: ExitStack
+) -> _LayerFiles | StoreChunkReads:
+    """pread for a chain of local files, ranged GETs (side by side) for a chain in the store."""
+    if any(is_store_key(path) for path in plan.layer_paths):
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=FETCH_CONCURRENCY, thread_name_prefix="fetch"))
+        return StoreChunkReads(services.store, plan, pool)
+    return _LayerFiles(plan, stack)
+
+
 def worker_failure_key(job_id: str, first: int) -> str:
     return f"{keys.staging_prefix(job_id)}failures/{first:06d}.json"
 
@@ -128,7 +140,7 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
         raise DiskCorruptError(f"chunk group {first}+{count} is outside the plan's {len(chunks)} chunks")
     started = step_started(job, Status.SAVING) or services.now()
     with ExitStack() as stack:
-        files = _LayerFiles(plan, stack)
+        files = _chunk_fetcher(services, plan, stack)
 
         def one(chunk: vhdcore.ChunkPlan) -> tuple[StagedFrame, bool]:
             try:
