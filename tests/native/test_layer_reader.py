@@ -113,7 +113,7 @@ def test_missing_and_mismatched_parents(tmp_path: Path) -> None:
     depth3(tmp_path)
     layers = as_store(tmp_path, "sr/web1")
     without_base = {name: data for name, data in layers.items() if not name.endswith("base.vhd")}
-    with pytest.raises(vhdcore.MissingParentError, match="sr/web1/base.vhd"):
+    with pytest.raises(vhdcore.MissingParentError, match=r"sr/web1/base\.vhd"):
         vhdcore.open_chain_from(DictReader(without_base), "sr/web1/leaf.vhd")
     other = tmp_path / "other"
     other.mkdir()
@@ -121,7 +121,7 @@ def test_missing_and_mismatched_parents(tmp_path: Path) -> None:
     swapped = {**layers, "sr/web1/base.vhd": (other / "base.vhd").read_bytes()}
     with pytest.raises(vhdcore.ParentMismatchError):
         vhdcore.open_chain_from(DictReader(swapped), "sr/web1/leaf.vhd")
-    with pytest.raises(vhdcore.VhdIoError, match="sr/web1/nope.vhd"):
+    with pytest.raises(vhdcore.VhdIoError, match=r"sr/web1/nope\.vhd"):
         vhdcore.open_chain_from(DictReader(layers), "sr/web1/nope.vhd")
     with pytest.raises(vhdcore.InvalidArgumentError):
         vhdcore.open_chain_from(DictReader(layers), "../leaf.vhd")
@@ -140,7 +140,9 @@ def test_snapshot_bytes_is_an_empty_child_in_the_store(tmp_path: Path) -> None:
     assert snapped.layers[0].allocated_blocks == 0
     assert snapped.layers[0].parent_uuid == chain.leaf.uuid
     assert snapped.layers[1].path == "sr/web1/leaf.vhd"
-    assert hashlib.sha256(snapped.read(0, snapped.virtual_size)).digest() == hashlib.sha256(pyvhd.flatten(leaf)).digest()
+    assert (
+        hashlib.sha256(snapped.read(0, snapped.virtual_size)).digest() == hashlib.sha256(pyvhd.flatten(leaf)).digest()
+    )
     # The same bytes as a file beside the leaf: qemu-compatible tools and vhdcore's file path read it alike.
     (tmp_path / "next.vhd").write_bytes(child)
     assert vhdcore.open_chain(str(tmp_path / "next.vhd")).layers[1].uuid == chain.leaf.uuid

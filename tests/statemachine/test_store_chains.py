@@ -1,0 +1,208 @@
+"""A server whose VHD chain lives in the object store (S3 in a moto server), imaged by the real ASL on the embedded
+engine with the real handlers: its layers are read by ranged GETs, its new leaf written as a new object.
+
+References: the image is checked with `zstd -d` and `qemu-img convert -f vpc -O raw` against the chain read back
+from moto and flattened by tests/support/pyvhd (independent of vhdcore); state is read back from real SQLite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+import vhdcore
+from functions.imaging.store_chains import StoreLayerReader, disk_location, relative_key
+from functions.state import Server, SqliteStateStore
+from functions.storage import ObjectStore, open_object_store
+from statemachine.local import LocalImaging
+from tests.statemachine.test_workflow import CHUNK, DISK_SIZE, TIMEOUT_S, build_sample_chain
+from tests.support.pyvhd import flatten
+
+MIB = 1024**2
+LAYERS = ("base.vhd", "middle.vhd", "leaf.vhd")
+
+
+@dataclass(frozen=True)
+class S3Env:
+    root: Path
+    store: ObjectStore
+    store_url: str
+    state: SqliteStateStore
+
+
+@pytest.fixture
+def s3env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aws_test_env: None, moto_endpoint: str) -> Iterator[S3Env]:
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    bucket = f"sr-{tmp_path.name.lower().replace('_', '-')[:40]}"
+    client.create_bucket(Bucket=bucket)
+    store_url = f"s3://{bucket}/cloud"
+    state_path = tmp_path / "state.sqlite3"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("IMAGING_STORE", store_url)
+    monkeypatch.setenv("IMAGING_STATE", f"sqlite:///{state_path}")
+    monkeypatch.setenv("IMAGING_CHUNK_SIZE", str(CHUNK))
+    monkeypatch.setenv("IMAGING_GROUP_BYTES", str(2 * CHUNK))
+    monkeypatch.setenv("IMAGING_PART_SIZE", str(5 * MIB))
+    monkeypatch.delenv("IMAGING_COALESCE_DEADLINE_S", raising=False)
+    state = SqliteStateStore(state_path)
+    yield S3Env(tmp_path, open_object_store(store_url, endpoint_url=moto_endpoint), store_url, state)
+    state.close()
+
+
+def upload_chain(env: S3Env, server: str) -> dict[str, str]:
+    """A depth-3 chain built locally, uploaded under sr/<server>/ (the local copy is then removed); returns the
+    layers' ETags by key."""
+    folder = env.root / "built"
+    build_sample_chain(folder)
+    etags = {}
+    for name in LAYERS:
+        key = f"sr/{server}/{name}"
+        etags[key] = env.store.put(key, (folder / name).read_bytes(), if_none_match=True).etag
+        (folder / name).unlink()
+    return etags
+
+
+def download(env: S3Env, keys: list[str], folder: Path) -> Path:
+    """The objects as files named by the keys' last segment (locators are relative: the chain reads as stored)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        (folder / key.rsplit("/", 1)[-1]).write_bytes(env.store.get(key))
+    return folder / keys[0].rsplit("/", 1)[-1]
+
+
+def image_raw(env: S3Env, image_id: str) -> bytes:
+    compressed = env.root / f"{image_id}.vhd.zst"
+    compressed.write_bytes(env.store.get(f"images/{image_id}/image.vhd.zst"))
+    vhd, raw = env.root / f"{image_id}.vhd", env.root / f"{image_id}.raw"
+    subprocess.run(["zstd", "-d", "-q", "-f", str(compressed), "-o", str(vhd)], check=True)
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd), str(raw)], check=True)
+    return raw.read_bytes()
+
+
+def register(env: S3Env, server: str, disk: str) -> None:
+    env.state.put_server(Server(id=server, tenant="acme", name=server, disk=disk, created_at=datetime.now(UTC)))
+
+
+def run(job: str, server: str, overrides: dict[str, Callable[[Any, Any], Any]] | None = None) -> Any:
+    body = {"job_id": job, "image_id": f"img-{job}", "tenant": "acme", "name": job, "server_id": server}
+    with LocalImaging(overrides) as workflow:
+        return workflow.run(body, timeout_s=TIMEOUT_S)
+
+
+@pytest.fixture(autouse=True)
+def _tools(qemu_img: str, zstd_exe: str) -> None:
+    """Every test here checks images with the outside tools."""
+
+
+def test_a_server_whose_chain_is_in_s3_is_snapshotted_and_imaged(s3env: S3Env) -> None:
+    etags = upload_chain(s3env, "web1")
+    layer_keys = [f"sr/web1/{name}" for name in reversed(LAYERS)]  # leaf first
+    expected = flatten(download(s3env, layer_keys, s3env.root / "reference"))
+    register(s3env, "web1", "sr/web1/leaf.vhd")
+    assert list(s3env.root.glob("built/*.vhd")) == []  # nothing local: the workflow has only the store
+
+    result = run("job1", "web1")
+
+    assert result.succeeded, (result.error, result.cause)
+    assert image_raw(s3env, "img-job1") == expected
+    manifest = json.loads(s3env.store.get("images/img-job1/manifest.json"))
+    assert manifest["content_sha256"] == hashlib.sha256(expected).hexdigest()
+    assert [layer["path"] for layer in manifest["source_chain"]] == layer_keys
+    assert manifest["virtual_size"] == DISK_SIZE
+    # The server runs on a new object: an empty child of the frozen leaf, found by vhdcore in the store.
+    new_leaf = s3env.state.get_server("web1").disk
+    assert new_leaf.startswith("sr/web1/") and new_leaf not in etags
+    chain = vhdcore.open_chain_from(StoreLayerReader(s3env.store), new_leaf)
+    assert [layer.path for layer in chain.layers] == [new_leaf, *layer_keys]
+    assert chain.layers[0].allocated_blocks == 0
+    assert chain.layers[0].parent_uuid == chain.layers[1].uuid
+    assert chain.read(0, chain.virtual_size) == expected
+    # The source objects are unchanged, and nothing is left in staging.
+    assert {key: s3env.store.head(key).etag for key in etags} == etags
+    assert list(s3env.store.list_objects("staging/")) == []
+    assert s3env.store.list_multipart_uploads() == []
+    assert s3env.state.get_lock("web1") is None
+
+    # A second image of the same server freezes the new leaf in its turn: a depth-4 chain, the same content.
+    second = run("job2", "web1")
+    assert second.succeeded, (second.error, second.cause)
+    assert image_raw(s3env, "img-job2") == expected
+    third_leaf = s3env.state.get_server("web1").disk
+    assert vhdcore.open_chain_from(StoreLayerReader(s3env.store), third_leaf).depth == 5
+
+
+def test_a_layer_lost_in_s3_inside_the_map_fails_with_disk_missing(s3env: S3Env) -> None:
+    upload_chain(s3env, "web2")
+    register(s3env, "web2", "sr/web2/leaf.vhd")
+    from functions.handlers import estimate
+
+    def estimate_then_lose_a_layer(event: Any, context: Any) -> Any:
+        answer = estimate.handler(event, context)
+        s3env.store.delete("sr/web2/base.vhd")
+        return answer
+
+    result = run("job3", "web2", {"EstimateFunctionArn": estimate_then_lose_a_layer})
+
+    assert (result.status, result.error) == ("FAILED", "DISK_MISSING")
+    job = s3env.state.get_job("job3")
+    assert job.error_code == "DISK_MISSING", job.history[-1].detail
+    assert list(s3env.store.list_objects("staging/job3/")) == []
+    assert s3env.store.list_multipart_uploads() == []
+
+
+def test_a_missing_or_corrupt_chain_in_s3_fails_the_job_with_its_code(s3env: S3Env) -> None:
+    etags = upload_chain(s3env, "web3")
+    register(s3env, "web3", "sr/web3/absent.vhd")
+    missing = run("job4", "web3")
+    assert (missing.status, missing.error) == ("FAILED", "DISK_MISSING")
+
+    middle = bytearray(s3env.store.get("sr/web3/middle.vhd"))
+    middle[512 + 36 : 512 + 40] = b"\xde\xad\xbe\xef"  # the dynamic header's checksum
+    s3env.store.put("sr/web3/middle.vhd", bytes(middle), if_match=etags["sr/web3/middle.vhd"])
+    register(s3env, "web4", "sr/web3/leaf.vhd")
+    corrupt = run("job5", "web4")
+    assert (corrupt.status, corrupt.error) == ("FAILED", "DISK_CORRUPT")
+    assert "sr/web3/middle.vhd" in (s3env.state.get_job("job5").history[-1].detail or "")
+
+
+def test_imaging_server_add_takes_a_store_key_or_url_and_validates_it(
+    s3env: S3Env, run_imaging: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    upload_chain(s3env, "web5")
+    added = run_imaging("server", "add", "web5", "--disk", f"{s3env.store_url}/sr/web5/leaf.vhd", "--json")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["disk"] == "sr/web5/leaf.vhd"
+    by_key = run_imaging("server", "add", "web6", "--disk", "sr/web5/leaf.vhd")
+    assert by_key.returncode == 0, by_key.stderr
+    assert "chain of 3" in by_key.stdout
+    assert s3env.state.get_server("web6").disk == "sr/web5/leaf.vhd"
+
+    outside = run_imaging("server", "add", "web7", "--disk", "s3://another-bucket/sr/web5/leaf.vhd")
+    missing = run_imaging("server", "add", "web7", "--disk", "sr/web5/nope.vhd")
+    escaping = run_imaging("server", "add", "web7", "--disk", "sr/../../leaf.vhd")
+    for result, words in [(outside, "not inside the configured store"), (missing, "DISK_MISSING"), (escaping, "..")]:
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        first = result.stderr.splitlines()[0]
+        assert first.startswith("error: ") and words in first, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_store_locations_and_relative_names() -> None:
+    class Store:
+        url = "s3://bucket/cloud"
+
+    store: Any = Store()
+    assert disk_location(store, "s3://bucket/cloud/sr/a/leaf.vhd", local_exists=False) == "sr/a/leaf.vhd"
+    assert disk_location(store, "sr/a/leaf.vhd", local_exists=False) == "sr/a/leaf.vhd"
+    assert disk_location(store, "/srv/disks/leaf.vhd", local_exists=True) == "/srv/disks/leaf.vhd"
+    assert relative_key("sr/a/leaf.vhd", "sr/a/next.vhd") == "./leaf.vhd"
+    assert relative_key("images/golden/base.vhd", "sr/a/next.vhd") == "./../../images/golden/base.vhd"
