@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import click
 
 from functions.imaging.disks import open_disk
-from functions.imaging.store_chains import disk_location
 from functions.settings import Settings
 from functions.state import Server
-from statemachine.cli_common import json_option, print_fields, print_json, print_table, require_file
-from statemachine.cli_services import location_options, opened
+from statemachine.cli_common import json_option, print_fields, print_json, print_table
+from statemachine.cli_services import disk_argument, location_options, opened
 
 DEFAULT_TENANT = "local"
 
@@ -41,12 +39,9 @@ def server_json(record: Server) -> dict[str, Any]:
 @json_option
 def add(name: str, leaf: str, tenant: str, flavor: str, settings: Settings, as_json: bool) -> None:
     """Register server NAME running on the chain whose leaf is --disk (checked now; kept where it is)."""
-    local = Path(leaf).is_absolute() or Path(leaf).exists()
-    if local:
-        require_file(leaf)
     with opened(settings) as services:
-        location = disk_location(services.store, leaf, local_exists=local)
-        chain = open_disk(services.store, location)
+        location = disk_argument(services.disk_store, leaf)
+        chain = open_disk(services.disk_store, location)
         record = Server(
             id=name,
             tenant=tenant,

@@ -40,7 +40,7 @@ def sibling_candidates(services: ImagingServices, leaf: str) -> list[str]:
     each layer of the chain (beside the leaf only while a merge is pending) and every server disk under the store's
     `sr/` (other servers' leaves, which may share a golden base)."""
     try:
-        folders = {Path(layer.path).parent for layer in open_disk(services.store, leaf).layers}
+        folders = {Path(layer.path).parent for layer in open_disk(services.disk_store, leaf).layers}
     except CoalescePendingError:
         folders = {Path(leaf).absolute().parent}
     found = {

@@ -1,9 +1,9 @@
 """A Map worker: compress a group of chunks into staged zstd frames (DESIGN §3).
 
-Each chunk's source reads are fetched (pread from the frozen layer files, or ranged GETs when the chain lives in
-the object store) and handed to vhdcore, which merges the
-layers through their bitmaps and compresses one independent frame. A frame is staged before its result record, so
-a record's presence means the frame is whole: a retried worker (after a crash) skips those chunks.
+Each chunk's source reads are fetched (pread from the frozen layer files, or ranged GETs when the chain lives in the
+object store) and handed to vhdcore, which merges the layers through their bitmaps and compresses one independent
+frame. A frame is staged before its result record, so a record's presence means the frame is whole: a retried worker
+(after a crash) skips those chunks.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _chunk_fetcher(
     """pread for a chain of local files, ranged GETs (side by side) for a chain in the store."""
     if any(is_store_key(path) for path in plan.layer_paths):
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=FETCH_CONCURRENCY, thread_name_prefix="fetch"))
-        return StoreChunkReads(services.store, plan, pool)
+        return StoreChunkReads(services.disk_store, plan, pool)
     return _LayerFiles(plan, stack)
 
 

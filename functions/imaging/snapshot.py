@@ -52,13 +52,13 @@ def freeze(services: ImagingServices, job: Job) -> FrozenChain:
 def _read_only(services: ImagingServices, job: Job) -> FrozenChain:
     if job.disk is None:
         raise DiskCorruptError(f"job {job.id} names no disk")
-    chain = open_disk(services.store, job.disk)
+    chain = open_disk(services.disk_store, job.disk)
     return FrozenChain(chain.leaf.path, [layer.path for layer in chain.layers], chain.virtual_size, None)
 
 
 def _freeze_server(services: ImagingServices, server_id: str) -> FrozenChain:
     server = services.state.get_server(server_id)
-    chain = open_disk(services.store, server.disk)
+    chain = open_disk(services.disk_store, server.disk)
     new_key = keys.server_disk_key(server_id, str(uuid.uuid4()))
     if is_store_key(server.disk):
         return _freeze_in_store(services, server_id, server.disk, chain, new_key)
@@ -80,12 +80,12 @@ def _freeze_in_store(
     services: ImagingServices, server_id: str, disk: str, chain: vhdcore.Chain, new_key: str
 ) -> FrozenChain:
     try:
-        snapshot_in_store(services.store, chain, new_key)
+        snapshot_in_store(services.disk_store, chain, new_key)
     except vhdcore.VhdError as error:
         raise DiskCorruptError(str(error)) from error
     try:
         services.state.swap_server_disk(server_id, expected_disk=disk, new_disk=new_key)
     except PreconditionFailedError as error:
-        services.store.delete(new_key)
+        services.disk_store.delete(new_key)
         raise DiskBusyError(f"server {server_id}'s disk moved while it was frozen: {error}") from error
     return FrozenChain(chain.leaf.path, [layer.path for layer in chain.layers], chain.virtual_size, new_key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,16 +36,37 @@ LAYERS = ("base.vhd", "middle.vhd", "leaf.vhd")
 class S3Env:
     root: Path
     store: ObjectStore
-    store_url: str
+    """Images and staging."""
+    disks: ObjectStore
+    """Server disks (`sr/...`): the store itself, or a bucket of their own (IMAGING_DISKS), as on AWS."""
+    disks_url: str
     state: SqliteStateStore
+    tag: str
+    """Unique per test: job ids carry it."""
+
+    def job(self, name: str) -> str:
+        return f"{name}-{self.tag}"
 
 
-@pytest.fixture
-def s3env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aws_test_env: None, moto_endpoint: str) -> Iterator[S3Env]:
+@pytest.fixture(params=["disks-in-store", "disks-bucket"])
+def s3env(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    aws_test_env: None,
+    moto_endpoint: str,
+) -> Iterator[S3Env]:
     client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
-    bucket = f"sr-{tmp_path.name.lower().replace('_', '-')[:40]}"
+    bucket = f"img-{uuid.uuid4().hex[:20]}"
     client.create_bucket(Bucket=bucket)
     store_url = f"s3://{bucket}/cloud"
+    disks_url = store_url
+    if request.param == "disks-bucket":
+        disks_url = f"s3://disks-{uuid.uuid4().hex[:20]}"
+        client.create_bucket(Bucket=disks_url.removeprefix("s3://"))
+        monkeypatch.setenv("IMAGING_DISKS", disks_url)
+    else:
+        monkeypatch.delenv("IMAGING_DISKS", raising=False)
     state_path = tmp_path / "state.sqlite3"
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     monkeypatch.setenv("IMAGING_STORE", store_url)
@@ -54,7 +76,9 @@ def s3env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aws_test_env: None, m
     monkeypatch.setenv("IMAGING_PART_SIZE", str(5 * MIB))
     monkeypatch.delenv("IMAGING_COALESCE_DEADLINE_S", raising=False)
     state = SqliteStateStore(state_path)
-    yield S3Env(tmp_path, open_object_store(store_url, endpoint_url=moto_endpoint), store_url, state)
+    store = open_object_store(store_url, endpoint_url=moto_endpoint)
+    disks = open_object_store(disks_url, endpoint_url=moto_endpoint)
+    yield S3Env(tmp_path, store, disks, disks_url, state, uuid.uuid4().hex[:8])
     state.close()
 
 
@@ -66,7 +90,7 @@ def upload_chain(env: S3Env, server: str) -> dict[str, str]:
     etags = {}
     for name in LAYERS:
         key = f"sr/{server}/{name}"
-        etags[key] = env.store.put(key, (folder / name).read_bytes(), if_none_match=True).etag
+        etags[key] = env.disks.put(key, (folder / name).read_bytes(), if_none_match=True).etag
         (folder / name).unlink()
     return etags
 
@@ -75,7 +99,7 @@ def download(env: S3Env, keys: list[str], folder: Path) -> Path:
     """The objects as files named by the keys' last segment (locators are relative: the chain reads as stored)."""
     folder.mkdir(parents=True, exist_ok=True)
     for key in keys:
-        (folder / key.rsplit("/", 1)[-1]).write_bytes(env.store.get(key))
+        (folder / key.rsplit("/", 1)[-1]).write_bytes(env.disks.get(key))
     return folder / keys[0].rsplit("/", 1)[-1]
 
 
@@ -93,6 +117,8 @@ def register(env: S3Env, server: str, disk: str) -> None:
 
 
 def run(job: str, server: str, overrides: dict[str, Callable[[Any, Any], Any]] | None = None) -> Any:
+    """Image `server` as job `job` (image `img-<job>`); job ids must be unique in the session (the engine's
+    executions are named by them)."""
     body = {"job_id": job, "image_id": f"img-{job}", "tenant": "acme", "name": job, "server_id": server}
     with LocalImaging(overrides) as workflow:
         return workflow.run(body, timeout_s=TIMEOUT_S)
@@ -110,34 +136,36 @@ def test_a_server_whose_chain_is_in_s3_is_snapshotted_and_imaged(s3env: S3Env) -
     register(s3env, "web1", "sr/web1/leaf.vhd")
     assert list(s3env.root.glob("built/*.vhd")) == []  # nothing local: the workflow has only the store
 
-    result = run("job1", "web1")
+    result = run(s3env.job("job1"), "web1")
 
     assert result.succeeded, (result.error, result.cause)
-    assert image_raw(s3env, "img-job1") == expected
-    manifest = json.loads(s3env.store.get("images/img-job1/manifest.json"))
+    assert image_raw(s3env, "img-" + s3env.job("job1")) == expected
+    manifest = json.loads(s3env.store.get(f"images/img-{s3env.job('job1')}/manifest.json"))
     assert manifest["content_sha256"] == hashlib.sha256(expected).hexdigest()
     assert [layer["path"] for layer in manifest["source_chain"]] == layer_keys
     assert manifest["virtual_size"] == DISK_SIZE
     # The server runs on a new object: an empty child of the frozen leaf, found by vhdcore in the store.
     new_leaf = s3env.state.get_server("web1").disk
     assert new_leaf.startswith("sr/web1/") and new_leaf not in etags
-    chain = vhdcore.open_chain_from(StoreLayerReader(s3env.store), new_leaf)
+    chain = vhdcore.open_chain_from(StoreLayerReader(s3env.disks), new_leaf)
     assert [layer.path for layer in chain.layers] == [new_leaf, *layer_keys]
     assert chain.layers[0].allocated_blocks == 0
     assert chain.layers[0].parent_uuid == chain.layers[1].uuid
     assert chain.read(0, chain.virtual_size) == expected
     # The source objects are unchanged, and nothing is left in staging.
-    assert {key: s3env.store.head(key).etag for key in etags} == etags
+    assert {key: s3env.disks.head(key).etag for key in etags} == etags
     assert list(s3env.store.list_objects("staging/")) == []
     assert s3env.store.list_multipart_uploads() == []
     assert s3env.state.get_lock("web1") is None
+    assert [info.key for info in s3env.disks.list_objects("sr/")] == sorted([*etags, new_leaf])
+    assert list(s3env.store.list_objects(f"images/img-{s3env.job('job1')}/"))  # the image is in the images store
 
     # A second image of the same server freezes the new leaf in its turn: a depth-4 chain, the same content.
-    second = run("job2", "web1")
+    second = run(s3env.job("job2"), "web1")
     assert second.succeeded, (second.error, second.cause)
-    assert image_raw(s3env, "img-job2") == expected
+    assert image_raw(s3env, "img-" + s3env.job("job2")) == expected
     third_leaf = s3env.state.get_server("web1").disk
-    assert vhdcore.open_chain_from(StoreLayerReader(s3env.store), third_leaf).depth == 5
+    assert vhdcore.open_chain_from(StoreLayerReader(s3env.disks), third_leaf).depth == 5
 
 
 def test_a_layer_lost_in_s3_inside_the_map_fails_with_disk_missing(s3env: S3Env) -> None:
@@ -147,38 +175,38 @@ def test_a_layer_lost_in_s3_inside_the_map_fails_with_disk_missing(s3env: S3Env)
 
     def estimate_then_lose_a_layer(event: Any, context: Any) -> Any:
         answer = estimate.handler(event, context)
-        s3env.store.delete("sr/web2/base.vhd")
+        s3env.disks.delete("sr/web2/base.vhd")
         return answer
 
-    result = run("job3", "web2", {"EstimateFunctionArn": estimate_then_lose_a_layer})
+    result = run(s3env.job("job3"), "web2", {"EstimateFunctionArn": estimate_then_lose_a_layer})
 
     assert (result.status, result.error) == ("FAILED", "DISK_MISSING")
-    job = s3env.state.get_job("job3")
+    job = s3env.state.get_job(s3env.job("job3"))
     assert job.error_code == "DISK_MISSING", job.history[-1].detail
-    assert list(s3env.store.list_objects("staging/job3/")) == []
+    assert list(s3env.store.list_objects(f"staging/{s3env.job('job3')}/")) == []
     assert s3env.store.list_multipart_uploads() == []
 
 
 def test_a_missing_or_corrupt_chain_in_s3_fails_the_job_with_its_code(s3env: S3Env) -> None:
     etags = upload_chain(s3env, "web3")
     register(s3env, "web3", "sr/web3/absent.vhd")
-    missing = run("job4", "web3")
+    missing = run(s3env.job("job4"), "web3")
     assert (missing.status, missing.error) == ("FAILED", "DISK_MISSING")
 
-    middle = bytearray(s3env.store.get("sr/web3/middle.vhd"))
+    middle = bytearray(s3env.disks.get("sr/web3/middle.vhd"))
     middle[512 + 36 : 512 + 40] = b"\xde\xad\xbe\xef"  # the dynamic header's checksum
-    s3env.store.put("sr/web3/middle.vhd", bytes(middle), if_match=etags["sr/web3/middle.vhd"])
+    s3env.disks.put("sr/web3/middle.vhd", bytes(middle), if_match=etags["sr/web3/middle.vhd"])
     register(s3env, "web4", "sr/web3/leaf.vhd")
-    corrupt = run("job5", "web4")
+    corrupt = run(s3env.job("job5"), "web4")
     assert (corrupt.status, corrupt.error) == ("FAILED", "DISK_CORRUPT")
-    assert "sr/web3/middle.vhd" in (s3env.state.get_job("job5").history[-1].detail or "")
+    assert "sr/web3/middle.vhd" in (s3env.state.get_job(s3env.job("job5")).history[-1].detail or "")
 
 
 def test_imaging_server_add_takes_a_store_key_or_url_and_validates_it(
     s3env: S3Env, run_imaging: Callable[..., subprocess.CompletedProcess[str]]
 ) -> None:
     upload_chain(s3env, "web5")
-    added = run_imaging("server", "add", "web5", "--disk", f"{s3env.store_url}/sr/web5/leaf.vhd", "--json")
+    added = run_imaging("server", "add", "web5", "--disk", f"{s3env.disks_url}/sr/web5/leaf.vhd", "--json")
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["disk"] == "sr/web5/leaf.vhd"
     by_key = run_imaging("server", "add", "web6", "--disk", "sr/web5/leaf.vhd")
@@ -206,3 +234,19 @@ def test_store_locations_and_relative_names() -> None:
     assert disk_location(store, "/srv/disks/leaf.vhd", local_exists=True) == "/srv/disks/leaf.vhd"
     assert relative_key("sr/a/leaf.vhd", "sr/a/next.vhd") == "./leaf.vhd"
     assert relative_key("images/golden/base.vhd", "sr/a/next.vhd") == "./../../images/golden/base.vhd"
+
+
+def test_imaging_image_create_images_a_chain_in_s3_read_only(
+    s3env: S3Env, run_imaging: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    etags = upload_chain(s3env, "web8")
+    expected = flatten(download(s3env, [f"sr/web8/{name}" for name in reversed(LAYERS)], s3env.root / "reference"))
+
+    created = run_imaging("image", "create", "--disk", "sr/web8/leaf.vhd", "--json")
+
+    assert created.returncode == 0, created.stderr
+    record = json.loads(created.stdout)
+    assert record["status"] == "ACTIVE"
+    assert image_raw(s3env, record["id"]) == expected
+    assert {key: s3env.disks.head(key).etag for key in etags} == etags
+    assert [info.key for info in s3env.disks.list_objects("sr/")] == sorted(etags)  # no snapshot of a --disk
