@@ -315,6 +315,41 @@ impl Chain {
         Ok(PyBytes::new(py, &bytes))
     }
 
+    /// How to write the merge of read-only layer `layer` (1 = the leaf's parent) into its parent as a new layer:
+    /// see vhdcore's merge_copy.
+    fn merge_layout(&self, py: Python<'_>, layer: usize) -> PyResult<MergeLayout> {
+        let inner = Arc::clone(&self.inner);
+        let (parent, child) = merge_pair(&inner, layer)?;
+        let layout = py.allow_threads(|| vhdcore::merge_layout(parent, child)).or_raise(py)?;
+        let segments = layout
+            .segments
+            .into_iter()
+            .map(|segment| match segment {
+                vhdcore::MergeSegment::Copy { offset, length } => ("copy", offset, length, None, None),
+                vhdcore::MergeSegment::Block { offset, index, length } => ("block", offset, length, Some(index), None),
+                vhdcore::MergeSegment::Bytes { offset, data } => {
+                    let length = u64::try_from(data.len()).unwrap_or(u64::MAX);
+                    ("bytes", offset, length, None, Some(PyBytes::new(py, &data).unbind()))
+                }
+            })
+            .collect();
+        Ok(MergeLayout {
+            size: layout.size,
+            uuid: vhdcore::format::uuid_string(&layout.uuid),
+            added_bytes: layout.added_bytes,
+            merged_bytes: layout.merged_bytes,
+            segments,
+        })
+    }
+
+    /// Block `index` of the merge of `layer` into its parent (a `block` segment of merge_layout).
+    fn merged_block<'py>(&self, py: Python<'py>, layer: usize, index: u64) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = Arc::clone(&self.inner);
+        let (parent, child) = merge_pair(&inner, layer)?;
+        let block = py.allow_threads(|| vhdcore::merged_block(parent, child, index)).or_raise(py)?;
+        Ok(PyBytes::new(py, &block))
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Chain(leaf={:?}, depth={}, virtual_size={})",
@@ -323,6 +358,31 @@ impl Chain {
             self.virtual_size
         )
     }
+}
+
+/// Layer `layer` of `chain` (not the leaf) and its parent.
+fn merge_pair(chain: &vhdcore::Chain, layer: usize) -> PyResult<(&vhdcore::Disk, &vhdcore::Disk)> {
+    match (chain.layers.get(layer), chain.layers.get(layer + 1)) {
+        (Some(child), Some(parent)) if layer > 0 => Ok((parent, child)),
+        _ => Err(InvalidArgumentError::new_err(format!(
+            "layer {layer} is not a read-only layer with a parent (the chain has {} layers; 0 is the leaf)",
+            chain.layers.len()
+        ))),
+    }
+}
+
+/// One segment of a MergeLayout: `(kind, offset, length, block index, bytes)`.
+type MergeSegmentTuple = (&'static str, u64, u64, Option<u64>, Option<Py<PyBytes>>);
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct MergeLayout {
+    size: u64,
+    uuid: String,
+    added_bytes: u64,
+    merged_bytes: u64,
+    /// `(kind, offset, length, block index, bytes)`: kind `copy` (the parent's bytes at that offset), `block`
+    /// (Chain.merged_block) or `bytes` (given).
+    segments: Vec<MergeSegmentTuple>,
 }
 
 /// Runs `work` without the GIL, giving it a progress callback that calls `progress` (with the GIL) and stops the
@@ -665,11 +725,29 @@ impl vhdcore::LayerStore for PyLayerStore {
 }
 
 /// Opens the chain whose leaf is called `leaf` in `reader` (see PyLayerStore): an object store read by ranges.
+/// Parents are found by the names the locators give, or, with `layers` (leaf first), are exactly those.
 #[pyfunction]
-#[pyo3(signature = (reader, leaf, max_depth = vhdcore::MAX_CHAIN_DEPTH), text_signature = "(reader, leaf, max_depth=30)")]
-fn open_chain_from(py: Python<'_>, reader: PyObject, leaf: &str, max_depth: usize) -> PyResult<Chain> {
+#[pyo3(
+    signature = (reader, leaf, max_depth = vhdcore::MAX_CHAIN_DEPTH, layers = None),
+    text_signature = "(reader, leaf, max_depth=30, layers=None)"
+)]
+fn open_chain_from(
+    py: Python<'_>,
+    reader: PyObject,
+    leaf: &str,
+    max_depth: usize,
+    layers: Option<Vec<String>>,
+) -> PyResult<Chain> {
     let store = PyLayerStore { reader: Arc::new(reader) };
-    let chain = py.allow_threads(|| vhdcore::Chain::open_in(&store, leaf, max_depth)).or_raise(py)?;
+    if let Some(first) = layers.as_ref().and_then(|l| l.first()).filter(|first| first.as_str() != leaf) {
+        return Err(InvalidArgumentError::new_err(format!("layers start with {first:?}, not the leaf {leaf:?}")));
+    }
+    let chain = py
+        .allow_threads(|| match &layers {
+            Some(names) => vhdcore::Chain::open_listed(&store, names, max_depth),
+            None => vhdcore::Chain::open_in(&store, leaf, max_depth),
+        })
+        .or_raise(py)?;
     Ok(wrap_chain(chain))
 }
 
@@ -901,6 +979,7 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SkippedLayer>()?;
     m.add_class::<CoalesceStep>()?;
     m.add_class::<CoalesceReport>()?;
+    m.add_class::<MergeLayout>()?;
     m.add("DEFAULT_CHUNK_SIZE", vhdcore::DEFAULT_CHUNK_SIZE)?;
     m.add("DEFAULT_LEVEL", vhdcore::DEFAULT_LEVEL)?;
     m.add_function(wrap_pyfunction!(compress_fetched_chunk, m)?)?;

@@ -161,6 +161,79 @@ impl Chain {
         Chain::resolve(first, &lookup, max_depth, v)
     }
 
+    /// Opens the chain made of exactly the layers called `names` in `store`, leaf first (a chain record kept by the
+    /// caller, e.g. after a merge gave a layer a new name): each child's parent UUID must be the next layer's, and
+    /// the last layer must have no parent.
+    pub fn open_listed(store: &dyn LayerStore, names: &[String], max_depth: usize) -> Result<Chain> {
+        let first = names.first().ok_or_else(|| VhdError::invalid_argument(None, "a chain has at least its leaf"))?;
+        let leaf = PathBuf::from(first);
+        if names.len() > max_depth {
+            return Err(VhdError::ChainTooDeep { path: leaf, max_depth });
+        }
+        let lookup = StoreLookup(store);
+        let v = &mut Validator::fail_fast();
+        let mut layers: Vec<Disk> = Vec::with_capacity(names.len());
+        let mut warnings = Vec::new();
+        for name in names {
+            let normalized = normalize_name(name).filter(|n| n == name).ok_or_else(|| {
+                VhdError::invalid_argument(None, format!("{name:?} is not a layer name (relative, inside the store)"))
+            })?;
+            let path = PathBuf::from(normalized);
+            let opened = lookup.open(&path, v)?;
+            let Some(child) = layers.last() else {
+                let disk = opened
+                    .ok_or_else(|| VhdError::io(&path, "open", std::io::Error::from(std::io::ErrorKind::NotFound)))?;
+                layers.push(disk);
+                continue;
+            };
+            let header_offset = child.sparse.as_ref().map_or(0, |s| s.header_offset);
+            let Some(parent_uuid) = child.parent_uuid() else {
+                return Err(VhdError::invalid_argument(
+                    Some(&child.path),
+                    format!("{} has no parent, but the chain lists {} after it", child.path.display(), path.display()),
+                ));
+            };
+            if layers.iter().any(|layer| layer.path == path) {
+                return Err(VhdError::ChainCycle {
+                    path: child.path.clone(),
+                    offset: header_offset + 40,
+                    parent: path,
+                });
+            }
+            let Some(parent) = opened else {
+                return Err(VhdError::MissingParent {
+                    path: child.path.clone(),
+                    offset: header_offset + 576,
+                    parent_name: child.parent_name().unwrap_or_default(),
+                    parent_uuid: uuid_string(&parent_uuid),
+                    tried: vec![path],
+                });
+            };
+            if parent.uuid() != parent_uuid {
+                return Err(VhdError::ParentMismatch {
+                    path: child.path.clone(),
+                    offset: header_offset + 40,
+                    parent: path,
+                    expected: uuid_string(&parent_uuid),
+                    found: uuid_string(&parent.uuid()),
+                });
+            }
+            warnings.extend(timestamp_warning(child, &parent));
+            layers.push(parent);
+        }
+        if let Some(last) = layers.last().filter(|l| l.parent_uuid().is_some()) {
+            let header_offset = last.sparse.as_ref().map_or(0, |s| s.header_offset);
+            return Err(VhdError::MissingParent {
+                path: last.path.clone(),
+                offset: header_offset + 576,
+                parent_name: last.parent_name().unwrap_or_default(),
+                parent_uuid: last.parent_uuid().map(|u| uuid_string(&u)).unwrap_or_default(),
+                tried: Vec::new(),
+            });
+        }
+        Ok(Chain { layers, warnings })
+    }
+
     /// Follows `first`'s parents through `lookup` until a layer without a parent.
     fn resolve(first: Disk, lookup: &dyn ParentLookup, max_depth: usize, v: &mut Validator) -> Result<Chain> {
         let leaf = first.path.clone();
@@ -176,23 +249,7 @@ impl Chain {
                 return Err(VhdError::ChainTooDeep { path: leaf.to_path_buf(), max_depth });
             }
             let parent = find_parent(child, parent_uuid, lookup, &mut seen, v)?;
-            let expected_ts = child.parent_timestamp().unwrap_or(0);
-            let actual_ts = parent.footer.timestamp.get();
-            if expected_ts == 0 {
-                warnings.push(format!(
-                    "{}: zero parent timestamp; parent {} matched by uuid",
-                    child.path.display(),
-                    parent.path.display()
-                ));
-            } else if expected_ts != actual_ts {
-                warnings.push(format!(
-                    "{}: stale parent timestamp {} (parent {} has {}); parent matched by uuid",
-                    child.path.display(),
-                    expected_ts,
-                    parent.path.display(),
-                    actual_ts
-                ));
-            }
+            warnings.extend(timestamp_warning(child, &parent));
             layers.push(parent);
         }
         Ok(Chain { layers, warnings })
@@ -200,6 +257,29 @@ impl Chain {
 
     pub fn leaf(&self) -> &Disk {
         &self.layers[0]
+    }
+}
+
+/// Real chains carry zero or stale parent timestamps: the UUID decides, the timestamp only warns.
+fn timestamp_warning(child: &Disk, parent: &Disk) -> Option<String> {
+    let expected_ts = child.parent_timestamp().unwrap_or(0);
+    let actual_ts = parent.footer.timestamp.get();
+    if expected_ts == 0 {
+        Some(format!(
+            "{}: zero parent timestamp; parent {} matched by uuid",
+            child.path.display(),
+            parent.path.display()
+        ))
+    } else if expected_ts != actual_ts {
+        Some(format!(
+            "{}: stale parent timestamp {} (parent {} has {}); parent matched by uuid",
+            child.path.display(),
+            expected_ts,
+            parent.path.display(),
+            actual_ts
+        ))
+    } else {
+        None
     }
 }
 

@@ -122,3 +122,35 @@ fn only_a_child_is_merged_into_its_parent() {
     assert_eq!(merge_layout(&middle, &base).unwrap_err().kind(), ErrorKind::InvalidArgument);
     assert!(merge_layout(&middle, &leaf).is_ok());
 }
+
+#[test]
+fn a_listed_chain_takes_the_merged_layer_under_a_new_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, model) = build_chain(dir.path(), 4, 12, DiskType::Dynamic, 8);
+    let (parent, layer) = (disk(&paths[1]), disk(&paths[2]));
+    let (merged, _) = assemble(&parent, &layer, &std::fs::read(&paths[1]).unwrap());
+    let mut store = MemoryStore::new();
+    for path in &paths {
+        store.insert(format!("sr/a/{}", path.file_name().unwrap().to_str().unwrap()), std::fs::read(path).unwrap());
+    }
+    store.insert("sr/a/merged.vhd", merged);
+    let names = |list: &[&str]| list.iter().map(|n| format!("sr/a/{n}")).collect::<Vec<String>>();
+
+    let chain =
+        Chain::open_listed(&store, &names(&["layer3.vhd", "merged.vhd", "layer0.vhd"]), MAX_CHAIN_DEPTH).unwrap();
+    let mut flat = vec![0u8; usize::try_from(SIZE).unwrap()];
+    chain.read_at(0, &mut flat).unwrap();
+    assert!(flat == model, "the listed chain with the merged layer flattens to the model");
+    let before =
+        Chain::open_listed(&store, &names(&["layer3.vhd", "layer2.vhd", "layer1.vhd", "layer0.vhd"]), 30).unwrap();
+    assert_eq!(before.layers.len(), 4);
+
+    let kind = |list: &[&str]| Chain::open_listed(&store, &names(list), MAX_CHAIN_DEPTH).unwrap_err().kind();
+    assert_eq!(kind(&["layer3.vhd", "layer1.vhd", "layer0.vhd"]), ErrorKind::ParentMismatch);
+    assert_eq!(kind(&["layer3.vhd", "merged.vhd"]), ErrorKind::MissingParent); // ends before the base
+    assert_eq!(kind(&["layer3.vhd", "gone.vhd", "layer0.vhd"]), ErrorKind::MissingParent);
+    assert_eq!(kind(&["layer0.vhd", "layer0.vhd"]), ErrorKind::InvalidArgument); // the base has no parent
+    assert_eq!(kind(&["layer3.vhd", "../a/merged.vhd", "layer0.vhd"]), ErrorKind::InvalidArgument);
+    let too_deep = Chain::open_listed(&store, &names(&["layer3.vhd", "merged.vhd", "layer0.vhd"]), 2).unwrap_err();
+    assert_eq!(too_deep.kind(), ErrorKind::ChainTooDeep);
+}
