@@ -2,8 +2,8 @@
 
 vhdcore's `coalesce_step` does the journaled merging (a killed slice is finished or rolled back by the next); each
 slice is bounded by the invocation's remaining time and, if configured, by a byte budget. An unregistered disk
-(`--disk`) is imaged read-only, so it is never coalesced; nor, yet, is a chain that lives in the object store
-(its objects are immutable: merging there means writing new objects, which is not built).
+(`--disk`) is imaged read-only, so it is never coalesced. A chain kept in object storage is merged by writing new
+objects (store_coalesce), one merge per slice.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from functions.imaging.disks import open_disk
 from functions.imaging.errors import CoalescePendingError, CoalesceTimeout, DiskCorruptError, DiskMissingError
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import is_store_key
+from functions.imaging.store_coalesce import merge_step
 from functions.state import Job
 from functions.storage import FileObjectStore
 
@@ -64,7 +65,10 @@ def coalesce_slice(services: ImagingServices, job: Job, deadline: datetime, rema
     budget_s = max(MIN_SLICE_S, min(remaining_s - SAFETY_MARGIN_S, (deadline - now).total_seconds()))
     leaf = services.state.get_server(job.server_id).disk
     if is_store_key(leaf):
-        return CoalesceSlice(done=True, bytes_copied=0, merged=0, depth=None)
+        merge = merge_step(services, job.server_id)
+        return CoalesceSlice(
+            done=not merge.merged, bytes_copied=merge.bytes_copied, merged=int(merge.merged), depth=merge.depth
+        )
     try:
         step = vhdcore.coalesce_step(
             leaf,

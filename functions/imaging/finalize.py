@@ -51,7 +51,7 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
     frozen = FrozenChain(**json.loads(store.get(snapshot_key(job.id))))
     estimate = json.loads(store.get(estimate_key(job.id)))
     uploaded = load_upload(services, job.id)
-    chain = open_disk(services.disk_store, frozen.leaf)
+    chain = open_disk(services.disk_store, frozen.leaf, frozen.layers)
     # Two independent full reads (the disk's content, the stored object): hashlib and vhdcore release the GIL.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hash") as pool:
         content_future = pool.submit(content_sha256, chain)

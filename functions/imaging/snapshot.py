@@ -17,7 +17,7 @@ from functions.imaging.errors import DiskBusyError, DiskCorruptError
 from functions.imaging.jobs import advance_job
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import is_store_key, snapshot_in_store
-from functions.state import Job, PreconditionFailedError, Status
+from functions.state import Job, PreconditionFailedError, Server, Status
 from functions.storage import NotFoundError
 
 
@@ -58,10 +58,10 @@ def _read_only(services: ImagingServices, job: Job) -> FrozenChain:
 
 def _freeze_server(services: ImagingServices, server_id: str) -> FrozenChain:
     server = services.state.get_server(server_id)
-    chain = open_disk(services.disk_store, server.disk)
+    chain = open_disk(services.disk_store, server.disk, server.chain)
     new_key = keys.server_disk_key(server_id, str(uuid.uuid4()))
     if is_store_key(server.disk):
-        return _freeze_in_store(services, server_id, server.disk, chain, new_key)
+        return _freeze_in_store(services, server, chain, new_key)
     new_path = services.local_path(new_key)
     new_path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -76,16 +76,18 @@ def _freeze_server(services: ImagingServices, server_id: str) -> FrozenChain:
     return FrozenChain(chain.leaf.path, [layer.path for layer in chain.layers], chain.virtual_size, str(new_path))
 
 
-def _freeze_in_store(
-    services: ImagingServices, server_id: str, disk: str, chain: vhdcore.Chain, new_key: str
-) -> FrozenChain:
+def _freeze_in_store(services: ImagingServices, server: Server, chain: vhdcore.Chain, new_key: str) -> FrozenChain:
+    """The new leaf as a new object; the server's record then moves to it with the whole chain (its layer keys),
+    conditionally: a record changed meanwhile leaves the new object deleted and the job failed DISK_BUSY."""
     try:
         snapshot_in_store(services.disk_store, chain, new_key)
     except vhdcore.VhdError as error:
         raise DiskCorruptError(str(error)) from error
+    layers = [layer.path for layer in chain.layers]
+    moved = server.model_copy(update={"disk": new_key, "chain": (new_key, *layers)})
     try:
-        services.state.swap_server_disk(server_id, expected_disk=disk, new_disk=new_key)
+        services.state.replace_server(server, moved)
     except PreconditionFailedError as error:
         services.disk_store.delete(new_key)
-        raise DiskBusyError(f"server {server_id}'s disk moved while it was frozen: {error}") from error
-    return FrozenChain(chain.leaf.path, [layer.path for layer in chain.layers], chain.virtual_size, new_key)
+        raise DiskBusyError(f"server {server.id}'s disk moved while it was frozen: {error}") from error
+    return FrozenChain(chain.leaf.path, layers, chain.virtual_size, new_key)

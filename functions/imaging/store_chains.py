@@ -11,6 +11,7 @@ from __future__ import annotations
 import posixpath
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from urllib.parse import unquote
 
@@ -102,12 +103,12 @@ class StoreLayerReader:
         return self._store.get_range(name, offset, length)
 
 
-def open_store_chain(store: ObjectStore, leaf: str) -> vhdcore.Chain:
+def open_store_chain(store: ObjectStore, leaf: str, layers: Sequence[str] | None = None) -> vhdcore.Chain:
     """The chain whose leaf is the key `leaf`; DiskMissingError / DiskCorruptError as for files, a storage failure
     re-raised as itself (the workflow retries or reports it as the store's, not the disk's)."""
     reader = StoreLayerReader(store)
     try:
-        return vhdcore.open_chain_from(reader, leaf)
+        return vhdcore.open_chain_from(reader, leaf, layers=list(layers) if layers else None)
     except vhdcore.MissingParentError as error:
         raise DiskMissingError(str(error)) from error
     except vhdcore.VhdIoError as error:
