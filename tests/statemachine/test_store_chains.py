@@ -129,7 +129,14 @@ def _tools(qemu_img: str, zstd_exe: str) -> None:
     """Every test here checks images with the outside tools."""
 
 
-def test_a_server_whose_chain_is_in_s3_is_snapshotted_and_imaged(s3env: S3Env) -> None:
+def recorded_chain(env: S3Env, server: str) -> vhdcore.Chain:
+    """The server's chain as its record in state lists it."""
+    record = env.state.get_server(server)
+    layers = list(record.chain) if record.chain else None
+    return vhdcore.open_chain_from(StoreLayerReader(env.disks), record.disk, layers=layers)
+
+
+def test_a_server_whose_chain_is_in_s3_is_coalesced_snapshotted_and_imaged(s3env: S3Env) -> None:
     etags = upload_chain(s3env, "web1")
     layer_keys = [f"sr/web1/{name}" for name in reversed(LAYERS)]  # leaf first
     expected = flatten(download(s3env, layer_keys, s3env.root / "reference"))
@@ -142,30 +149,49 @@ def test_a_server_whose_chain_is_in_s3_is_snapshotted_and_imaged(s3env: S3Env) -
     assert image_raw(s3env, "img-" + s3env.job("job1")) == expected
     manifest = json.loads(s3env.store.get(f"images/img-{s3env.job('job1')}/manifest.json"))
     assert manifest["content_sha256"] == hashlib.sha256(expected).hexdigest()
-    assert [layer["path"] for layer in manifest["source_chain"]] == layer_keys
     assert manifest["virtual_size"] == DISK_SIZE
-    # The server runs on a new object: an empty child of the frozen leaf, found by vhdcore in the store.
-    new_leaf = s3env.state.get_server("web1").disk
+    # Coalesce merged the middle layer into the base as a new object before the snapshot: the frozen chain is
+    # the leaf over that object.
+    frozen = [layer["path"] for layer in manifest["source_chain"]]
+    assert len(frozen) == 2 and frozen[0] == "sr/web1/leaf.vhd" and frozen[1] not in etags
+    # The server runs on a new object: an empty child of the frozen leaf; its record lists the whole chain.
+    record = s3env.state.get_server("web1")
+    new_leaf = record.disk
     assert new_leaf.startswith("sr/web1/") and new_leaf not in etags
-    chain = vhdcore.open_chain_from(StoreLayerReader(s3env.disks), new_leaf)
-    assert [layer.path for layer in chain.layers] == [new_leaf, *layer_keys]
+    assert record.chain == (new_leaf, *frozen)
+    chain = recorded_chain(s3env, "web1")
     assert chain.layers[0].allocated_blocks == 0
     assert chain.layers[0].parent_uuid == chain.layers[1].uuid
     assert chain.read(0, chain.virtual_size) == expected
-    # The source objects are unchanged, and nothing is left in staging.
-    assert {key: s3env.disks.head(key).etag for key in etags} == etags
+    # The frozen leaf is unchanged, the merged layers are gone, and nothing is left in staging.
+    assert s3env.disks.head("sr/web1/leaf.vhd").etag == etags["sr/web1/leaf.vhd"]
+    assert [info.key for info in s3env.disks.list_objects("sr/")] == sorted(record.chain)
     assert list(s3env.store.list_objects("staging/")) == []
     assert s3env.store.list_multipart_uploads() == []
+    assert s3env.disks.list_multipart_uploads() == []
     assert s3env.state.get_lock("web1") is None
-    assert [info.key for info in s3env.disks.list_objects("sr/")] == sorted([*etags, new_leaf])
     assert list(s3env.store.list_objects(f"images/img-{s3env.job('job1')}/"))  # the image is in the images store
 
-    # A second image of the same server freezes the new leaf in its turn: a depth-4 chain, the same content.
+    # A second image coalesces the old leaf into the merged base and freezes the new leaf: the same content.
     second = run(s3env.job("job2"), "web1")
     assert second.succeeded, (second.error, second.cause)
     assert image_raw(s3env, "img-" + s3env.job("job2")) == expected
-    third_leaf = s3env.state.get_server("web1").disk
-    assert vhdcore.open_chain_from(StoreLayerReader(s3env.disks), third_leaf).depth == 5
+    assert recorded_chain(s3env, "web1").depth == 3
+    assert recorded_chain(s3env, "web1").read(0, DISK_SIZE) == expected
+
+
+def test_a_read_only_disk_in_s3_is_imaged_without_changing_its_objects(s3env: S3Env) -> None:
+    """An unregistered chain (`--disk` a key) is neither coalesced nor snapshotted: its objects stay as they are."""
+    etags = upload_chain(s3env, "web9")
+    expected = flatten(download(s3env, [f"sr/web9/{name}" for name in reversed(LAYERS)], s3env.root / "reference"))
+    body = {"job_id": s3env.job("job9"), "image_id": "img-" + s3env.job("job9"), "tenant": "acme", "name": "ro"}
+    with LocalImaging() as workflow:
+        result = workflow.run({**body, "disk": "sr/web9/leaf.vhd"}, timeout_s=TIMEOUT_S)
+
+    assert result.succeeded, (result.error, result.cause)
+    assert image_raw(s3env, "img-" + s3env.job("job9")) == expected
+    assert {key: s3env.disks.head(key).etag for key in etags} == etags
+    assert [info.key for info in s3env.disks.list_objects("sr/")] == sorted(etags)
 
 
 def test_a_layer_lost_in_s3_inside_the_map_fails_with_disk_missing(s3env: S3Env) -> None:
@@ -175,7 +201,9 @@ def test_a_layer_lost_in_s3_inside_the_map_fails_with_disk_missing(s3env: S3Env)
 
     def estimate_then_lose_a_layer(event: Any, context: Any) -> Any:
         answer = estimate.handler(event, context)
-        s3env.disks.delete("sr/web2/base.vhd")
+        base = s3env.state.get_server("web2").chain
+        assert base is not None  # recorded by the snapshot (after coalesce merged the middle into the base)
+        s3env.disks.delete(base[-1])
         return answer
 
     result = run(s3env.job("job3"), "web2", {"EstimateFunctionArn": estimate_then_lose_a_layer})
