@@ -19,6 +19,7 @@ a separate moto server), which is why this does not use `moto.mock_aws`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -271,6 +272,10 @@ class LocalEngine:
             # moto's backends outlive an engine: a later engine in this process finds the role there.
             with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
                 iam.create_role(RoleName=EXECUTION_ROLE_NAME, AssumeRolePolicyDocument=_TRUST_POLICY)
+            # moto and botocore leave hundreds of thousands of long-lived objects; freezing them keeps the full
+            # collections that the executions' allocations trigger from scanning them again (measured: ~5% of an
+            # imaging run's CPU went to the collector).
+            gc.freeze()
         except BaseException:
             self.stop()
             raise

@@ -1,27 +1,26 @@
 """A Map worker: compress a group of chunks into staged zstd frames (DESIGN §3).
 
-Each chunk's source reads are fetched (pread from the frozen layer files, or ranged GETs when the chain lives in the
-object store) and handed to vhdcore, which merges the layers through their bitmaps and compresses one independent
-frame. A frame is staged before its result record, so a record's presence means the frame is whole: a retried worker
-(after a crash) skips those chunks.
+vhdcore reads each chunk's planned source ranges from the frozen layer files (prefetched), merges the layers through
+their bitmaps and compresses one independent frame, the GIL released. A frame is staged before its result record, so
+a record's presence means the frame is whole: a retried worker (after a crash) skips those chunks. A chain kept in
+the object store is read otherwise: each chunk's planned reads are fetched by ranged GETs and handed to vhdcore.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import vhdcore
 from functions.imaging import keys
-from functions.imaging.errors import DiskCorruptError, DiskMissingError
+from functions.imaging.disks import open_disk
+from functions.imaging.errors import DiskCorruptError
 from functions.imaging.jobs import record_progress
 from functions.imaging.progress import measured_eta, step_started
 from functions.imaging.services import ImagingServices
-from functions.imaging.store_chains import FETCH_CONCURRENCY, StoreChunkReads, is_store_key
+from functions.imaging.store_chains import StoreChunkReads, is_store_key
 from functions.state import Job, Status
 from functions.storage import NotFoundError
 
@@ -32,7 +31,7 @@ class StagedFrame:
 
     index: int
     logical_bytes: int
-    sha256: str
+    content_sha256: str
     crc32c: int
     stored_blocks: list[int]
     virtual_bytes: int
@@ -57,48 +56,18 @@ def load_frame(services: ImagingServices, job_id: str, index: int) -> StagedFram
     return StagedFrame(**json.loads(services.store.get(keys.frame_result_key(job_id, index))))
 
 
-class _LayerFiles:
-    """The frozen chain's layer files, opened once per group, shared by the worker threads (pread has no offset)."""
-
-    def __init__(self, plan: vhdcore.ImagePlan, stack: ExitStack) -> None:
-        self._plan = plan
-        self._stack = stack
-        self._fds: dict[int, int] = {}
-        self._lock = threading.Lock()
-
-    def fd(self, layer: int) -> int:
-        with self._lock:
-            fd = self._fds.get(layer)
-            if fd is None:
-                path = self._plan.layer_paths[layer]
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError as error:
-                    raise DiskMissingError(f"layer {path} of the frozen chain is gone") from error
-                self._stack.callback(os.close, fd)
-                self._fds[layer] = fd
-            return fd
-
-    def fetch(self, chunk: vhdcore.ChunkPlan) -> list[bytes]:
-        """The chunk's source reads, in plan order."""
-        reads = []
-        for read in chunk.reads:
-            data = os.pread(self.fd(read.layer), read.length, read.file_offset)
-            if len(data) != read.length:
-                path = self._plan.layer_paths[read.layer]
-                raise DiskCorruptError(f"{path}: read {len(data)} of {read.length} bytes at offset {read.file_offset}")
-            reads.append(data)
-        return reads
-
-
-def _chunk_fetcher(
-    services: ImagingServices, plan: vhdcore.ImagePlan, stack: ExitStack
-) -> _LayerFiles | StoreChunkReads:
-    """pread for a chain of local files, ranged GETs (side by side) for a chain in the store."""
-    if any(is_store_key(path) for path in plan.layer_paths):
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=FETCH_CONCURRENCY, thread_name_prefix="fetch"))
-        return StoreChunkReads(services.disk_store, plan, pool)
-    return _LayerFiles(plan, stack)
+def _open_planned_chain(services: ImagingServices, plan: vhdcore.ImagePlan) -> vhdcore.Chain | StoreChunkReads:
+    """The frozen chain the plan was made from: vhdcore reads each chunk's planned ranges itself (pread, prefetched
+    with posix_fadvise), so no byte passes through Python before it is compressed."""
+    paths = plan.layer_paths
+    if not paths:
+        raise DiskCorruptError("the chunk plan names no layer")
+    if is_store_key(paths[0]):
+        return StoreChunkReads(services.disk_store, plan)
+    chain = open_disk(services.disk_store, paths[0])
+    if [layer.path for layer in chain.layers] != paths or chain.virtual_size != plan.virtual_size:
+        raise DiskCorruptError(f"the chain of {paths[0]} is no longer the one that was planned")
+    return chain
 
 
 def worker_failure_key(job_id: str, first: int) -> str:
@@ -139,24 +108,36 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
     if first < 0 or count < 1 or first + count > len(chunks):
         raise DiskCorruptError(f"chunk group {first}+{count} is outside the plan's {len(chunks)} chunks")
     started = step_started(job, Status.SAVING) or services.now()
-    with ExitStack() as stack:
-        files = _chunk_fetcher(services, plan, stack)
+    chain = _open_planned_chain(services, plan)
 
-        def one(chunk: vhdcore.ChunkPlan) -> tuple[StagedFrame, bool]:
-            try:
-                return load_frame(services, job.id, chunk.index), False
-            except NotFoundError:
-                pass
-            staged = _compress_chunk(services, job, plan, chunk, files.fetch(chunk))
-            elapsed = (services.now() - started).total_seconds()
-            current = services.state.get_job(job.id)
-            eta = measured_eta(current.bytes_done + chunk.length, plan.virtual_size, elapsed, current.eta_seconds)
-            record_progress(services, job.id, add_bytes=chunk.length, total=plan.virtual_size, eta_seconds=eta)
-            return staged, True
+    def stage(frame: vhdcore.ChunkFrame, chunk: vhdcore.ChunkPlan) -> StagedFrame:
+        try:
+            staged = _stage_frame(services, job, frame)
+        finally:
+            pending.release()
+        elapsed = (services.now() - started).total_seconds()
+        current = services.state.get_job(job.id)
+        eta = measured_eta(current.bytes_done + chunk.length, plan.virtual_size, elapsed, current.eta_seconds)
+        record_progress(services, job.id, add_bytes=chunk.length, total=plan.virtual_size, eta_seconds=eta)
+        return staged
 
-        # vhdcore releases the GIL while it merges and compresses: one thread per core keeps every core busy.
-        with ThreadPoolExecutor(max_workers=services.config.compress_threads, thread_name_prefix="chunk") as pool:
-            done = list(pool.map(one, chunks[first : first + count]))
+    def one(chunk: vhdcore.ChunkPlan) -> Future[StagedFrame] | StagedFrame:
+        try:
+            return load_frame(services, job.id, chunk.index)
+        except NotFoundError:
+            pass
+        frame = _compress_chunk(services, chain, plan, chunk)
+        pending.acquire()
+        return stager.submit(stage, frame, chunk)
+
+    # vhdcore releases the GIL while it merges and compresses: one thread per core keeps every core busy, and a
+    # stager writes the frames (and waits on their fsyncs) meanwhile, at most one frame per core behind.
+    threads = services.config.compress_threads
+    pending = threading.BoundedSemaphore(threads)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage") as stager:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chunk") as pool:
+            outcomes = list(pool.map(one, chunks[first : first + count]))
+        done = [(o.result(), True) if isinstance(o, Future) else (o, False) for o in outcomes]
     frames = [staged for staged, _ in done]
     compressed = sum(fresh for _, fresh in done)
     return GroupResult(
@@ -168,23 +149,41 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
     )
 
 
+def _content_digest(frame: vhdcore.ChunkFrame) -> str:
+    if frame.content_sha256 is None:
+        raise RuntimeError(f"vhdcore gave chunk {frame.index} no content digest though asked for one")
+    return frame.content_sha256
+
+
 def _compress_chunk(
-    services: ImagingServices, job: Job, plan: vhdcore.ImagePlan, chunk: vhdcore.ChunkPlan, reads: list[bytes]
-) -> StagedFrame:
+    services: ImagingServices,
+    chain: vhdcore.Chain | StoreChunkReads,
+    plan: vhdcore.ImagePlan,
+    chunk: vhdcore.ChunkPlan,
+) -> vhdcore.ChunkFrame:
+    level = services.config.level
     try:
-        frame = vhdcore.compress_fetched_chunk(plan, chunk.index, reads, services.config.level)
+        if isinstance(chain, StoreChunkReads):
+            return vhdcore.compress_fetched_chunk(plan, chunk.index, chain.fetch(chunk), level, digest="content")
+        return chain.compress_chunk(plan, chunk.index, level, digest="content")
     except vhdcore.VhdError as error:
         raise DiskCorruptError(str(error)) from error
+
+
+def _stage_frame(services: ImagingServices, job: Job, frame: vhdcore.ChunkFrame) -> StagedFrame:
+    """The frame, then its record (whose presence says the frame is whole)."""
+    if frame.index is None:
+        raise RuntimeError("the head frame is not staged by a worker")
     staged = StagedFrame(
-        index=chunk.index,
+        index=frame.index,
         logical_bytes=frame.logical_bytes,
-        sha256=frame.sha256,
+        content_sha256=_content_digest(frame),
         crc32c=frame.crc32c,
         stored_blocks=list(frame.stored_blocks),
         virtual_bytes=frame.virtual_bytes,
         read_bytes=frame.read_bytes,
         compressed_bytes=len(frame.frame),
     )
-    services.store.put(keys.frame_key(job.id, chunk.index), frame.frame)
-    services.store.put(keys.frame_result_key(job.id, chunk.index), json.dumps(asdict(staged)).encode())
+    services.store.put(keys.frame_key(job.id, staged.index), frame.frame)
+    services.store.put(keys.frame_result_key(job.id, staged.index), json.dumps(asdict(staged)).encode())
     return staged

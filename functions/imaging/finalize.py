@@ -3,38 +3,38 @@ server's lock released."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from functools import partial
 from typing import Any
 
 import vhdcore
 from functions.catalog.retention import keep_scheduled_images
 from functions.imaging import keys
-from functions.imaging.content import READ_SIZE, content_sha256
+from functions.imaging.content import content_tree_sha256
 from functions.imaging.disks import open_disk
+from functions.imaging.errors import ImageVerificationError
 from functions.imaging.jobs import advance_job, release_server_lock
 from functions.imaging.planning import estimate_key
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain, snapshot_key
-from functions.imaging.upload import load_upload
+from functions.imaging.upload import ObjectFrame, load_upload
 from functions.state import Image, ImageOrigin, Job, Status
-from functions.storage.retry import call_with_retries
 
 MANIFEST_VERSION = 1
+CONTENT_HASH_METHOD = "sha256 of the sha256 digests of the disk's chunk_size slices, in order"
 BULKY_FIELDS = frozenset({"parts", "frames"})
 """Kept in the manifest object only: the image record must stay small (a DynamoDB item is at most 400 KB)."""
 
 
-def object_sha256(services: ImagingServices, key: str, size: int) -> str:
-    digest = hashlib.sha256()
-    for offset in range(0, size, READ_SIZE):
-        digest.update(
-            call_with_retries(partial(services.store.get_range, key, offset, READ_SIZE), services.config.retry)
-        )
-    return digest.hexdigest()
+def _content_hash(frames: list[ObjectFrame]) -> str:
+    digests = []
+    for frame in frames:
+        if frame.index is None:
+            continue  # the head: no disk content
+        if frame.content_sha256 is None:
+            raise ImageVerificationError(f"chunk {frame.index} was staged without a content digest")
+        digests.append(frame.content_sha256)
+    return content_tree_sha256(digests)
 
 
 def step_timings(job: Job) -> dict[str, float]:
@@ -52,11 +52,8 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
     estimate = json.loads(store.get(estimate_key(job.id)))
     uploaded = load_upload(services, job.id)
     chain = open_disk(services.disk_store, frozen.leaf, frozen.layers)
-    # Two independent full reads (the disk's content, the stored object): hashlib and vhdcore release the GIL.
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hash") as pool:
-        content_future = pool.submit(content_sha256, chain)
-        object_hash = object_sha256(services, uploaded.key, uploaded.size)
-        content_hash = content_future.result()
+    # The content hash comes from the digests the Map's workers made; only the object is read again.
+    content_hash = _content_hash(uploaded.frames)
     job = advance_job(
         services, job.id, Status.ACTIVE, detail=f"{uploaded.size} bytes at {uploaded.key}", update_image=False
     )
@@ -89,7 +86,8 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
         "part_count": len(uploaded.parts),
         "parts_copied": uploaded.parts_copied,
         "content_sha256": content_hash,
-        "object_sha256": object_hash,
+        "content_hash": CONTENT_HASH_METHOD,
+        "object_sha256": uploaded.object_sha256,
         "object_etag": uploaded.etag,
         "parts": [asdict(part) for part in uploaded.parts],
         "frames": [asdict(frame) for frame in uploaded.frames],
@@ -118,6 +116,5 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
 def delete_staging(services: ImagingServices, job_id: str) -> int:
     """Remove everything the job staged; returns how many objects were deleted."""
     doomed = [info.key for info in services.store.list_objects(keys.staging_prefix(job_id))]
-    for key in doomed:
-        services.store.delete(key)
+    services.store.delete_many(doomed)
     return len(doomed)

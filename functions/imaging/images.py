@@ -16,7 +16,7 @@ import zstandard
 
 import vhdcore
 from functions.imaging import keys
-from functions.imaging.content import READ_SIZE, content_sha256
+from functions.imaging.content import READ_SIZE, chunk_content_sha256s, content_tree_sha256
 from functions.imaging.errors import ImagingError
 from functions.imaging.services import ImagingServices
 from functions.state import Image, Status
@@ -81,8 +81,9 @@ def _read(services: ImagingServices, key: str, offset: int, length: int) -> byte
 
 
 def verify_image(services: ImagingServices, image_id: str, work_dir: Path | None = None) -> Verification:
-    """Re-read the stored image: size, every part's and frame's CRC32C, every frame's decompressed sha256, the
-    object's sha256, and the sha256 of the disk content the decompressed VHD holds (read back with vhdcore)."""
+    """Re-read the stored image: size, every part's and frame's CRC32C, every frame's decompression (zstd checks
+    its content checksum; the head's sha256 too), the object's sha256, and the content hash of the disk the
+    decompressed VHD holds (read back with vhdcore), chunk by chunk against the manifest."""
     manifest = load_manifest(services, image_id)
     key = str(manifest["object_key"])
     report = Verification(image_id, key, services.store.head(key).size)
@@ -107,7 +108,7 @@ def verify_image(services: ImagingServices, image_id: str, work_dir: Path | None
                     report.problems.append(f"frame of {name}: CRC32C differs from the manifest")
                     continue
                 logical = decompressor.decompress(data, max_output_size=frame["logical_bytes"]) if data else b""
-                if hashlib.sha256(logical).hexdigest() != frame["sha256"]:
+                if frame.get("sha256") is not None and hashlib.sha256(logical).hexdigest() != frame["sha256"]:
                     report.problems.append(f"frame of {name}: sha256 of its content differs from the manifest")
                 vhd.write(logical)
                 report.frames_checked += 1
@@ -116,13 +117,26 @@ def verify_image(services: ImagingServices, image_id: str, work_dir: Path | None
             report.problems.append("the object's sha256 differs from the manifest")
         if report.ok:
             try:
-                report.content_sha256 = content_sha256(vhdcore.open_chain(str(vhd_path)))
+                chunks = chunk_content_sha256s(vhdcore.open_chain(str(vhd_path)), int(manifest["chunk_size"]))
             except vhdcore.VhdError as error:
                 report.problems.append(f"the decompressed image is not a valid VHD: {error}")
             else:
+                _compare_chunk_digests(report, chunks, manifest["frames"])
+                report.content_sha256 = content_tree_sha256(chunks)
                 if report.content_sha256 != manifest["content_sha256"]:
                     report.problems.append("the disk content's sha256 differs from the manifest")
     return report
+
+
+def _compare_chunk_digests(report: Verification, found: list[str], frames: list[dict[str, Any]]) -> None:
+    """Each chunk's content, read back from the decompressed VHD, against the digest its worker recorded."""
+    recorded = {frame["index"]: frame.get("content_sha256") for frame in frames if frame["index"] is not None}
+    if len(recorded) != len(found):
+        report.problems.append(f"the manifest lists {len(recorded)} chunks, the disk has {len(found)}")
+        return
+    for index, digest in enumerate(found):
+        if recorded.get(index) != digest:
+            report.problems.append(f"chunk {index}: the sha256 of its disk content differs from the manifest")
 
 
 def export_image(services: ImagingServices, image_id: str, out: Path, fmt: ExportFormat) -> int:

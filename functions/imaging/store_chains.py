@@ -12,7 +12,7 @@ import posixpath
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from urllib.parse import unquote
 
 import vhdcore
@@ -133,14 +133,27 @@ def snapshot_in_store(store: ObjectStore, chain: vhdcore.Chain, new_key: str) ->
     store.put(new_key, data, if_none_match=True)
 
 
+_fetch_pool: ThreadPoolExecutor | None = None
+_fetch_pool_lock = threading.Lock()
+
+
+def _shared_fetch_pool() -> ThreadPoolExecutor:
+    """One bounded pool of ranged GETs per process, shared by a worker's chunk threads (idle threads cost nothing)."""
+    global _fetch_pool
+    with _fetch_pool_lock:
+        if _fetch_pool is None:
+            _fetch_pool = ThreadPoolExecutor(max_workers=FETCH_CONCURRENCY, thread_name_prefix="fetch")
+        return _fetch_pool
+
+
 class StoreChunkReads:
     """A Map worker's fetcher for a chain in the store: each chunk's planned reads by ranged GETs, cut into pieces
-    fetched side by side on `pool` (bounded by its size)."""
+    fetched side by side on `pool` (by default one per process, FETCH_CONCURRENCY GETs in flight)."""
 
-    def __init__(self, store: ObjectStore, plan: vhdcore.ImagePlan, pool: Executor) -> None:
+    def __init__(self, store: ObjectStore, plan: vhdcore.ImagePlan, pool: Executor | None = None) -> None:
         self._store = store
         self._names = plan.layer_paths
-        self._pool = pool
+        self._pool = pool if pool is not None else _shared_fetch_pool()
 
     def fetch(self, chunk: vhdcore.ChunkPlan) -> list[bytes]:
         """The chunk's source reads, in plan order."""

@@ -9,9 +9,11 @@ composite checksum (or multipart ETag) are verified against the parts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import vhdcore
 from functions.imaging import keys
@@ -39,8 +41,11 @@ class ObjectFrame:
     offset: int
     compressed_bytes: int
     crc32c: int
-    sha256: str
+    sha256: str | None
+    """Of the frame's decompressed bytes: the head's only (a chunk's are guarded by zstd's content checksum)."""
     logical_bytes: int
+    content_sha256: str | None
+    """Of the chunk's disk content (see functions.imaging.content); None for the head."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class UploadedImage:
     parts: list[StoredPart]
     parts_copied: int
     seconds: float
+    object_sha256: str
+    """Of the bytes sent, frame by frame; the store vouches for what it keeps by the parts' CRC32C."""
 
 
 def upload_record_key(job_id: str) -> str:
@@ -158,11 +165,16 @@ def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | No
         record_progress(services, job.id, add_bytes=part.length, total=size, eta_seconds=eta)
         return StoredPart(part.number, part.offset, part.length, expected_crc, info.etag, copied)
 
-    with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY, thread_name_prefix="image-part") as pool:
-        sent = list(pool.map(send, parts))
-    infos = [PartInfo(part.number, part.length, part.etag, part.crc32c) for part in sent]
-    completed = call_with_retries(lambda: store.complete_multipart(key, upload_id, infos), retry)
-    _verify_object(services, key, size, sent, completed)
+    # The object's sha256 is taken from the staged frames, in order, while the parts go and the store assembles
+    # them: a second read of the finished object would only add its time (hashlib releases the GIL).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-sha256") as hasher:
+        object_digest = hasher.submit(_object_sha256, services, job.id, head, frames)
+        with ThreadPoolExecutor(max_workers=UPLOAD_CONCURRENCY, thread_name_prefix="image-part") as pool:
+            sent = list(pool.map(send, parts))
+        infos = [PartInfo(part.number, part.length, part.etag, part.crc32c) for part in sent]
+        completed = call_with_retries(lambda: store.complete_multipart(key, upload_id, infos), retry)
+        _verify_object(services, key, size, sent, completed)
+        object_sha256 = object_digest.result()
     result = UploadedImage(
         key=key,
         upload_id=upload_id,
@@ -173,9 +185,18 @@ def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | No
         parts=sent,
         parts_copied=sum(part.copied for part in sent),
         seconds=services.monotonic() - started,
+        object_sha256=object_sha256,
     )
     store.put(upload_record_key(job.id), json.dumps(asdict(result)).encode())
     return result
+
+
+def _object_sha256(services: ImagingServices, job_id: str, head: vhdcore.ChunkFrame, frames: list[ObjectFrame]) -> str:
+    digest, retry = hashlib.sha256(head.frame), services.config.retry
+    for frame in frames:
+        if frame.index is not None and frame.compressed_bytes:
+            digest.update(call_with_retries(partial(services.store.get, keys.frame_key(job_id, frame.index)), retry))
+    return digest.hexdigest()
 
 
 def _staged_frames(services: ImagingServices, job_id: str, plan: vhdcore.ImagePlan) -> list[StagedFrame]:
@@ -193,11 +214,19 @@ def _staged_frames(services: ImagingServices, job_id: str, plan: vhdcore.ImagePl
 
 
 def _layout(head: vhdcore.ChunkFrame, staged: list[StagedFrame]) -> list[ObjectFrame]:
-    frames = [ObjectFrame(None, 0, len(head.frame), head.crc32c, head.sha256, head.logical_bytes)]
+    frames = [ObjectFrame(None, 0, len(head.frame), head.crc32c, head.sha256, head.logical_bytes, None)]
     offset = len(head.frame)
     for frame in staged:
         frames.append(
-            ObjectFrame(frame.index, offset, frame.compressed_bytes, frame.crc32c, frame.sha256, frame.logical_bytes)
+            ObjectFrame(
+                frame.index,
+                offset,
+                frame.compressed_bytes,
+                frame.crc32c,
+                None,
+                frame.logical_bytes,
+                frame.content_sha256,
+            )
         )
         offset += frame.compressed_bytes
     return frames

@@ -7,9 +7,13 @@ start with that segment): `tmp/` for files being written, `uploads/<upload id>/`
 Guarantees: every write goes to a temp file on the same file system, is fsynced, then renamed into place
 (`os.replace`, or `os.link` for if-none-match), so a reader or a crash never sees a partial object or part under
 its final name; writers of one key serialise on an `flock` of that key's lock file, so conditional puts are
-race-safe between threads and processes. ETags follow S3: hex MD5 of a put object or a part, and MD5-of-MD5s `-N`
-for a multipart object. ETag and CRC32C are kept in extended attributes (`user.imaging.*`) of the file, so they
-move with it atomically; a file placed by hand without them gets its MD5 computed on `head`.
+race-safe between threads and processes. ETags are opaque, as S3 documents them (an MD5 only in some cases): 32
+hex digits made of the CRC32C and size of the bytes and a nonce of the write, so every write gets a new ETag
+(if-match never mistakes a rewrite for the version it read) and no MD5 pass is spent on data that already carries a
+CRC32C; a multipart object's ETag is S3's MD5-of-part-ETags `-N`. ETag and CRC32C are kept in extended attributes
+(`user.imaging.*`) of the file, so they move with it atomically; a file placed by hand without them gets both
+computed on `head`. Objects are never written in place (a new version is a new file renamed over the key), so a
+part copied from a whole object is a hard link to it: no byte is copied twice.
 Known leftovers: temp files of a killed process stay in `tmp/` (never visible as objects), and empty directories
 stay after deletes (never listed).
 """
@@ -33,7 +37,6 @@ from functions.storage.checksums import (
     composite_crc32c,
     decode_crc32c,
     encode_crc32c,
-    md5_etag,
     multipart_etag,
     unquote_etag,
 )
@@ -130,8 +133,8 @@ class FileObjectStore:
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> ObjectInfo:
         path = self._object_path(key)
-        etag = md5_etag(data)
-        checksum = encode_crc32c(_crc32c_of(data))
+        crc = _crc32c_of(data)
+        etag, checksum = _new_etag(crc, len(data)), encode_crc32c(crc)
         with self._staged_file() as (staged, fd):
             _write_all(fd, data)
             _set_metadata(fd, etag, checksum)
@@ -182,6 +185,20 @@ class FileObjectStore:
                 return  # a "folder" of other keys, not an object: nothing to delete, as on S3
             _fsync_dir(path.parent)
 
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Each key removed as by `delete`, each folder made durable once at the end, not once per key."""
+        folders: set[Path] = set()
+        for key in keys:
+            path = self._object_path(key)
+            with self._key_lock(key):
+                try:
+                    path.unlink()
+                except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                    continue
+            folders.add(path.parent)
+        for folder in folders:
+            _fsync_dir(folder)
+
     # -- multipart --------------------------------------------------------------------------------------------
 
     def create_multipart(self, key: str) -> str:
@@ -207,7 +224,7 @@ class FileObjectStore:
                 f"the sender said {encode_crc32c(crc32c)}",
                 key=key,
             )
-        etag = md5_etag(data)
+        etag = _new_etag(crc32c, len(data))
         with self._staged_file() as (staged, fd):
             _write_all(fd, data)
             _set_metadata(fd, etag, encode_crc32c(crc32c))
@@ -221,31 +238,45 @@ class FileObjectStore:
         folder = self._upload_folder(key, upload_id)
         validate_part_number(number)
         source = self._object_path(source_key)
-        md5 = hashlib.md5(usedforsecurity=False)
-        checksum = 0
         try:
-            with open(source, "rb") as reader, self._staged_file() as (staged, fd):
+            with open(source, "rb") as reader:
                 size = os.fstat(reader.fileno()).st_size
                 if start < 0 or length < 1 or start + length > size:
                     raise InvalidRangeError(
                         f"copy range {start}+{length} is not inside the source ({size} bytes)", key=source_key
                     )
-                done = 0
-                while done < length:
-                    block = os.pread(reader.fileno(), min(_COPY_BLOCK, length - done), start + done)
-                    if not block:
-                        raise InvalidRangeError("the source shrank while being copied", key=source_key)
-                    md5.update(block)
-                    checksum = _crc32c_of(block, checksum)
-                    _write_all(fd, block)
-                    done += len(block)
-                etag = md5.hexdigest()
-                _set_metadata(fd, etag, encode_crc32c(checksum))
-                os.fsync(fd)
-                self._place_part(staged, folder, number, key, upload_id)
+                if (start, length) == (0, size):
+                    source_etag = _get_attr(reader.fileno(), _ETAG_ATTR)
+                    source_crc = _get_attr(reader.fileno(), _CRC32C_ATTR)
+                    if source_etag is not None and source_crc is not None:
+                        part = PartInfo(number=number, size=size, etag=source_etag, crc32c=decode_crc32c(source_crc))
+                        if self._link_part(source, reader.fileno(), part, folder, key, upload_id):
+                            return part
+                with self._staged_file() as (staged, fd):
+                    checksum = _copy_range(reader.fileno(), fd, start, length, source_key)
+                    etag = _new_etag(checksum, length)
+                    _set_metadata(fd, etag, encode_crc32c(checksum))
+                    os.fsync(fd)
+                    self._place_part(staged, folder, number, key, upload_id)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFoundError("no such source object", key=source_key) from None
         return PartInfo(number=number, size=length, etag=etag, crc32c=checksum)
+
+    def _link_part(self, source: Path, source_fd: int, part: PartInfo, folder: Path, key: str, upload_id: str) -> bool:
+        """The whole object `source` (open as `source_fd`) becomes `part` by a hard link, when the key still names
+        that file: objects are never written in place, so the part keeps its bytes, ETag and CRC32C whatever later
+        happens to the key. False (nothing linked) if the key moved on meanwhile."""
+        staged = self._tmp / f"{uuid.uuid4().hex}.link"
+        os.link(source, staged)
+        try:
+            if not os.path.samestat(staged.stat(), os.fstat(source_fd)):
+                return False  # replaced between our open and the link
+            self._place_part(staged, folder, part.number, key, upload_id)
+            _fsync_dir(folder)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
 
     def list_parts(self, key: str, upload_id: str) -> list[PartInfo]:
         folder = self._upload_folder(key, upload_id)
@@ -359,13 +390,13 @@ class FileObjectStore:
         with open(path, "rb") as file:
             fd = file.fileno()
             size = os.fstat(fd).st_size
-            etag = _get_attr(fd, _ETAG_ATTR)
-            if etag is None:
-                digest = hashlib.md5(usedforsecurity=False)
+            etag, checksum = _get_attr(fd, _ETAG_ATTR), _get_attr(fd, _CRC32C_ATTR)
+            if etag is None or checksum is None:  # placed by hand
+                crc = 0
                 while block := file.read(_COPY_BLOCK):
-                    digest.update(block)
-                etag = digest.hexdigest()
-            return ObjectInfo(key=key, size=size, etag=etag, checksum_crc32c=_get_attr(fd, _CRC32C_ATTR))
+                    crc = _crc32c_of(block, crc)
+                etag, checksum = etag or _content_etag(crc, size), checksum or encode_crc32c(crc)
+            return ObjectInfo(key=key, size=size, etag=etag, checksum_crc32c=checksum)
 
     def _place_part(self, staged: Path, folder: Path, number: int, key: str, upload_id: str) -> None:
         try:
@@ -418,6 +449,30 @@ class FileObjectStore:
             yield
         finally:
             os.close(fd)  # closing releases the flock
+
+
+def _content_etag(crc: int, size: int) -> str:
+    """The deterministic part of an ETag: the CRC32C and size of the bytes."""
+    return f"{crc:08x}{size:016x}"
+
+
+def _new_etag(crc: int, size: int) -> str:
+    """The ETag of a new write: its content's, then a nonce that tells this write from any other (32 hex digits, the
+    shape of an MD5 ETag, so multipart ETags are formed as S3 forms them)."""
+    return _content_etag(crc, size) + uuid.uuid4().hex[:8]
+
+
+def _copy_range(source_fd: int, fd: int, start: int, length: int, source_key: str) -> int:
+    """Copy `length` bytes at `start` of `source_fd` to `fd`, returning their CRC32C."""
+    checksum = done = 0
+    while done < length:
+        block = os.pread(source_fd, min(_COPY_BLOCK, length - done), start + done)
+        if not block:
+            raise InvalidRangeError("the source shrank while being copied", key=source_key)
+        checksum = _crc32c_of(block, checksum)
+        _write_all(fd, block)
+        done += len(block)
+    return checksum
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

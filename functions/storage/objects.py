@@ -76,6 +76,10 @@ class ObjectStore(Protocol):
         """Remove an object; deleting an absent key succeeds, as on S3."""
         ...
 
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove several objects at once (S3's DeleteObjects); absent keys are fine, as with `delete`."""
+        ...
+
     def create_multipart(self, key: str) -> str:
         """Start a multipart upload (parts carry CRC32C checksums) and return its id."""
         ...

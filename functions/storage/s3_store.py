@@ -7,6 +7,7 @@ tests hand in clients for moto in-process, a moto server, or one behind a faulty
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from botocore.exceptions import (
@@ -41,9 +42,16 @@ from functions.storage.objects import (
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, PutObjectRequestTypeDef
+    from mypy_boto3_s3.type_defs import (
+        CompletedPartTypeDef,
+        DeleteTypeDef,
+        ObjectIdentifierTypeDef,
+        PutObjectRequestTypeDef,
+    )
 
 _T = TypeVar("_T")
+DELETE_BATCH = 1000
+"""Most keys S3's DeleteObjects takes in one request."""
 
 _TRANSIENT_CODES = frozenset(
     {
@@ -187,6 +195,21 @@ class S3ObjectStore:
     def delete(self, key: str) -> None:
         full = self._full(key)
         self._call(key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full))
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            objects: list[ObjectIdentifierTypeDef] = [{"Key": self._full(key)} for key in batch]
+            request: DeleteTypeDef = {"Objects": objects, "Quiet": True}
+            reply = self._call(None, partial(self._client.delete_objects, Bucket=self.bucket, Delete=request))
+            failed = reply.get("Errors", [])
+            if failed:
+                first = failed[0]
+                raise StorageError(
+                    f"{len(failed)} of {len(batch)} objects were not deleted; the first, {first.get('Key')}: "
+                    f"{first.get('Code')} {first.get('Message')}",
+                    key=first.get("Key"),
+                )
 
     # -- multipart --------------------------------------------------------------------------------------------
 

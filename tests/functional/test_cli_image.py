@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.statemachine.test_workflow import DISK_SIZE, build_sample_chain
+from tests.support.files import content_tree_sha256
 from tests.support.pyvhd import flatten
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,7 +96,8 @@ def test_a_disk_is_imaged_verified_exported_checked_for_damage_and_deleted(
     assert (created["status"], created["name"], created["virtual_size"]) == ("ACTIVE", "nightly", DISK_SIZE)
     stored = Path(created["object_url"].removeprefix("file://"))
     assert stored == tmp_path / "data" / "store" / "images" / image_id / "image.vhd.zst"
-    assert created["manifest"]["content_sha256"] == hashlib.sha256(expected).hexdigest()
+    chunk_size = created["manifest"]["chunk_size"]
+    assert created["manifest"]["content_sha256"] == content_tree_sha256(expected, chunk_size)
     assert created["manifest"]["object_sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
 
     listed = ok_json(cli("image", "list", "--json"))
@@ -105,7 +107,7 @@ def test_a_disk_is_imaged_verified_exported_checked_for_damage_and_deleted(
 
     verified = ok_json(cli("image", "verify", image_id, "--json"))
     assert verified["ok"] is True
-    assert verified["content_sha256"] == hashlib.sha256(expected).hexdigest()
+    assert verified["content_sha256"] == content_tree_sha256(expected, chunk_size)
     assert verified["frames_checked"] == 1 + DISK_SIZE // (8 * MIB)
 
     raw = tmp_path / "exported.raw"

@@ -22,7 +22,7 @@ from functions.state import SqliteStateStore, Status
 from functions.storage import FileObjectStore, StorageError
 from statemachine.engine import ExecutionResult, Handler
 from statemachine.local import LocalImaging
-from tests.support.files import snapshot_files
+from tests.support.files import content_tree_sha256, snapshot_files
 from tests.support.pyvhd import flatten
 
 MIB = 1024**2
@@ -133,7 +133,11 @@ def test_a_disk_becomes_a_verified_image(env: Env) -> None:
     raw = image_raw(env, "img-job1")
     assert raw == expected
     manifest = json.loads(env.store.get("images/img-job1/manifest.json"))
-    assert manifest["content_sha256"] == hashlib.sha256(expected).hexdigest()
+    assert manifest["content_sha256"] == content_tree_sha256(expected, manifest["chunk_size"])
+    assert [frame["content_sha256"] for frame in manifest["frames"][1:]] == [
+        hashlib.sha256(expected[start : start + manifest["chunk_size"]]).hexdigest()
+        for start in range(0, len(expected), manifest["chunk_size"])
+    ]
     stored = env.store.get("images/img-job1/image.vhd.zst")
     assert manifest["object_sha256"] == hashlib.sha256(stored).hexdigest()
     assert manifest["compressed_size"] == len(stored)

@@ -34,3 +34,12 @@ def supports_sparse_files(folder: Path) -> bool:
         return probe.stat().st_blocks * 512 < 1024 * 1024
     finally:
         probe.unlink()
+
+
+def content_tree_sha256(flat: bytes, chunk_size: int) -> str:
+    """The manifest's content hash, computed independently of the product: the sha256 of the sha256 digests of the
+    flattened disk's `chunk_size` slices (README, "Image format")."""
+    tree = hashlib.sha256()
+    for start in range(0, len(flat), chunk_size):
+        tree.update(hashlib.sha256(flat[start : start + chunk_size]).digest())
+    return tree.hexdigest()

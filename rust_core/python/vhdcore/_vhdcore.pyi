@@ -133,7 +133,10 @@ class ChunkFrame:
     index: int | None
     frame: bytes
     logical_bytes: int
-    sha256: str
+    sha256: str | None
+    """Of the bytes the frame decompresses to (digest "image"; always for the head and in ImageStats)."""
+    content_sha256: str | None
+    """Of the chunk's disk content: the flattened disk's bytes in its range, zeros included (digest "content")."""
     crc32c: int
     stored_blocks: list[int]
     virtual_bytes: int
@@ -204,7 +207,9 @@ class Chain:
         chunk_size: int = 67108864,
         progress: Callable[[int, int], None] | None = None,
     ) -> ImageStats: ...
-    def compress_chunk(self, plan: ImagePlan, index: int, level: int = 3) -> ChunkFrame: ...
+    def compress_chunk(
+        self, plan: ImagePlan, index: int, level: int = 3, digest: ChunkDigest = "image"
+    ) -> ChunkFrame: ...
     def estimate(self, level: int = 3, chunk_size: int = 67108864, seed: int | None = None) -> Estimate: ...
     def snapshot_bytes(self, relative_parent: str) -> bytes: ...
     def merge_layout(self, layer: int) -> MergeLayout: ...
@@ -217,6 +222,9 @@ class MergeLayout:
     added_bytes: int
     merged_bytes: int
     segments: list[tuple[Literal["copy", "block", "bytes"], int, int, int | None, bytes | None]]
+
+ChunkDigest = Literal["image", "content"]
+"""Which sha256 a compressed chunk carries: of the bytes its frame decompresses to, or of its disk content."""
 
 CoalescePhase = Literal["copy", "relink", "remove"]
 
@@ -291,5 +299,7 @@ def create(
 ) -> Layer: ...
 def snapshot(parent: str, child: str) -> Layer: ...
 def write(path: str, offset: int, data: bytes) -> None: ...
-def compress_fetched_chunk(plan: ImagePlan, index: int, reads: list[bytes], level: int = 3) -> ChunkFrame: ...
+def compress_fetched_chunk(
+    plan: ImagePlan, index: int, reads: list[bytes], level: int = 3, digest: ChunkDigest = "image"
+) -> ChunkFrame: ...
 def compress_head(plan: ImagePlan, chunks: list[tuple[list[int], int]], level: int = 3) -> ChunkFrame: ...

@@ -280,14 +280,26 @@ impl Chain {
         ImageStats::from_core(py, stats)
     }
 
-    #[pyo3(signature = (plan, index, level = vhdcore::DEFAULT_LEVEL), text_signature = "(self, plan, index, level=3)")]
-    fn compress_chunk(&self, py: Python<'_>, plan: &ImagePlan, index: usize, level: i32) -> PyResult<ChunkFrame> {
+    #[pyo3(
+        signature = (plan, index, level = vhdcore::DEFAULT_LEVEL, digest = "image"),
+        text_signature = "(self, plan, index, level=3, digest='image')"
+    )]
+    fn compress_chunk(
+        &self,
+        py: Python<'_>,
+        plan: &ImagePlan,
+        index: usize,
+        level: i32,
+        digest: &str,
+    ) -> PyResult<ChunkFrame> {
+        let digest = chunk_digest(digest).or_raise(py)?;
         let inner = Arc::clone(&self.inner);
         let image_plan = Arc::clone(&plan.inner);
         let frame = py
             .allow_threads(|| {
                 let chunk = image_plan.chunk(index)?;
-                vhdcore::compress_chunk(&*inner, &image_plan, chunk, level)
+                vhdcore::compress::prefetch(&inner, chunk);
+                vhdcore::compress_chunk(&*inner, &image_plan, chunk, level, digest)
             })
             .or_raise(py)?;
         Ok(ChunkFrame::from_core(py, frame))
@@ -511,7 +523,8 @@ struct ChunkFrame {
     index: Option<usize>,
     frame: Py<PyBytes>,
     logical_bytes: u64,
-    sha256: String,
+    sha256: Option<String>,
+    content_sha256: Option<String>,
     crc32c: u32,
     stored_blocks: Vec<u64>,
     virtual_bytes: u64,
@@ -527,6 +540,7 @@ impl ChunkFrame {
             frame: PyBytes::new(py, &f.frame).unbind(),
             logical_bytes: f.logical_bytes,
             sha256: f.sha256,
+            content_sha256: f.content_sha256,
             crc32c: f.crc32c,
             stored_blocks: f.stored_blocks,
             virtual_bytes: f.virtual_bytes,
@@ -569,20 +583,38 @@ impl ImageStats {
 
 /// A worker's job: the plan, the chunk's index and the bytes of its reads (in the plan's order) in; the frame out.
 #[pyfunction]
-#[pyo3(signature = (plan, index, reads, level = vhdcore::DEFAULT_LEVEL), text_signature = "(plan, index, reads, level=3)")]
+#[pyo3(
+    signature = (plan, index, reads, level = vhdcore::DEFAULT_LEVEL, digest = "image"),
+    text_signature = "(plan, index, reads, level=3, digest='image')"
+)]
 fn compress_fetched_chunk(
     py: Python<'_>,
     plan: &ImagePlan,
     index: usize,
     reads: Vec<PyBackedBytes>,
     level: i32,
+    digest: &str,
 ) -> PyResult<ChunkFrame> {
+    let digest = chunk_digest(digest).or_raise(py)?;
     let image_plan = Arc::clone(&plan.inner);
     // Taken as bytes buffers (one memcpy each): extracting `Vec<u8>` would convert element by element, ~20 ns a
     // byte under the GIL, slower than the compression itself.
     let reads: Vec<Vec<u8>> = reads.iter().map(|read| read.to_vec()).collect();
-    let frame = py.allow_threads(|| vhdcore::compress_fetched_chunk(&image_plan, index, &reads, level)).or_raise(py)?;
+    let frame =
+        py.allow_threads(|| vhdcore::compress_fetched_chunk(&image_plan, index, &reads, level, digest)).or_raise(py)?;
     Ok(ChunkFrame::from_core(py, frame))
+}
+
+/// The digest a compressed chunk carries, by its Python name.
+fn chunk_digest(name: &str) -> vhdcore::Result<vhdcore::ChunkDigest> {
+    match name {
+        "image" => Ok(vhdcore::ChunkDigest::Image),
+        "content" => Ok(vhdcore::ChunkDigest::Content),
+        other => Err(vhdcore::VhdError::invalid_argument(
+            None,
+            format!("digest must be 'image' (of the frame's bytes) or 'content' (of the disk's), not {other:?}"),
+        )),
+    }
 }
 
 /// The head frame (footer copy, header, BAT) once every chunk is done: `(stored_blocks, logical_bytes)` per chunk.

@@ -9,6 +9,12 @@
 //! Each frame is made by `frame_encoder` (zstd at the requested level, content size and checksum, early abort of
 //! incompressible pieces from level 5 on, see `early_abort`); a worker keeps its buffers and zstd context from
 //! chunk to chunk and hashes each stored block right after reading it.
+//!
+//! A chunk's digest ([`ChunkDigest`]) is the sha256 of the bytes its frame decompresses to, or of its *disk
+//! content* (the flattened disk's bytes in its range, zeros included): the content digests of all chunks, in order,
+//! hashed together make a tree hash of the whole disk that needs no second read of it (the same as
+//! `split -b CHUNK --filter=sha256sum disk.raw | cut -c1-64 | xxd -r -p | sha256sum` on the raw disk), while zstd's
+//! content checksum already guards each frame's decompressed bytes.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -41,8 +47,11 @@ pub struct ChunkFrame {
     pub frame: Vec<u8>,
     /// Bytes of the image this frame decompresses to.
     pub logical_bytes: u64,
-    /// Hex sha256 of those decompressed bytes.
-    pub sha256: String,
+    /// Hex sha256 of those decompressed bytes (with [`ChunkDigest::Image`]).
+    pub sha256: Option<String>,
+    /// Hex sha256 of the chunk's disk content: the flattened disk's bytes in its range, zeros included (with
+    /// [`ChunkDigest::Content`]).
+    pub content_sha256: Option<String>,
     /// CRC-32C of the frame itself, as S3 takes part checksums.
     pub crc32c: u32,
     /// Image block indices (virtual offset / 2 MiB) stored in this chunk, ascending.
@@ -57,7 +66,13 @@ pub struct ChunkFrame {
 
 impl ChunkFrame {
     /// The description of a compressed chunk whose frame bytes stay with the caller (`frame` is left empty).
-    fn describe(index: usize, sha256: [u8; 32], logical_bytes: usize, frame: &[u8], stored_blocks: Vec<u64>) -> Self {
+    fn describe(
+        index: usize,
+        sha256: Option<[u8; 32]>,
+        logical_bytes: usize,
+        frame: &[u8],
+        stored_blocks: Vec<u64>,
+    ) -> Self {
         ChunkFrame {
             index,
             crc32c: crc32c::crc32c(frame),
@@ -65,12 +80,17 @@ impl ChunkFrame {
             object_offset: None,
             frame: Vec::new(),
             logical_bytes: u64::try_from(logical_bytes).unwrap_or(u64::MAX),
-            sha256: sha256.iter().map(|b| format!("{b:02x}")).collect(),
+            sha256: sha256.as_ref().map(hex),
+            content_sha256: None,
             stored_blocks,
             virtual_bytes: 0,
             read_bytes: 0,
         }
     }
+}
+
+fn hex(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn footer_of(plan: &ImagePlan) -> [u8; 512] {
@@ -95,7 +115,7 @@ pub fn build_chunk<S: LayerSource>(
 ) -> Result<Vec<u64>> {
     let mut bytes = ChunkBytes { buf: std::mem::take(out), len: 0 };
     bytes.len = bytes.buf.len();
-    let built = assemble_chunk(src, plan, chunk, &mut bytes, None);
+    let built = assemble_chunk(src, plan, chunk, &mut bytes, None, None);
     bytes.buf.truncate(bytes.len);
     *out = bytes.buf;
     built
@@ -126,14 +146,15 @@ impl ChunkBytes {
     }
 }
 
-/// Appends chunk `chunk`'s image bytes to `out`, feeding each stored block to `hasher` while it is still in cache;
-/// returns the image blocks it stored.
+/// Appends chunk `chunk`'s image bytes to `out`, feeding each stored block to `hasher` and the chunk's disk content
+/// to `content` while they are still in cache; returns the image blocks it stored.
 fn assemble_chunk<S: LayerSource>(
     src: &S,
     plan: &ImagePlan,
     chunk: &ChunkPlan,
     out: &mut ChunkBytes,
     mut hasher: Option<&mut Sha256>,
+    mut content: Option<&mut Sha256>,
 ) -> Result<Vec<u64>> {
     let bitmap_len = usize::try_from(bitmap_size(IMAGE_BLOCK_SIZE)).unwrap_or(0);
     let end = chunk.start + chunk.length;
@@ -142,7 +163,11 @@ fn assemble_chunk<S: LayerSource>(
     while at < end {
         let block_end = (at + BLOCK).min(end);
         let untouched = chunk.unallocated.iter().any(|(s, l)| *s <= at && block_end <= s + l);
-        if !untouched {
+        if untouched {
+            if let Some(content) = content.as_deref_mut() {
+                content.update(&ZERO_BLOCK[..usize::try_from(block_end - at).unwrap_or(0)]);
+            }
+        } else {
             let data_len = usize::try_from(block_end - at).unwrap_or(0);
             let block_len = usize::try_from(BLOCK).unwrap_or(0);
             let base = out.len;
@@ -150,6 +175,9 @@ fn assemble_chunk<S: LayerSource>(
             let (bitmap, data) = slot.split_at_mut(bitmap_len);
             let (data, padding) = data.split_at_mut(data_len);
             src.read_at(at, data)?;
+            if let Some(content) = content.as_deref_mut() {
+                content.update(&*data);
+            }
             if is_zero(data) {
                 out.len = base;
             } else {
@@ -171,6 +199,30 @@ fn assemble_chunk<S: LayerSource>(
         }
     }
     Ok(stored)
+}
+
+/// Zeros to hash as the content no layer holds: one image block's worth, in the binary's zeroed data.
+static ZERO_BLOCK: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
+const BLOCK_BYTES: usize = IMAGE_BLOCK_SIZE as usize;
+
+/// The sha256 of `length` zero bytes: the content digest of a chunk no layer holds anything of (remembered per
+/// length, since a sparse disk has many such chunks, all of one or two lengths).
+fn zero_digest(length: u64) -> [u8; 32] {
+    static KNOWN: Mutex<Vec<(u64, [u8; 32])>> = Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, digest)) = known.iter().find(|(len, _)| *len == length) {
+        return *digest;
+    }
+    let mut hasher = Sha256::new();
+    let mut left = length;
+    while left > 0 {
+        let n = left.min(BLOCK);
+        hasher.update(&ZERO_BLOCK[..usize::try_from(n).unwrap_or(0)]);
+        left -= n;
+    }
+    let digest: [u8; 32] = hasher.finalize().into();
+    known.push((length, digest));
+    digest
 }
 
 /// A worker's reusable state: the chunk's image bytes, its frame, and the zstd context (kept for its level).
@@ -197,16 +249,28 @@ impl Scratch {
         plan: &ImagePlan,
         chunk: &ChunkPlan,
         level: i32,
+        digest: ChunkDigest,
     ) -> Result<ChunkFrame> {
         self.logical.len = 0;
-        let mut hasher = Sha256::new();
-        let stored = assemble_chunk(src, plan, chunk, &mut self.logical, Some(&mut hasher))?;
+        let mut image = (digest == ChunkDigest::Image).then(Sha256::new);
+        let nothing_allocated = chunk.reads.is_empty();
+        let mut content = (digest == ChunkDigest::Content && !nothing_allocated).then(Sha256::new);
+        let stored = assemble_chunk(src, plan, chunk, &mut self.logical, image.as_mut(), content.as_mut())?;
         let encoder = encoder_for(&mut self.encoder, level)?;
         encoder.compress(self.logical.as_slice(), &mut self.frame)?;
-        let mut result =
-            ChunkFrame::describe(chunk.index, hasher.finalize().into(), self.logical.len, &self.frame, stored);
+        let mut result = ChunkFrame::describe(
+            chunk.index,
+            image.map(|h| h.finalize().into()),
+            self.logical.len,
+            &self.frame,
+            stored,
+        );
         result.virtual_bytes = chunk.length;
         result.read_bytes = chunk.read_bytes();
+        if digest == ChunkDigest::Content {
+            let digest = content.map_or_else(|| zero_digest(chunk.length), |hasher| hasher.finalize().into());
+            result.content_sha256 = Some(hex(&digest));
+        }
         Ok(result)
     }
 }
@@ -215,22 +279,44 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
+/// Which sha256 a compressed chunk carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChunkDigest {
+    /// Of the bytes its frame decompresses to.
+    #[default]
+    Image,
+    /// Of its disk content: the flattened disk's bytes in the chunk's range, zeros included.
+    Content,
+}
+
 /// Builds and compresses one chunk from any layer source.
-pub fn compress_chunk<S: LayerSource>(src: &S, plan: &ImagePlan, chunk: &ChunkPlan, level: i32) -> Result<ChunkFrame> {
+pub fn compress_chunk<S: LayerSource>(
+    src: &S,
+    plan: &ImagePlan,
+    chunk: &ChunkPlan,
+    level: i32,
+    digest: ChunkDigest,
+) -> Result<ChunkFrame> {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        let mut result = scratch.compress(src, plan, chunk, level)?;
+        let mut result = scratch.compress(src, plan, chunk, level, digest)?;
         result.frame = scratch.frame.clone();
         Ok(result)
     })
 }
 
 /// A worker's whole job: its chunk plan and the bytes of its reads in, the compressed frame out.
-pub fn compress_fetched_chunk(plan: &ImagePlan, index: usize, data: &[Vec<u8>], level: i32) -> Result<ChunkFrame> {
+pub fn compress_fetched_chunk(
+    plan: &ImagePlan,
+    index: usize,
+    data: &[Vec<u8>],
+    level: i32,
+    digest: ChunkDigest,
+) -> Result<ChunkFrame> {
     plan.validate()?;
     let chunk = plan.chunk(index)?;
     let source = FetchedChunk::new(plan, chunk, data)?;
-    compress_chunk(&source, plan, chunk, level)
+    compress_chunk(&source, plan, chunk, level, digest)
 }
 
 /// Where each chunk starts in the decompressed image, given how many bytes each one decompresses to.
@@ -282,7 +368,8 @@ pub fn compress_head(plan: &ImagePlan, chunks: &[(Vec<u64>, u64)], level: i32) -
     let head = build_head(plan, chunks)?;
     let mut frame = Vec::new();
     FrameEncoder::new(level)?.compress(&head, &mut frame)?;
-    let mut result = ChunkFrame::describe(usize::MAX, Sha256::digest(&head).into(), head.len(), &frame, Vec::new());
+    let mut result =
+        ChunkFrame::describe(usize::MAX, Some(Sha256::digest(&head).into()), head.len(), &frame, Vec::new());
     result.frame = frame;
     Ok(result)
 }
@@ -305,7 +392,7 @@ impl SparePool {
 /// reads that follow find them in the page cache instead of waiting on the disk one small read at a time (measured:
 /// most of a loaded machine's wall time on a depth-3 chain whose layers had partly left the cache). A layer read
 /// through another source than a file gets no hint.
-fn prefetch(chain: &Chain, chunk: &ChunkPlan) {
+pub fn prefetch(chain: &Chain, chunk: &ChunkPlan) {
     use std::os::fd::AsRawFd;
     for read in &chunk.reads {
         let Some(file) = chain.layers.get(read.layer).and_then(|layer| layer.source.file()) else { continue };
@@ -364,7 +451,7 @@ fn compress_and_place<S: LayerSource>(
                     }
                     let outcome = SCRATCH.with(|scratch| {
                         let mut scratch = scratch.borrow_mut();
-                        let frame = scratch.compress(src, plan, chunk, level)?;
+                        let frame = scratch.compress(src, plan, chunk, level, ChunkDigest::Image)?;
                         let bytes = std::mem::replace(&mut scratch.frame, spares.take());
                         Ok((frame, bytes))
                     });

@@ -73,7 +73,14 @@ impl Target {
     }
 
     /// A hidden temporary file beside `out`, renamed over it by `finish`: no partial output is ever visible.
+    /// Refuses to replace anything but a regular file (renaming over `/dev/null` would remove the device).
     pub(crate) fn staged(out: &Path) -> Result<Target> {
+        if std::fs::metadata(out).is_ok_and(|m| !m.is_file()) {
+            return Err(VhdError::invalid_argument(
+                Some(out),
+                format!("cannot write to {}: not a regular file (this output needs one)", out.display()),
+            ));
+        }
         let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
         let temp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
         let file = OpenOptions::new()

@@ -4,7 +4,8 @@
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 
-use vhdcore::{Chain, DiskType};
+use sha2::{Digest, Sha256};
+use vhdcore::{Chain, ChunkDigest, DiskType};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -41,6 +42,10 @@ fn sample_chain(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
     put(&leaf, 3 * MIB + 7, fill(3, 100_000));
     put(&leaf, 33 * MIB, fill(4, 4096));
     (leaf, model)
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn decompress(bytes: &[u8]) -> Vec<u8> {
@@ -80,6 +85,7 @@ fn chunk_plans_from_fetched_reads_match_the_all_in_one_path() {
     let chain = Chain::open(&leaf, 30).unwrap();
     let plan = vhdcore::ImagePlan::from_json(&chain.plan(8 * MIB).unwrap().to_json()).unwrap();
     let files: Vec<std::fs::File> = plan.layers.iter().map(|l| std::fs::File::open(&l.path).unwrap()).collect();
+    assert!(plan.chunks.iter().any(|c| c.reads.is_empty()), "no chunk without data: the zero-digest path is untested");
     for chunk in &plan.chunks {
         let data: Vec<Vec<u8>> = chunk
             .reads
@@ -90,11 +96,21 @@ fn chunk_plans_from_fetched_reads_match_the_all_in_one_path() {
                 buf
             })
             .collect();
-        let remote = vhdcore::compress_fetched_chunk(&plan, chunk.index, &data, 3).unwrap();
-        let local = vhdcore::compress_chunk(&chain, &plan, chunk, 3).unwrap();
+        let remote = vhdcore::compress_fetched_chunk(&plan, chunk.index, &data, 3, ChunkDigest::Image).unwrap();
+        let local = vhdcore::compress_chunk(&chain, &plan, chunk, 3, ChunkDigest::Image).unwrap();
         assert_eq!(remote.frame, local.frame, "chunk {}", chunk.index);
         assert_eq!(remote.sha256, local.sha256);
+        assert_eq!(remote.sha256, Some(hex(&Sha256::digest(decompress(&remote.frame)))));
         assert_eq!(remote.crc32c, crc32c::crc32c(&remote.frame));
+        // The content digest is of the flattened disk's bytes in the chunk's range, zeros included.
+        let mut content = vec![0u8; usize::try_from(chunk.length).unwrap()];
+        chain.read_at(chunk.start, &mut content).unwrap();
+        let by_content = vhdcore::compress_fetched_chunk(&plan, chunk.index, &data, 3, ChunkDigest::Content).unwrap();
+        assert_eq!(by_content.content_sha256, Some(hex(&Sha256::digest(&content))), "chunk {}", chunk.index);
+        assert_eq!((by_content.sha256, remote.content_sha256), (None, None));
+        assert_eq!(by_content.frame, remote.frame);
+        let local_content = vhdcore::compress_chunk(&chain, &plan, chunk, 3, ChunkDigest::Content).unwrap();
+        assert_eq!(local_content.content_sha256, by_content.content_sha256);
     }
 }
 
@@ -106,7 +122,7 @@ fn a_worker_given_short_reads_gets_a_typed_error() {
     let plan = chain.plan(8 * MIB).unwrap();
     let chunk = plan.chunks.iter().find(|c| !c.reads.is_empty()).unwrap();
     let short: Vec<Vec<u8>> = chunk.reads.iter().map(|r| vec![0u8; usize::try_from(r.length).unwrap() - 1]).collect();
-    let err = vhdcore::compress_fetched_chunk(&plan, chunk.index, &short, 3).unwrap_err();
+    let err = vhdcore::compress_fetched_chunk(&plan, chunk.index, &short, 3, ChunkDigest::Image).unwrap_err();
     assert_eq!(err.kind(), vhdcore::ErrorKind::InvalidArgument);
 }
 
@@ -202,4 +218,19 @@ fn check_mixed_image(chain: &Chain, plan: &vhdcore::ImagePlan, level: i32, model
         let ratio = chunk.compressed_bytes as f64 / reference.len() as f64;
         assert!(ratio <= 1.01, "level {level}, chunk {}: {ratio:.4} of zstd's size", chunk.index);
     }
+}
+
+#[test]
+fn an_output_that_is_not_a_regular_file_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, _) = sample_chain(dir.path());
+    let chain = Chain::open(&leaf, 30).unwrap();
+    let plan = chain.plan(8 * MIB).unwrap();
+    let folder = dir.path().join("a-folder");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("inside"), b"kept").unwrap();
+    let err = vhdcore::compress_image(&chain, &plan, 3, &folder, &mut |_, _| true).unwrap_err();
+    assert_eq!(err.kind(), vhdcore::ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    assert_eq!(std::fs::read(folder.join("inside")).unwrap(), b"kept");
 }

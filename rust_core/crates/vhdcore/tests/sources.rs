@@ -48,8 +48,8 @@ fn a_chain_in_a_store_reads_as_the_same_chain_in_files() {
     let file_plan = from_files.plan(2 * 1024 * 1024).unwrap();
     assert_eq!(plan.chunks, file_plan.chunks);
     for chunk in &plan.chunks {
-        let frame = vhdcore::compress_chunk(&chain, &plan, chunk, 3).unwrap();
-        let file_frame = vhdcore::compress_chunk(&from_files, &plan, chunk, 3).unwrap();
+        let frame = vhdcore::compress_chunk(&chain, &plan, chunk, 3, vhdcore::ChunkDigest::Content).unwrap();
+        let file_frame = vhdcore::compress_chunk(&from_files, &plan, chunk, 3, vhdcore::ChunkDigest::Content).unwrap();
         assert!(frame.frame == file_frame.frame, "chunk {} compresses to the same frame", chunk.index);
         assert_eq!(frame.sha256, file_frame.sha256);
     }
