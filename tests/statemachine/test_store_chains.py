@@ -7,7 +7,6 @@ from moto and flattened by tests/support/pyvhd (independent of vhdcore); state i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import uuid
@@ -26,6 +25,7 @@ from functions.state import Server, SqliteStateStore
 from functions.storage import ObjectStore, open_object_store
 from statemachine.local import LocalImaging
 from tests.statemachine.test_workflow import CHUNK, DISK_SIZE, TIMEOUT_S, build_sample_chain
+from tests.support.files import content_tree_sha256
 from tests.support.pyvhd import flatten
 
 MIB = 1024**2
@@ -148,7 +148,7 @@ def test_a_server_whose_chain_is_in_s3_is_coalesced_snapshotted_and_imaged(s3env
     assert result.succeeded, (result.error, result.cause)
     assert image_raw(s3env, "img-" + s3env.job("job1")) == expected
     manifest = json.loads(s3env.store.get(f"images/img-{s3env.job('job1')}/manifest.json"))
-    assert manifest["content_sha256"] == hashlib.sha256(expected).hexdigest()
+    assert manifest["content_sha256"] == content_tree_sha256(expected, manifest["chunk_size"])
     assert manifest["virtual_size"] == DISK_SIZE
     # Coalesce merged the middle layer into the base as a new object before the snapshot: the frozen chain is
     # the leaf over that object.
