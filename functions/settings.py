@@ -2,7 +2,8 @@
 
 Precedence: an explicit argument (the CLI's `--store`, `--state`, `--endpoint-url`), then the environment
 (`IMAGING_STORE`, `IMAGING_STATE`, `IMAGING_DATA_DIR`, `AWS_ENDPOINT_URL`), then the defaults under the data
-directory (`file://<data>/store`, `sqlite:///<data>/state.sqlite3`).
+directory (`file://<data>/store`, `sqlite:///<data>/state.sqlite3`). Server disks that live in object storage are
+keys of `IMAGING_DISKS` when set (on AWS, a bucket of its own), else of the store.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Settings:
     store_url: str
     state_url: str
     endpoint_url: str | None
+    disks_url: str | None = None
+    """Where server disks kept as objects live; None: in the store."""
 
     @classmethod
     def resolve(cls, store: str | None = None, state: str | None = None, endpoint_url: str | None = None) -> Settings:
@@ -46,4 +49,5 @@ class Settings:
             store_url=store or os.environ.get("IMAGING_STORE") or default_store_url(),
             state_url=state or os.environ.get("IMAGING_STATE") or default_state_url(),
             endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+            disks_url=os.environ.get("IMAGING_DISKS") or None,
         )

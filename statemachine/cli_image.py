@@ -18,7 +18,7 @@ from functions.settings import Settings
 from functions.state import PROGRESS_OF_STATUS, Image, Job, NotFoundError, Status
 from statemachine.cli_common import UserError, human_size, json_option, print_fields, print_json, print_table
 from statemachine.cli_server import DEFAULT_TENANT
-from statemachine.cli_services import export_settings, location_options, opened
+from statemachine.cli_services import disk_argument, export_settings, location_options, opened
 from statemachine.engine import TERMINAL_STATUSES, ExecutionResult
 
 POLL_INTERVAL_S = 0.2
@@ -129,7 +129,10 @@ def create(
 
     export_settings(settings)
     job_id, image_id = new_id("job"), new_id("img")
-    disk = str(Path(leaf).absolute()) if leaf is not None else None
+    disk = None
+    if leaf is not None:
+        with opened(settings) as services:
+            disk = disk_argument(services.disk_store, leaf)
     request: dict[str, Any] = {
         "job_id": job_id,
         "image_id": image_id,
@@ -139,8 +142,6 @@ def create(
     if server_id is not None:
         request["server_id"] = server_id
     if disk is not None:
-        if not Path(disk).is_file():
-            raise UserError(f"{leaf}: no such file", hint="give the leaf VHD of the chain to image")
         request["disk"] = disk
     with opened(settings) as services, LocalImaging() as workflow:
         result = follow(workflow, workflow.start(request), services, job_id, live and not as_json)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import click
@@ -11,8 +10,8 @@ import click
 from functions.imaging.disks import open_disk
 from functions.settings import Settings
 from functions.state import Server
-from statemachine.cli_common import json_option, print_fields, print_json, print_table, require_file
-from statemachine.cli_services import location_options, opened
+from statemachine.cli_common import json_option, print_fields, print_json, print_table
+from statemachine.cli_services import disk_argument, location_options, opened
 
 DEFAULT_TENANT = "local"
 
@@ -28,24 +27,29 @@ def server_json(record: Server) -> dict[str, Any]:
 
 @server.command()
 @click.argument("name")
-@click.option("--disk", "leaf", required=True, help="The leaf VHD of the server's disk chain.")
+@click.option(
+    "--disk",
+    "leaf",
+    required=True,
+    help="The leaf VHD of the server's disk chain: a local file, or a key or URL in the store (sr/web1/leaf.vhd).",
+)
 @click.option("--tenant", default=DEFAULT_TENANT, show_default=True, help="The tenant owning the server.")
 @click.option("--flavor", default="standard", show_default=True, help="Flavor (legacy, standard, performance, ...).")
 @location_options
 @json_option
 def add(name: str, leaf: str, tenant: str, flavor: str, settings: Settings, as_json: bool) -> None:
     """Register server NAME running on the chain whose leaf is --disk (checked now; kept where it is)."""
-    require_file(leaf)
-    chain = open_disk(leaf)
-    record = Server(
-        id=name,
-        tenant=tenant,
-        name=name,
-        disk=str(Path(leaf).absolute()),
-        flavor=flavor,
-        created_at=datetime.now(UTC),
-    )
     with opened(settings) as services:
+        location = disk_argument(services.disk_store, leaf)
+        chain = open_disk(services.disk_store, location)
+        record = Server(
+            id=name,
+            tenant=tenant,
+            name=name,
+            disk=location,
+            flavor=flavor,
+            created_at=datetime.now(UTC),
+        )
         services.state.put_server(record)
     if as_json:
         print_json(server_json(record))

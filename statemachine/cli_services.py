@@ -7,6 +7,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -15,10 +16,11 @@ from pydantic import ValidationError
 from functions.handlers.runtime import config_from_environment
 from functions.imaging.errors import ImagingError
 from functions.imaging.services import ImagingServices
+from functions.imaging.store_chains import disk_location
 from functions.settings import Settings
 from functions.state import InvalidIdError, NotFoundError, StateError, open_state_store
-from functions.storage import StorageError, open_object_store
-from statemachine.cli_common import UserError
+from functions.storage import ObjectStore, StorageError, open_object_store
+from statemachine.cli_common import UserError, require_file
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,12 +40,22 @@ def location_options(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def disk_argument(store: ObjectStore, given: str) -> str:
+    """A `--disk` argument: a local file (checked; recorded by its absolute path), or a key or URL in the store."""
+    local = Path(given).is_absolute() or Path(given).exists()
+    if local:
+        require_file(given)
+    return disk_location(store, given, local_exists=local)
+
+
 def export_settings(settings: Settings) -> None:
     """Make `settings` what the in-process handlers resolve from the environment."""
     os.environ["IMAGING_STORE"] = settings.store_url
     os.environ["IMAGING_STATE"] = settings.state_url
     if settings.endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = settings.endpoint_url
+    if settings.disks_url:
+        os.environ["IMAGING_DISKS"] = settings.disks_url
 
 
 @contextmanager
@@ -51,7 +63,10 @@ def opened(settings: Settings) -> Iterator[ImagingServices]:
     store = open_object_store(settings.store_url, endpoint_url=settings.endpoint_url)
     state = open_state_store(settings.state_url, endpoint_url=settings.endpoint_url)
     try:
-        yield ImagingServices(store=store, state=state, config=config_from_environment())
+        disks = (
+            open_object_store(settings.disks_url, endpoint_url=settings.endpoint_url) if settings.disks_url else None
+        )
+        yield ImagingServices(store=store, state=state, config=config_from_environment(), disks=disks)
     finally:
         state.close()
 

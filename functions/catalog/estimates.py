@@ -23,7 +23,9 @@ class ServerEstimate(BaseModel):
 def estimate_server(services: ImagingServices, server: Server) -> ServerEstimate:
     """Estimate the server's chain as it is now (read-only: nothing is frozen or written)."""
     config = services.config
-    estimate = open_disk(server.disk).estimate(level=config.level, chunk_size=config.chunk_size)
+    estimate = open_disk(services.disk_store, server.disk, server.chain).estimate(
+        level=config.level, chunk_size=config.chunk_size
+    )
     return ServerEstimate(
         virtual_size=estimate.virtual_size,
         allocated_bytes=estimate.allocated_bytes,

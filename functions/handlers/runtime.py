@@ -70,15 +70,20 @@ def config_from_environment() -> ImagingConfig:
 
 
 @functools.cache
-def _services_for(store_url: str, state_url: str, endpoint_url: str | None, config: ImagingConfig) -> ImagingServices:
+def _services_for(
+    store_url: str, state_url: str, endpoint_url: str | None, config: ImagingConfig, disks_url: str | None = None
+) -> ImagingServices:
     return ImagingServices(
         store=open_object_store(store_url, endpoint_url=endpoint_url),
         state=open_state_store(state_url, endpoint_url=endpoint_url),
         config=config,
+        disks=open_object_store(disks_url, endpoint_url=endpoint_url) if disks_url else None,
     )
 
 
 def services() -> ImagingServices:
     """The store, state and tunables named by the environment (cached: a warm Lambda reuses its clients)."""
     settings = Settings.resolve()
-    return _services_for(settings.store_url, settings.state_url, settings.endpoint_url, config_from_environment())
+    return _services_for(
+        settings.store_url, settings.state_url, settings.endpoint_url, config_from_environment(), settings.disks_url
+    )

@@ -2,7 +2,8 @@
 
 vhdcore's `coalesce_step` does the journaled merging (a killed slice is finished or rolled back by the next); each
 slice is bounded by the invocation's remaining time and, if configured, by a byte budget. An unregistered disk
-(`--disk`) is imaged read-only, so it is never coalesced.
+(`--disk`) is imaged read-only, so it is never coalesced. A chain kept in object storage is merged by writing new
+objects (store_coalesce), one merge per slice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import vhdcore
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import CoalescePendingError, CoalesceTimeout, DiskCorruptError, DiskMissingError
 from functions.imaging.services import ImagingServices
+from functions.imaging.store_chains import is_store_key
+from functions.imaging.store_coalesce import merge_step
 from functions.state import Job
 from functions.storage import FileObjectStore
 
@@ -38,7 +41,7 @@ def sibling_candidates(services: ImagingServices, leaf: str) -> list[str]:
     each layer of the chain (beside the leaf only while a merge is pending) and every server disk under the store's
     `sr/` (other servers' leaves, which may share a golden base)."""
     try:
-        folders = {Path(layer.path).parent for layer in open_disk(leaf).layers}
+        folders = {Path(layer.path).parent for layer in open_disk(services.disk_store, leaf).layers}
     except CoalescePendingError:
         folders = {Path(leaf).absolute().parent}
     found = {
@@ -61,6 +64,11 @@ def coalesce_slice(services: ImagingServices, job: Job, deadline: datetime, rema
         raise CoalesceTimeout(f"the chain of server {job.server_id} was not coalesced by {deadline.isoformat()}")
     budget_s = max(MIN_SLICE_S, min(remaining_s - SAFETY_MARGIN_S, (deadline - now).total_seconds()))
     leaf = services.state.get_server(job.server_id).disk
+    if is_store_key(leaf):
+        merge = merge_step(services, job.server_id)
+        return CoalesceSlice(
+            done=not merge.merged, bytes_copied=merge.bytes_copied, merged=int(merge.merged), depth=merge.depth
+        )
     try:
         step = vhdcore.coalesce_step(
             leaf,

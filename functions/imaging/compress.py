@@ -2,7 +2,8 @@
 
 vhdcore reads each chunk's planned source ranges from the frozen layer files (prefetched), merges the layers through
 their bitmaps and compresses one independent frame, the GIL released. A frame is staged before its result record, so
-a record's presence means the frame is whole: a retried worker (after a crash) skips those chunks.
+a record's presence means the frame is whole: a retried worker (after a crash) skips those chunks. A chain kept in
+the object store is read otherwise: each chunk's planned reads are fetched by ranged GETs and handed to vhdcore.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from functions.imaging.errors import DiskCorruptError
 from functions.imaging.jobs import record_progress
 from functions.imaging.progress import measured_eta, step_started
 from functions.imaging.services import ImagingServices
+from functions.imaging.store_chains import StoreChunkReads, is_store_key
 from functions.state import Job, Status
 from functions.storage import NotFoundError
 
@@ -54,13 +56,15 @@ def load_frame(services: ImagingServices, job_id: str, index: int) -> StagedFram
     return StagedFrame(**json.loads(services.store.get(keys.frame_result_key(job_id, index))))
 
 
-def _open_planned_chain(plan: vhdcore.ImagePlan) -> vhdcore.Chain:
+def _open_planned_chain(services: ImagingServices, plan: vhdcore.ImagePlan) -> vhdcore.Chain | StoreChunkReads:
     """The frozen chain the plan was made from: vhdcore reads each chunk's planned ranges itself (pread, prefetched
     with posix_fadvise), so no byte passes through Python before it is compressed."""
     paths = plan.layer_paths
     if not paths:
         raise DiskCorruptError("the chunk plan names no layer")
-    chain = open_disk(paths[0])
+    if is_store_key(paths[0]):
+        return StoreChunkReads(services.disk_store, plan)
+    chain = open_disk(services.disk_store, paths[0])
     if [layer.path for layer in chain.layers] != paths or chain.virtual_size != plan.virtual_size:
         raise DiskCorruptError(f"the chain of {paths[0]} is no longer the one that was planned")
     return chain
@@ -104,7 +108,7 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
     if first < 0 or count < 1 or first + count > len(chunks):
         raise DiskCorruptError(f"chunk group {first}+{count} is outside the plan's {len(chunks)} chunks")
     started = step_started(job, Status.SAVING) or services.now()
-    chain = _open_planned_chain(plan)
+    chain = _open_planned_chain(services, plan)
 
     def stage(frame: vhdcore.ChunkFrame, chunk: vhdcore.ChunkPlan) -> StagedFrame:
         try:
@@ -152,10 +156,16 @@ def _content_digest(frame: vhdcore.ChunkFrame) -> str:
 
 
 def _compress_chunk(
-    services: ImagingServices, chain: vhdcore.Chain, plan: vhdcore.ImagePlan, chunk: vhdcore.ChunkPlan
+    services: ImagingServices,
+    chain: vhdcore.Chain | StoreChunkReads,
+    plan: vhdcore.ImagePlan,
+    chunk: vhdcore.ChunkPlan,
 ) -> vhdcore.ChunkFrame:
+    level = services.config.level
     try:
-        return chain.compress_chunk(plan, chunk.index, services.config.level, digest="content")
+        if isinstance(chain, StoreChunkReads):
+            return vhdcore.compress_fetched_chunk(plan, chunk.index, chain.fetch(chunk), level, digest="content")
+        return chain.compress_chunk(plan, chunk.index, level, digest="content")
     except vhdcore.VhdError as error:
         raise DiskCorruptError(str(error)) from error
 

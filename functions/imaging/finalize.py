@@ -51,7 +51,7 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
     frozen = FrozenChain(**json.loads(store.get(snapshot_key(job.id))))
     estimate = json.loads(store.get(estimate_key(job.id)))
     uploaded = load_upload(services, job.id)
-    chain = open_disk(frozen.leaf)
+    chain = open_disk(services.disk_store, frozen.leaf, frozen.layers)
     # The content hash comes from the digests the Map's workers made; only the object is read again.
     content_hash = _content_hash(uploaded.frames)
     job = advance_job(

@@ -33,5 +33,9 @@ def manifest_key(image_id: str) -> str:
     return f"images/{validate_id('image', image_id)}/manifest.json"
 
 
+def server_disk_prefix(server_id: str) -> str:
+    return f"sr/{validate_id('server', server_id)}/"
+
+
 def server_disk_key(server_id: str, disk_uuid: str) -> str:
-    return f"sr/{validate_id('server', server_id)}/{validate_id('disk uuid', disk_uuid)}.vhd"
+    return f"{server_disk_prefix(server_id)}{validate_id('disk uuid', disk_uuid)}.vhd"

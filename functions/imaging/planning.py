@@ -64,7 +64,7 @@ def group_chunks(lengths: list[int], group_bytes: int) -> list[ChunkGroup]:
 def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> StagedPlan:
     """Estimate the image, stage its chunk plan, and set the job's ETA; FlavorTooSlowError if it cannot finish."""
     config = services.config
-    chain = open_disk(frozen.leaf)
+    chain = open_disk(services.disk_store, frozen.leaf, frozen.layers)
     estimate = chain.estimate(level=config.level, chunk_size=config.chunk_size)
     plan = chain.plan(config.chunk_size)
     flavor = services.state.get_server(job.server_id).flavor if job.server_id is not None else None

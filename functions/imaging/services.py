@@ -46,9 +46,16 @@ class ImagingConfig:
 class ImagingServices:
     store: ObjectStore
     state: StateStore
+    disks: ObjectStore | None = None
+    """The store of server disks kept as objects (`sr/<server>/...`), when not the store itself."""
     config: ImagingConfig = field(default_factory=ImagingConfig)
     now: Callable[[], datetime] = system_clock
     monotonic: Callable[[], float] = time.monotonic
+
+    @property
+    def disk_store(self) -> ObjectStore:
+        """Where a server disk given as a key lives."""
+        return self.disks if self.disks is not None else self.store
 
     def local_path(self, key: str) -> Path:
         """The file behind a store key; server disks must be files that vhdcore can open."""

@@ -1,5 +1,8 @@
 """Freezing the chain to image (DESIGN §1, 25%): a registered server continues on a new empty differencing leaf
-under the store's `sr/<server>/`, its active-disk pointer moved atomically; an unregistered disk is imaged as it is."""
+under the store's `sr/<server>/`, its active-disk pointer moved atomically; an unregistered disk is imaged as it is.
+
+A server whose chain is a local file gets its new leaf as a file under the (file) store; a server whose chain lives
+in the store (its disk a key) gets it as a new object, written only if absent, so both work on S3 and files alike."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from functions.imaging.disks import open_disk
 from functions.imaging.errors import DiskBusyError, DiskCorruptError
 from functions.imaging.jobs import advance_job
 from functions.imaging.services import ImagingServices
-from functions.state import Job, PreconditionFailedError, Status
+from functions.imaging.store_chains import is_store_key, snapshot_in_store
+from functions.state import Job, PreconditionFailedError, Server, Status
 from functions.storage import NotFoundError
 
 
@@ -39,23 +43,25 @@ def freeze(services: ImagingServices, job: Job) -> FrozenChain:
     try:
         frozen = FrozenChain(**json.loads(services.store.get(snapshot_key(job.id))))
     except NotFoundError:
-        frozen = _freeze_server(services, job.server_id) if job.server_id is not None else _read_only(job)
+        frozen = _freeze_server(services, job.server_id) if job.server_id is not None else _read_only(services, job)
         services.store.put(snapshot_key(job.id), json.dumps(frozen.to_json()).encode())
     advance_job(services, job.id, Status.SAVING, detail=f"frozen chain of depth {len(frozen.layers)}")
     return frozen
 
 
-def _read_only(job: Job) -> FrozenChain:
+def _read_only(services: ImagingServices, job: Job) -> FrozenChain:
     if job.disk is None:
         raise DiskCorruptError(f"job {job.id} names no disk")
-    chain = open_disk(job.disk)
+    chain = open_disk(services.disk_store, job.disk)
     return FrozenChain(chain.leaf.path, [layer.path for layer in chain.layers], chain.virtual_size, None)
 
 
 def _freeze_server(services: ImagingServices, server_id: str) -> FrozenChain:
     server = services.state.get_server(server_id)
-    chain = open_disk(server.disk)
+    chain = open_disk(services.disk_store, server.disk, server.chain)
     new_key = keys.server_disk_key(server_id, str(uuid.uuid4()))
+    if is_store_key(server.disk):
+        return _freeze_in_store(services, server, chain, new_key)
     new_path = services.local_path(new_key)
     new_path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -68,3 +74,20 @@ def _freeze_server(services: ImagingServices, server_id: str) -> FrozenChain:
         new_path.unlink(missing_ok=True)
         raise DiskBusyError(f"server {server_id}'s disk moved while it was frozen: {error}") from error
     return FrozenChain(chain.leaf.path, [layer.path for layer in chain.layers], chain.virtual_size, str(new_path))
+
+
+def _freeze_in_store(services: ImagingServices, server: Server, chain: vhdcore.Chain, new_key: str) -> FrozenChain:
+    """The new leaf as a new object; the server's record then moves to it with the whole chain (its layer keys),
+    conditionally: a record changed meanwhile leaves the new object deleted and the job failed DISK_BUSY."""
+    try:
+        snapshot_in_store(services.disk_store, chain, new_key)
+    except vhdcore.VhdError as error:
+        raise DiskCorruptError(str(error)) from error
+    layers = [layer.path for layer in chain.layers]
+    moved = server.model_copy(update={"disk": new_key, "chain": (new_key, *layers)})
+    try:
+        services.state.replace_server(server, moved)
+    except PreconditionFailedError as error:
+        services.disk_store.delete(new_key)
+        raise DiskBusyError(f"server {server.id}'s disk moved while it was frozen: {error}") from error
+    return FrozenChain(chain.leaf.path, layers, chain.virtual_size, new_key)

@@ -256,6 +256,16 @@ class DynamoDBStateStore:
             raise PreconditionFailedError("server", server_id, "disk", expected_disk, found)
         return moved
 
+    def replace_server(self, expected: Server, new: Server) -> Server:
+        validate_id("server", expected.id)
+        if new.id != expected.id:
+            raise ValueError(f"server {expected.id!r} cannot be replaced by server {new.id!r}")
+        old_doc = expected.model_dump_json()
+        if not self._put(self._server_item(new), "attribute_exists(#pk) AND #doc = :old", old=_s(old_doc)):
+            current = self.get_server(expected.id)
+            raise PreconditionFailedError("server", expected.id, "record", str(expected.chain), str(current.chain))
+        return new
+
     def delete_server(self, server_id: str) -> bool:
         validate_id("server", server_id)
         return self._delete(f"SERVER#{server_id}", "SERVER")

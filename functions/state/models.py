@@ -96,6 +96,11 @@ class Server(_Record):
     disk: DiskLocation
     flavor: Flavor = "standard"
     created_at: UtcDatetime
+    chain: tuple[DiskLocation, ...] | None = None
+    """The layers of a chain kept in object storage, leaf first (`chain[0] == disk`), once recorded by a snapshot or
+    a merge; None: the chain is found from `disk` through its locators."""
+    garbage: tuple[DiskLocation, ...] = ()
+    """Layers a merge took out of the chain, deleted after the record that dropped them was stored."""
 
 
 class JobEvent(_Record):

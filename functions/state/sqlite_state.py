@@ -98,6 +98,20 @@ class SqliteStateStore:
             db.execute("UPDATE servers SET doc = ? WHERE id = ?", (moved.model_dump_json(), server_id))
         return moved
 
+    def replace_server(self, expected: Server, new: Server) -> Server:
+        validate_id("server", expected.id)
+        if new.id != expected.id:
+            raise ValueError(f"server {expected.id!r} cannot be replaced by server {new.id!r}")
+        with self.database.write() as db:
+            row = db.execute("SELECT doc FROM servers WHERE id = ?", (expected.id,)).fetchone()
+            if row is None:
+                raise NotFoundError("server", expected.id)
+            current = _parse(Server, "server", expected.id, row[0])
+            if current != expected:
+                raise PreconditionFailedError("server", expected.id, "record", str(expected.chain), str(current.chain))
+            db.execute("UPDATE servers SET doc = ? WHERE id = ?", (new.model_dump_json(), expected.id))
+        return new
+
     def delete_server(self, server_id: str) -> bool:
         validate_id("server", server_id)
         with self.database.write() as db:

@@ -31,6 +31,11 @@ class StateStore(Protocol):
         """Move the server's active-disk pointer atomically (snapshot); PreconditionFailedError if it moved."""
         ...
 
+    def replace_server(self, expected: Server, new: Server) -> Server:
+        """Store `new` in place of the server record, only if it is still `expected` (chain record swaps);
+        PreconditionFailedError otherwise."""
+        ...
+
     def delete_server(self, server_id: str) -> bool: ...
 
     # Jobs

@@ -1,6 +1,21 @@
 """vhdcore: read, write, map, diff, flatten and coalesce VHD chains (Rust core, Python facade)."""
 
-from vhdcore._vhdcore import (
+from typing import Protocol
+
+
+class LayerReader(Protocol):
+    """What `open_chain_from` reads layers through: by name (an object key), by byte ranges."""
+
+    def size(self, name: str, /) -> int | None:
+        """The layer's size in bytes, or None when there is no layer of that name."""
+        ...
+
+    def read(self, name: str, offset: int, length: int, /) -> bytes:
+        """Exactly `length` bytes of the layer from `offset` (an exception becomes a VhdIoError naming both)."""
+        ...
+
+
+from vhdcore._vhdcore import (  # noqa: E402 (after the protocol the stub refers to)
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
@@ -26,6 +41,7 @@ from vhdcore._vhdcore import (
     ImageStats,
     InvalidArgumentError,
     Layer,
+    MergeLayout,
     MissingParentError,
     ParentMismatchError,
     PendingMerge,
@@ -45,6 +61,7 @@ from vhdcore._vhdcore import (
     create,
     diff,
     open_chain,
+    open_chain_from,
     snapshot,
     write,
 )
@@ -75,6 +92,8 @@ __all__ = [
     "ImageStats",
     "InvalidArgumentError",
     "Layer",
+    "LayerReader",
+    "MergeLayout",
     "MissingParentError",
     "ParentMismatchError",
     "PendingMerge",
@@ -94,6 +113,7 @@ __all__ = [
     "create",
     "diff",
     "open_chain",
+    "open_chain_from",
     "snapshot",
     "write",
 ]

@@ -3,6 +3,8 @@
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, final
 
+from vhdcore import LayerReader
+
 DiskType = Literal["fixed", "dynamic", "differencing"]
 ExportFormat = Literal["raw", "vhd"]
 
@@ -209,6 +211,17 @@ class Chain:
         self, plan: ImagePlan, index: int, level: int = 3, digest: ChunkDigest = "image"
     ) -> ChunkFrame: ...
     def estimate(self, level: int = 3, chunk_size: int = 67108864, seed: int | None = None) -> Estimate: ...
+    def snapshot_bytes(self, relative_parent: str) -> bytes: ...
+    def merge_layout(self, layer: int) -> MergeLayout: ...
+    def merged_block(self, layer: int, index: int) -> bytes: ...
+
+@final
+class MergeLayout:
+    size: int
+    uuid: str
+    added_bytes: int
+    merged_bytes: int
+    segments: list[tuple[Literal["copy", "block", "bytes"], int, int, int | None, bytes | None]]
 
 ChunkDigest = Literal["image", "content"]
 """Which sha256 a compressed chunk carries: of the bytes its frame decompresses to, or of its disk content."""
@@ -278,6 +291,7 @@ def coalesce(leaf: str, siblings: Sequence[str], step_bytes: int | None = None) 
     """Merge the chain's read-only layers; `siblings` are the files that may be other children of its layers."""
 
 def open_chain(path: str, max_depth: int = 30) -> Chain: ...
+def open_chain_from(reader: LayerReader, leaf: str, max_depth: int = 30, layers: list[str] | None = None) -> Chain: ...
 def check(path: str, max_depth: int = 30) -> list[Problem]: ...
 def diff(old: str, new: str, max_depth: int = 30) -> Diff: ...
 def create(

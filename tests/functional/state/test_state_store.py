@@ -113,6 +113,23 @@ def test_server_disk_pointer_moves_only_from_the_expected_disk(store: StateStore
         store.swap_server_disk("srv-9", expected_disk="/a", new_disk="/b")
 
 
+def test_a_server_record_is_replaced_only_if_unchanged(store: StateStore) -> None:
+    """The chain record of a server kept in object storage: swapped whole, or not at all."""
+    first = server(disk="sr/srv-1/b.vhd").model_copy(update={"chain": ("sr/srv-1/b.vhd", "sr/srv-1/a.vhd")})
+    store.put_server(first)
+    merged = first.model_copy(update={"chain": ("sr/srv-1/b.vhd", "sr/srv-1/m.vhd"), "garbage": ("sr/srv-1/a.vhd",)})
+
+    assert store.replace_server(first, merged) == merged
+    assert store.get_server("srv-1") == merged
+    with pytest.raises(PreconditionFailedError):
+        store.replace_server(first, first.model_copy(update={"disk": "sr/srv-1/c.vhd"}))
+    assert store.get_server("srv-1") == merged
+    cleared = store.replace_server(merged, merged.model_copy(update={"garbage": ()}))
+    assert store.get_server("srv-1").garbage == () == cleared.garbage
+    with pytest.raises(NotFoundError):
+        store.replace_server(server("srv-9"), server("srv-9"))
+
+
 # Jobs
 
 

@@ -319,6 +319,49 @@ impl Chain {
         Ok(Estimate::from_core(level, estimate))
     }
 
+    /// The whole file of a new, empty differencing child of this chain's leaf, whose locators name the leaf
+    /// `relative_parent` (relative to the child's folder, e.g. `./leaf.vhd`): a snapshot to store elsewhere.
+    fn snapshot_bytes<'py>(&self, py: Python<'py>, relative_parent: &str) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = Arc::clone(&self.inner);
+        let bytes = py.allow_threads(|| vhdcore::snapshot_bytes(inner.leaf(), relative_parent)).or_raise(py)?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// How to write the merge of read-only layer `layer` (1 = the leaf's parent) into its parent as a new layer:
+    /// see vhdcore's merge_copy.
+    fn merge_layout(&self, py: Python<'_>, layer: usize) -> PyResult<MergeLayout> {
+        let inner = Arc::clone(&self.inner);
+        let (parent, child) = merge_pair(&inner, layer)?;
+        let layout = py.allow_threads(|| vhdcore::merge_layout(parent, child)).or_raise(py)?;
+        let segments = layout
+            .segments
+            .into_iter()
+            .map(|segment| match segment {
+                vhdcore::MergeSegment::Copy { offset, length } => ("copy", offset, length, None, None),
+                vhdcore::MergeSegment::Block { offset, index, length } => ("block", offset, length, Some(index), None),
+                vhdcore::MergeSegment::Bytes { offset, data } => {
+                    let length = u64::try_from(data.len()).unwrap_or(u64::MAX);
+                    ("bytes", offset, length, None, Some(PyBytes::new(py, &data).unbind()))
+                }
+            })
+            .collect();
+        Ok(MergeLayout {
+            size: layout.size,
+            uuid: vhdcore::format::uuid_string(&layout.uuid),
+            added_bytes: layout.added_bytes,
+            merged_bytes: layout.merged_bytes,
+            segments,
+        })
+    }
+
+    /// Block `index` of the merge of `layer` into its parent (a `block` segment of merge_layout).
+    fn merged_block<'py>(&self, py: Python<'py>, layer: usize, index: u64) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = Arc::clone(&self.inner);
+        let (parent, child) = merge_pair(&inner, layer)?;
+        let block = py.allow_threads(|| vhdcore::merged_block(parent, child, index)).or_raise(py)?;
+        Ok(PyBytes::new(py, &block))
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Chain(leaf={:?}, depth={}, virtual_size={})",
@@ -327,6 +370,31 @@ impl Chain {
             self.virtual_size
         )
     }
+}
+
+/// Layer `layer` of `chain` (not the leaf) and its parent.
+fn merge_pair(chain: &vhdcore::Chain, layer: usize) -> PyResult<(&vhdcore::Disk, &vhdcore::Disk)> {
+    match (chain.layers.get(layer), chain.layers.get(layer + 1)) {
+        (Some(child), Some(parent)) if layer > 0 => Ok((parent, child)),
+        _ => Err(InvalidArgumentError::new_err(format!(
+            "layer {layer} is not a read-only layer with a parent (the chain has {} layers; 0 is the leaf)",
+            chain.layers.len()
+        ))),
+    }
+}
+
+/// One segment of a MergeLayout: `(kind, offset, length, block index, bytes)`.
+type MergeSegmentTuple = (&'static str, u64, u64, Option<u64>, Option<Py<PyBytes>>);
+
+#[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
+struct MergeLayout {
+    size: u64,
+    uuid: String,
+    added_bytes: u64,
+    merged_bytes: u64,
+    /// `(kind, offset, length, block index, bytes)`: kind `copy` (the parent's bytes at that offset), `block`
+    /// (Chain.merged_block) or `bytes` (given).
+    segments: Vec<MergeSegmentTuple>,
 }
 
 /// Runs `work` without the GIL, giving it a progress callback that calls `progress` (with the GIL) and stops the
@@ -625,6 +693,96 @@ fn open_chain(py: Python<'_>, path: PathBuf, max_depth: usize) -> PyResult<Chain
     Ok(wrap_chain(chain))
 }
 
+/// Layers read through a Python object with `size(name) -> int | None` (None: no such layer) and
+/// `read(name, offset, length) -> bytes`; the GIL is taken only around those calls.
+struct PyLayerStore {
+    reader: Arc<Py<PyAny>>,
+}
+
+/// One layer of a [`PyLayerStore`].
+struct PyLayer {
+    reader: Arc<Py<PyAny>>,
+    name: String,
+    size: u64,
+}
+
+impl std::fmt::Debug for PyLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PyLayer").field("name", &self.name).field("size", &self.size).finish()
+    }
+}
+
+/// A Python exception from the reader, as the I/O error vhdcore reports with the layer's name and offset.
+fn reader_error(call: &str, err: &PyErr) -> std::io::Error {
+    std::io::Error::other(format!("{call} raised {err}"))
+}
+
+impl vhdcore::ReadAt for PyLayer {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        Python::with_gil(|py| {
+            let data = self
+                .reader
+                .call_method1(py, "read", (&self.name, offset, buf.len()))
+                .and_then(|out| out.extract::<PyBackedBytes>(py))
+                .map_err(|e| reader_error("read", &e))?;
+            if data.len() != buf.len() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("read returned {} of {} bytes", data.len(), buf.len()),
+                ));
+            }
+            buf.copy_from_slice(&data);
+            Ok(())
+        })
+    }
+
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.size)
+    }
+}
+
+impl vhdcore::LayerStore for PyLayerStore {
+    fn open(&self, name: &str) -> std::io::Result<Option<Arc<dyn vhdcore::ReadAt>>> {
+        let size = Python::with_gil(|py| {
+            self.reader
+                .call_method1(py, "size", (name,))
+                .and_then(|out| out.extract::<Option<u64>>(py))
+                .map_err(|e| reader_error("size", &e))
+        })?;
+        Ok(size.map(|size| {
+            Arc::new(PyLayer { reader: Arc::clone(&self.reader), name: name.to_string(), size })
+                as Arc<dyn vhdcore::ReadAt>
+        }))
+    }
+}
+
+/// Opens the chain whose leaf is called `leaf` in `reader` (see PyLayerStore): an object store read by ranges.
+/// Parents are found by the names the locators give, or, with `layers` (leaf first), are exactly those.
+#[pyfunction]
+#[pyo3(
+    signature = (reader, leaf, max_depth = vhdcore::MAX_CHAIN_DEPTH, layers = None),
+    text_signature = "(reader, leaf, max_depth=30, layers=None)"
+)]
+fn open_chain_from(
+    py: Python<'_>,
+    reader: PyObject,
+    leaf: &str,
+    max_depth: usize,
+    layers: Option<Vec<String>>,
+) -> PyResult<Chain> {
+    let store = PyLayerStore { reader: Arc::new(reader) };
+    if let Some(first) = layers.as_ref().and_then(|l| l.first()).filter(|first| first.as_str() != leaf) {
+        return Err(InvalidArgumentError::new_err(format!("layers start with {first:?}, not the leaf {leaf:?}")));
+    }
+    let chain = py
+        .allow_threads(|| match &layers {
+            Some(names) => vhdcore::Chain::open_listed(&store, names, max_depth),
+            None => vhdcore::Chain::open_in(&store, leaf, max_depth),
+        })
+        .or_raise(py)?;
+    Ok(wrap_chain(chain))
+}
+
 #[pyfunction]
 #[pyo3(signature = (path, max_depth = vhdcore::MAX_CHAIN_DEPTH), text_signature = "(path, max_depth=30)")]
 fn check(py: Python<'_>, path: PathBuf, max_depth: usize) -> Vec<Problem> {
@@ -853,11 +1011,13 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SkippedLayer>()?;
     m.add_class::<CoalesceStep>()?;
     m.add_class::<CoalesceReport>()?;
+    m.add_class::<MergeLayout>()?;
     m.add("DEFAULT_CHUNK_SIZE", vhdcore::DEFAULT_CHUNK_SIZE)?;
     m.add("DEFAULT_LEVEL", vhdcore::DEFAULT_LEVEL)?;
     m.add_function(wrap_pyfunction!(compress_fetched_chunk, m)?)?;
     m.add_function(wrap_pyfunction!(compress_head, m)?)?;
     m.add_function(wrap_pyfunction!(open_chain, m)?)?;
+    m.add_function(wrap_pyfunction!(open_chain_from, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(diff, m)?)?;
     m.add_function(wrap_pyfunction!(create, m)?)?;

@@ -5,7 +5,7 @@ use std::path::Path;
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::chain::Chain;
-use crate::disk::{read_exact_at, Validator};
+use crate::disk::Validator;
 use crate::error::VhdError;
 use crate::format::{Footer, FOOTER_SIZE};
 
@@ -19,7 +19,7 @@ pub fn check(path: &Path, max_depth: usize) -> Vec<VhdError> {
         Ok(chain) => {
             for disk in chain.layers.iter().filter(|d| d.sparse.is_some()) {
                 let mut copy = [0u8; 512];
-                if let Err(e) = read_exact_at(&disk.file, &disk.path, &mut copy, 0) {
+                if let Err(e) = disk.read_exact_at(&mut copy, 0) {
                     problems.push(e);
                     continue;
                 }

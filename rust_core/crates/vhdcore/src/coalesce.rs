@@ -433,7 +433,7 @@ fn parent_holds(parent: &Disk, sector: u64, cache: &mut Option<(u64, Vec<u8>)>) 
     }
     if cache.as_ref().is_none_or(|(i, _)| *i != index) {
         let mut bits = vec![0u8; usize::try_from(sparse.bitmap_size).unwrap_or(0)];
-        read_exact_at(&parent.file, &parent.path, &mut bits, at)?;
+        parent.read_exact_at(&mut bits, at)?;
         *cache = Some((index, bits));
     }
     let within = sector % spb;
@@ -470,11 +470,11 @@ impl LayerBlock {
         let first_sector = index * spb;
         let sectors = spb.min((layer.virtual_size / SECTOR_SIZE).saturating_sub(first_sector));
         let mut bitmap = vec![0u8; usize::try_from(sparse.bitmap_size).unwrap_or(0)];
-        read_exact_at(&layer.file, &layer.path, &mut bitmap, at)?;
+        layer.read_exact_at(&mut bitmap, at)?;
         let mut data = Vec::new();
         if with_data {
             data = vec![0u8; usize::try_from(sectors * SECTOR_SIZE).unwrap_or(0)];
-            read_exact_at(&layer.file, &layer.path, &mut data, at + sparse.bitmap_size)?;
+            layer.read_exact_at(&mut data, at + sparse.bitmap_size)?;
         }
         Ok(LayerBlock { first_sector, sectors, bitmap, data })
     }
@@ -680,7 +680,7 @@ impl ParentWriter<'_> {
         let path = self.disk.path.clone();
         let Some(sparse) = &self.disk.sparse else {
             let to = from + usize::try_from(count * SECTOR_SIZE).unwrap_or(0);
-            self.faults.write_at(&self.disk.file, &path, &data[from..to], sector * SECTOR_SIZE)?;
+            self.faults.write_at(self.disk.file()?, &path, &data[from..to], sector * SECTOR_SIZE)?;
             return Ok(count);
         };
         let spb = sparse.sectors_per_block();
@@ -693,10 +693,10 @@ impl ParentWriter<'_> {
             None => self.allocate(index)?,
         };
         let to = from + usize::try_from(n * SECTOR_SIZE).unwrap_or(0);
-        self.faults.write_at(&self.disk.file, &path, &data[from..to], at + bitmap_size + within * SECTOR_SIZE)?;
+        self.faults.write_at(self.disk.file()?, &path, &data[from..to], at + bitmap_size + within * SECTOR_SIZE)?;
         // The bitmap after the data: set bits always name sectors that hold the layer's bytes.
         let mut bits = vec![0u8; usize::try_from(bitmap_size).unwrap_or(0)];
-        read_exact_at(&self.disk.file, &path, &mut bits, at)?;
+        self.disk.read_exact_at(&mut bits, at)?;
         let before = bits.clone();
         for i in within..within + n {
             if let Some(byte) = usize::try_from(i / 8).ok().and_then(|b| bits.get_mut(b)) {
@@ -704,7 +704,7 @@ impl ParentWriter<'_> {
             }
         }
         if bits != before {
-            self.faults.write_at(&self.disk.file, &path, &bits, at)?;
+            self.faults.write_at(self.disk.file()?, &path, &bits, at)?;
         }
         Ok(n)
     }
@@ -727,8 +727,8 @@ impl ParentWriter<'_> {
         let fill = if self.disk.disk_type == DiskType::Dynamic { 0xFF } else { 0x00 };
         let bitmap = vec![fill; usize::try_from(sparse.bitmap_size).unwrap_or(0)];
         let footer = self.disk.footer.as_bytes().to_vec();
-        self.faults.write_at(&self.disk.file, &path, &footer, footer_at)?;
-        self.faults.write_at(&self.disk.file, &path, &bitmap, at)?;
+        self.faults.write_at(self.disk.file()?, &path, &footer, footer_at)?;
+        self.faults.write_at(self.disk.file()?, &path, &bitmap, at)?;
         self.disk.footer_offset = footer_at;
         self.disk.file_size = footer_at + FOOTER_SIZE;
         if let Some(sparse) = self.disk.sparse.as_mut() {
@@ -745,7 +745,7 @@ impl ParentWriter<'_> {
             return Ok(());
         }
         let path = self.disk.path.clone();
-        self.faults.sync(&self.disk.file, &path)?;
+        self.faults.sync(self.disk.file()?, &path)?;
         if !self.new_blocks.is_empty() {
             // Record the parent's new end before any BAT entry points past the old one (see `open_parent`).
             journal.parent_end = self.disk.file_size;
@@ -753,9 +753,9 @@ impl ParentWriter<'_> {
             let sparse = self.disk.sparse.as_ref().ok_or_else(|| not_sparse(&self.disk))?;
             let table_offset = sparse.table_offset;
             for (index, sector) in std::mem::take(&mut self.new_blocks) {
-                self.faults.write_at(&self.disk.file, &path, &sector.to_be_bytes(), table_offset + index * 4)?;
+                self.faults.write_at(self.disk.file()?, &path, &sector.to_be_bytes(), table_offset + index * 4)?;
             }
-            self.faults.sync(&self.disk.file, &path)?;
+            self.faults.sync(self.disk.file()?, &path)?;
         }
         journal.blocks_done = done;
         journal.bytes_copied = copied;

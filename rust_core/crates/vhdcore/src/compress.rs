@@ -391,17 +391,18 @@ impl SparePool {
 
 /// Asks the kernel to start reading `chunk`'s source ranges now (`posix_fadvise` WILLNEED), so the block-by-block
 /// reads that follow find them in the page cache instead of waiting on the disk one small read at a time (measured:
-/// most of a loaded machine's wall time on a depth-3 chain whose layers had partly left the cache).
+/// most of a loaded machine's wall time on a depth-3 chain whose layers had partly left the cache). A layer read
+/// through another source than a file gets no hint.
 pub fn prefetch(chain: &Chain, chunk: &ChunkPlan) {
     use std::os::fd::AsRawFd;
     for read in &chunk.reads {
-        let Some(layer) = chain.layers.get(read.layer) else { continue };
+        let Some(file) = chain.layers.get(read.layer).and_then(|layer| layer.source.file()) else { continue };
         let (Ok(offset), Ok(length)) = (libc::off_t::try_from(read.file_offset), libc::off_t::try_from(read.length))
         else {
             continue;
         };
         // SAFETY: an advisory call on a descriptor the chain keeps open; a failure only means no prefetch.
-        unsafe { libc::posix_fadvise(layer.file.as_raw_fd(), offset, length, libc::POSIX_FADV_WILLNEED) };
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, length, libc::POSIX_FADV_WILLNEED) };
     }
 }
 

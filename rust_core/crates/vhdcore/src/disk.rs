@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use zerocopy::FromBytes;
 
@@ -12,6 +13,7 @@ use crate::format::{
     FOOTER_SIZE, HEADER_COOKIE, HEADER_SIZE, LEGACY_FOOTER_SIZE, MAX_BLOCK_SIZE, MAX_LOCATOR_BYTES, MAX_VIRTUAL_SIZE,
     MIN_BLOCK_SIZE, SECTOR_SIZE,
 };
+use crate::source::ReadAt;
 
 /// Collects the problems found while validating. Fail-fast (open) stops at the first; check keeps going.
 pub(crate) struct Validator {
@@ -80,8 +82,10 @@ impl Sparse {
 
 #[derive(Debug)]
 pub struct Disk {
+    /// The file's path, or the layer's name in the store it was read from.
     pub path: PathBuf,
-    pub file: File,
+    /// Where the layer's bytes come from: its file, or the caller's reader.
+    pub source: Arc<dyn ReadAt>,
     pub file_size: u64,
     pub footer: Footer,
     pub footer_offset: u64,
@@ -93,7 +97,15 @@ pub struct Disk {
 }
 
 pub(crate) fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
-    file.read_exact_at(buf, offset).map_err(|e| VhdError::io(path, "read", e))
+    file.read_exact_at(buf, offset).map_err(|e| read_error(path, buf, offset, e))
+}
+
+fn read_error(path: &Path, buf: &[u8], offset: u64, source: std::io::Error) -> VhdError {
+    VhdError::Read { path: path.to_path_buf(), offset, length: u64::try_from(buf.len()).unwrap_or(u64::MAX), source }
+}
+
+fn read_source(source: &dyn ReadAt, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
+    source.read_at(buf, offset).map_err(|e| read_error(path, buf, offset, e))
 }
 
 fn cookie_text(bytes: &[u8]) -> String {
@@ -120,8 +132,17 @@ impl Disk {
             .write(writable)
             .open(path)
             .map_err(|e| VhdError::io(path, "open", e))?;
-        let file_size = file.metadata().map_err(|e| VhdError::io(path, "stat", e))?.len();
-        let (footer, footer_offset, legacy_footer) = read_footer(&file, path, file_size)?;
+        Disk::from_source_validated(path, Arc::new(file), v)
+    }
+
+    /// Opens a layer whose bytes come from `source`; `name` is how errors and the chain name it.
+    pub fn from_source(name: &Path, source: Arc<dyn ReadAt>) -> Result<Disk> {
+        Disk::from_source_validated(name, source, &mut Validator::fail_fast())
+    }
+
+    pub(crate) fn from_source_validated(path: &Path, source: Arc<dyn ReadAt>, v: &mut Validator) -> Result<Disk> {
+        let file_size = source.size().map_err(|e| VhdError::io(path, "stat", e))?;
+        let (footer, footer_offset, legacy_footer) = read_footer(source.as_ref(), path, file_size)?;
         let footer_field_offset = footer_offset;
         let disk_type = DiskType::from_raw(footer.disk_type.get()).ok_or_else(|| VhdError::InvalidField {
             path: path.to_path_buf(),
@@ -143,7 +164,7 @@ impl Disk {
         let virtual_size = current_size / SECTOR_SIZE * SECTOR_SIZE;
         let mut disk = Disk {
             path: path.to_path_buf(),
-            file,
+            source,
             file_size,
             footer,
             footer_offset,
@@ -169,6 +190,21 @@ impl Disk {
             }
         }
         Ok(disk)
+    }
+
+    /// Fills `buf` with the layer's bytes at `offset`; a typed error naming the layer and offset otherwise.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.source.read_at(buf, offset).map_err(|e| read_error(&self.path, buf, offset, e))
+    }
+
+    /// The local file of the layer, for writing; an error for a layer read through another source.
+    pub(crate) fn file(&self) -> Result<&File> {
+        self.source.file().ok_or_else(|| {
+            VhdError::invalid_argument(
+                Some(&self.path),
+                format!("{} is not a local file; it can be read, not written", self.path.display()),
+            )
+        })
     }
 
     pub fn block_size(&self) -> Option<u32> {
@@ -259,7 +295,7 @@ impl Disk {
             });
         }
         let mut data = vec![0u8; usize::try_from(length).unwrap_or(0)];
-        read_exact_at(&self.file, &self.path, &mut data, offset)?;
+        self.read_exact_at(&mut data, offset)?;
         let text = match code {
             PLATFORM_W2RU | PLATFORM_W2KU => decode_utf16(&data, false),
             _ => {
@@ -295,7 +331,7 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn read_footer(file: &File, path: &Path, file_size: u64) -> Result<(Footer, u64, bool)> {
+fn read_footer(file: &dyn ReadAt, path: &Path, file_size: u64) -> Result<(Footer, u64, bool)> {
     if file_size < LEGACY_FOOTER_SIZE {
         return Err(VhdError::Truncated {
             path: path.to_path_buf(),
@@ -307,7 +343,7 @@ fn read_footer(file: &File, path: &Path, file_size: u64) -> Result<(Footer, u64,
     }
     let mut buf = [0u8; 512];
     let (offset, legacy) = if file_size >= FOOTER_SIZE {
-        read_exact_at(file, path, &mut buf, file_size - FOOTER_SIZE)?;
+        read_source(file, path, &mut buf, file_size - FOOTER_SIZE)?;
         if &buf[..8] == FOOTER_COOKIE {
             (file_size - FOOTER_SIZE, false)
         } else {
@@ -340,9 +376,9 @@ fn read_footer(file: &File, path: &Path, file_size: u64) -> Result<(Footer, u64,
 }
 
 /// Looks for a 511-byte footer; leaves the 512-byte candidate in `buf` when there is none, for the error.
-fn probe_legacy(file: &File, path: &Path, file_size: u64, buf: &mut [u8; 512]) -> Result<(u64, bool)> {
+fn probe_legacy(file: &dyn ReadAt, path: &Path, file_size: u64, buf: &mut [u8; 512]) -> Result<(u64, bool)> {
     let mut legacy = [0u8; 512];
-    read_exact_at(file, path, &mut legacy[..511], file_size - LEGACY_FOOTER_SIZE)?;
+    read_source(file, path, &mut legacy[..511], file_size - LEGACY_FOOTER_SIZE)?;
     if &legacy[..8] == FOOTER_COOKIE {
         *buf = legacy;
         return Ok((file_size - LEGACY_FOOTER_SIZE, true));
@@ -368,7 +404,7 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
         });
     }
     let mut buf = [0u8; 1024];
-    read_exact_at(&disk.file, path, &mut buf, header_offset)?;
+    disk.read_exact_at(&mut buf, header_offset)?;
     let header = Header::read_from_bytes(&buf[..]).unwrap_or_else(|_| unreachable!("1024-byte buffer"));
     if &header.cookie != HEADER_COOKIE {
         return Err(VhdError::BadCookie {
@@ -444,7 +480,7 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
     while done < total_bytes {
         let n = slice.len().min(total_bytes - done);
         let read_at = table_offset + u64::try_from(done).unwrap_or(u64::MAX);
-        read_exact_at(&disk.file, path, &mut slice[..n], read_at)?;
+        disk.read_exact_at(&mut slice[..n], read_at)?;
         for (i, raw) in slice[..n].chunks_exact(4).enumerate() {
             let entry = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
             if entry == BAT_UNUSED {

@@ -53,6 +53,14 @@ pub enum VhdError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{}: cannot read {length} bytes at offset {offset}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        offset: u64,
+        length: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{}: {field} at offset {offset}: expected cookie {expected:?}, found {found:?}", path.display())]
     BadCookie { path: PathBuf, field: String, offset: u64, expected: String, found: String },
     #[error("{}: {field} at offset {offset}: expected checksum {expected:#010x}, found {found:#010x}", path.display())]
@@ -103,7 +111,7 @@ impl VhdError {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
-            VhdError::Io { .. } => ErrorKind::Io,
+            VhdError::Io { .. } | VhdError::Read { .. } => ErrorKind::Io,
             VhdError::BadCookie { .. } => ErrorKind::BadCookie,
             VhdError::Checksum { .. } => ErrorKind::Checksum,
             VhdError::Truncated { .. } => ErrorKind::Truncated,
@@ -124,6 +132,7 @@ impl VhdError {
     pub fn path(&self) -> Option<&Path> {
         match self {
             VhdError::Io { path, .. }
+            | VhdError::Read { path, .. }
             | VhdError::BadCookie { path, .. }
             | VhdError::Checksum { path, .. }
             | VhdError::Truncated { path, .. }
@@ -155,6 +164,7 @@ impl VhdError {
             VhdError::ParentMismatch { .. } => Some("header.parent_uuid"),
             VhdError::ChainCycle { .. } | VhdError::ChainTooDeep { .. } => Some("header.parent_uuid"),
             VhdError::Io { .. }
+            | VhdError::Read { .. }
             | VhdError::InvalidArgument { .. }
             | VhdError::Interrupted { .. }
             | VhdError::CoalescePending { .. } => None,
@@ -164,7 +174,8 @@ impl VhdError {
     /// Byte offset in the file of the field the error is about.
     pub fn offset(&self) -> Option<u64> {
         match self {
-            VhdError::BadCookie { offset, .. }
+            VhdError::Read { offset, .. }
+            | VhdError::BadCookie { offset, .. }
             | VhdError::Checksum { offset, .. }
             | VhdError::Truncated { offset, .. }
             | VhdError::InvalidField { offset, .. }

@@ -7,7 +7,7 @@
 //! for its chunk plan (see `plan`), so both paths build the very same bytes.
 
 use crate::chain::Chain;
-use crate::disk::{read_exact_at, Disk};
+use crate::disk::Disk;
 use crate::error::{Result, VhdError};
 use crate::format::{DiskType, DEFAULT_BLOCK_SIZE, SECTOR_SIZE};
 
@@ -97,7 +97,7 @@ impl Disk {
             return Ok(Some(data));
         }
         let mut byte = [0u8; 1];
-        read_exact_at(&self.file, &self.path, &mut byte, block_offset + within / 8)?;
+        self.read_exact_at(&mut byte, block_offset + within / 8)?;
         Ok((byte[0] & (0x80 >> (within % 8)) != 0).then_some(data))
     }
 }
@@ -314,7 +314,7 @@ impl LayerSource for Chain {
 
     fn read(&self, layer: usize, offset: u64, dst: &mut [u8]) -> Result<()> {
         let disk = &self.layers[layer];
-        read_exact_at(&disk.file, &disk.path, dst, offset)
+        disk.read_exact_at(dst, offset)
     }
 }
 

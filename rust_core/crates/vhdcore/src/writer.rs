@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use zerocopy::IntoBytes;
 
 use crate::chain::{Chain, MAX_CHAIN_DEPTH};
-use crate::disk::{read_exact_at, Disk};
+use crate::disk::Disk;
 use crate::error::{Result, VhdError};
 use crate::format::{
     bitmap_size, chs_geometry, encode_utf16, now_vhd_timestamp, DiskType, Footer, Header, ParentLocatorEntry,
@@ -167,23 +167,45 @@ pub(crate) fn relative_parent_name(parent: &Path, child: &Path) -> Result<String
 /// Creates `child`, an empty differencing disk over `parent`: the snapshot primitive.
 pub fn snapshot(parent: &Path, child: &Path) -> Result<Disk> {
     let parent_disk = Disk::open(parent)?;
-    let size = parent_disk.virtual_size;
-    let block_size = parent_disk.block_size().unwrap_or(crate::format::DEFAULT_BLOCK_SIZE);
     let relative = relative_parent_name(parent, child)?;
+    let bytes = snapshot_bytes(&parent_disk, &relative)?;
+    let file = create_new_file(child)?;
+    let result = write_all_at(&file, child, &bytes, 0)
+        .and_then(|()| file.sync_all().map_err(|e| VhdError::io(child, "sync", e)));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(child);
+        return Err(e);
+    }
+    drop(file);
+    Disk::open(child)
+}
+
+/// The whole file of an empty differencing child of `parent` (opened from a file or any source), whose locators
+/// name the parent `relative_parent` (`./base.vhd`, `../a/base.vhd`: relative to the child's folder), for a child
+/// that is written elsewhere than beside a local parent (an object store).
+pub fn snapshot_bytes(parent: &Disk, relative_parent: &str) -> Result<Vec<u8>> {
+    let size = parent.virtual_size;
+    let block_size = parent.block_size().unwrap_or(crate::format::DEFAULT_BLOCK_SIZE);
+    let relative = relative_parent.replace('\\', "/");
     let windows_relative = relative.replace('/', "\\");
     let file_name = relative.rsplit('/').next().unwrap_or(&relative).to_string();
+    if file_name.is_empty() {
+        return Err(VhdError::invalid_argument(None, format!("{relative_parent:?} does not name a parent file")));
+    }
     let uuid = *uuid::Uuid::new_v4().as_bytes();
     let footer = new_footer(DiskType::Differencing, size, uuid);
     let layout = sparse_layout(size, block_size)?;
     let mut header = new_header(&layout, block_size);
-    header.parent_unique_id = parent_disk.uuid();
-    header.parent_timestamp.set(parent_disk.footer.timestamp.get());
+    header.parent_unique_id = parent.uuid();
+    header.parent_timestamp.set(parent.footer.timestamp.get());
     let name = encode_utf16(&file_name, true);
     let name_len = name.len().min(header.parent_unicode_name.len());
     header.parent_unicode_name[..name_len].copy_from_slice(&name[..name_len]);
     let locator = encode_utf16(&windows_relative, false);
     let locator_len = u32::try_from(locator.len())
-        .map_err(|_| VhdError::invalid_argument(Some(child), "parent path too long for a locator"))?;
+        .ok()
+        .filter(|len| *len <= crate::format::MAX_LOCATOR_BYTES)
+        .ok_or_else(|| VhdError::invalid_argument(None, "parent path too long for a locator"))?;
     let locator_space = u64::from(locator_len).div_ceil(SECTOR_SIZE).max(1) * SECTOR_SIZE;
     let mut next = layout.table_offset + layout.table_bytes;
     for (slot, code) in [PLATFORM_W2RU, PLATFORM_W2KU].into_iter().enumerate() {
@@ -197,24 +219,21 @@ pub fn snapshot(parent: &Path, child: &Path) -> Result<Disk> {
         next += locator_space;
     }
     header.seal();
-    let file = create_new_file(child)?;
-    let result = (|| {
-        write_sparse_skeleton(&file, child, &footer, &header, &layout)?;
-        for slot in 0..2 {
-            let at = header.parent_locators[slot].platform_data_offset.get();
-            let mut padded = locator.clone();
-            padded.resize(usize::try_from(locator_space).unwrap_or(0), 0);
-            write_all_at(&file, child, &padded, at)?;
-        }
-        write_all_at(&file, child, footer.as_bytes(), next)?;
-        file.sync_all().map_err(|e| VhdError::io(child, "sync", e))
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(child);
-        return Err(e);
+    let total = usize::try_from(next + FOOTER_SIZE)
+        .map_err(|_| VhdError::invalid_argument(None, "the child's metadata does not fit in memory"))?;
+    let mut bytes = vec![0u8; total];
+    let mut place = |at: u64, data: &[u8]| {
+        let at = usize::try_from(at).unwrap_or(usize::MAX);
+        bytes[at..at + data.len()].copy_from_slice(data);
+    };
+    place(0, footer.as_bytes());
+    place(FOOTER_SIZE, header.as_bytes());
+    place(layout.table_offset, &vec![0xFFu8; usize::try_from(layout.table_bytes).unwrap_or(0)]);
+    for entry in &header.parent_locators[..2] {
+        place(entry.platform_data_offset.get(), &locator);
     }
-    drop(file);
-    Disk::open(child)
+    place(next, footer.as_bytes());
+    Ok(bytes)
 }
 
 /// Writes `data` at byte `offset` of the disk at `path` (the leaf of its chain).
@@ -231,7 +250,7 @@ pub fn write(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
         return Ok(());
     }
     if disk.disk_type == DiskType::Fixed {
-        return write_all_at(&disk.file, path, data, offset);
+        return write_all_at(disk.file()?, path, data, offset);
     }
     let mut writer = SparseWriter { disk, chain: None };
     let block_size = u64::from(writer.block_size());
@@ -269,7 +288,7 @@ impl SparseWriter {
             .map_err(|_| VhdError::invalid_argument(Some(&path), "disk file too large for another block"))?;
         let fill = if self.disk.disk_type == DiskType::Dynamic { 0xFF } else { 0x00 };
         let bitmap = vec![fill; usize::try_from(sparse.bitmap_size).unwrap_or(0)];
-        let file = &self.disk.file;
+        let file = self.disk.file()?;
         file.set_len(at + span).map_err(|e| VhdError::io(&path, "extend", e))?;
         write_all_at(file, &path, &bitmap, at)?;
         write_all_at(file, &path, self.disk.footer.as_bytes(), at + span)?;
@@ -294,7 +313,7 @@ impl SparseWriter {
         };
         let data_at = block_at + bitmap_bytes;
         let mut bitmap = vec![0u8; usize::try_from(bitmap_bytes).unwrap_or(0)];
-        read_exact_at(&self.disk.file, &path, &mut bitmap, block_at)?;
+        self.disk.read_exact_at(&mut bitmap, block_at)?;
         let len = u64::try_from(data.len()).unwrap_or(0);
         let first_sector = within / SECTOR_SIZE;
         let last_sector = (within + len).div_ceil(SECTOR_SIZE);
@@ -312,7 +331,7 @@ impl SparseWriter {
         }
         let at = usize::try_from(within - span_start).unwrap_or(0);
         span[at..at + data.len()].copy_from_slice(data);
-        write_all_at(&self.disk.file, &path, &span, data_at + span_start)?;
+        write_all_at(self.disk.file()?, &path, &span, data_at + span_start)?;
         let mut changed = false;
         for sector in first_sector..last_sector {
             let byte = usize::try_from(sector / 8).unwrap_or(0);
@@ -323,7 +342,7 @@ impl SparseWriter {
             }
         }
         if changed {
-            write_all_at(&self.disk.file, &path, &bitmap, block_at)?;
+            write_all_at(self.disk.file()?, &path, &bitmap, block_at)?;
         }
         Ok(())
     }
@@ -333,7 +352,7 @@ impl SparseWriter {
         let byte = usize::try_from(sector / 8).unwrap_or(0);
         let present = bitmap[byte] & (0x80u8 >> (sector % 8)) != 0;
         if present || self.disk.disk_type == DiskType::Dynamic {
-            return read_exact_at(&self.disk.file, &self.disk.path, dst, file_at);
+            return self.disk.read_exact_at(dst, file_at);
         }
         if self.chain.is_none() {
             self.chain = Some(Chain::open(&self.disk.path, MAX_CHAIN_DEPTH)?);
@@ -353,7 +372,7 @@ impl Chain {
     pub(crate) fn read_below_leaf(&self, sector: u64, dst: &mut [u8]) -> Result<()> {
         for layer in self.layers.iter().skip(1) {
             if let Some(at) = layer.sector_location(sector)? {
-                return read_exact_at(&layer.file, &layer.path, dst, at);
+                return layer.read_exact_at(dst, at);
             }
         }
         dst.fill(0);
