@@ -203,7 +203,7 @@ def test_delete_many_removes_those_keys_and_ignores_absent_ones(store: ObjectSto
     for key in keys[:3] + keys[-3:]:
         store.put(key, key.encode())
     store.put("staging/job/keep", b"kept")
-    store.delete_many(keys + ["never-written"])
+    store.delete_many([*keys, "never-written"])
     assert [info.key for info in store.list_objects("staging/")] == ["staging/job/keep"]
     store.delete_many([])
 
