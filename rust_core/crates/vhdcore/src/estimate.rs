@@ -265,27 +265,21 @@ const MIN_PER_CLASS: usize = 3;
 /// Slots of the repeat finder's table (a power of two): half the even positions of a class look.
 const REPEAT_SLOTS: usize = 1024;
 
-/// Share of the even positions of `data` (at most [`CLASS_LOOK`] bytes) whose 4 bytes appeared at an earlier even
-/// position, as a one-entry-per-hash match finder sees them (the latest position per hash; collisions are
-/// checked). Even positions only: half the work, and a string repeated at an even distance (half of them) is
-/// still seen.
+/// Share of the even positions of `data` (at most [`CLASS_LOOK`] bytes) whose 4 bytes equal the last 4 bytes seen
+/// at an earlier even position with the same hash: what a one-entry-per-hash match finder would find. The table
+/// holds the words themselves, so a hit needs no second read. Even positions only: half the work, and a string
+/// repeated at an even distance (half of them) is still seen.
 fn repeat_share(data: &[u8]) -> f64 {
     let data = data.get(..CLASS_LOOK).unwrap_or(data);
-    let mut latest = [u16::MAX; REPEAT_SLOTS];
+    let mut latest = [0u32; REPEAT_SLOTS];
     let mut repeats = 0u32;
     let mut positions = 0u32;
-    for (i, w) in data.windows(4).enumerate().step_by(2) {
+    for w in data.windows(4).step_by(2) {
         let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
         // Fibonacci hashing to the table's 10 bits.
         let slot = usize::try_from(word.wrapping_mul(0x9E37_79B1) >> 22).unwrap_or(0);
-        let previous = latest[slot];
-        if previous != u16::MAX {
-            let j = usize::from(previous);
-            if data.get(j..j + 4) == Some(w) {
-                repeats += 1;
-            }
-        }
-        latest[slot] = u16::try_from(i).unwrap_or(u16::MAX);
+        repeats += u32::from(latest[slot] == word);
+        latest[slot] = word;
         positions += 1;
     }
     f64::from(repeats) / f64::from(positions.max(1))
@@ -300,6 +294,10 @@ fn class_of(data: &[u8]) -> usize {
     }
     let h = entropy(look, 1);
     let entropy_bin = ENTROPY_EDGES.iter().filter(|edge| h >= **edge).count();
+    // Random-looking bytes have no repeats to count: spare the look.
+    if entropy_bin == ENTROPY_EDGES.len() {
+        return 1 + entropy_bin * REPEAT_BINS;
+    }
     let repeat_bin = usize::try_from(u64_of((repeat_share(look) * f64_of_usize(REPEAT_BINS)).floor()))
         .unwrap_or(0)
         .min(REPEAT_BINS - 1);
