@@ -49,8 +49,8 @@
 //! heavy low tail (content repeated within the window, which a unit's 32 KiB window cannot see), while `D` varies
 //! by 0.3-0.5% from seed to seed: 512 compressed units price the classes as well as 1,024 did, and the budget goes
 //! to the spans. The repeats in the class cells cut the targets' prediction error, and the spread on text and
-//! machine code by a third to a half; what is left is the spans' sampling error, which only more span bytes
-//! reduce (the standard error shrinks with their square root).
+//! machine code by a fifth to a half (not on sparse or zero-heavy disks, whose tails come from the window); what is
+//! left is the spans' sampling error, which only more span bytes reduce (with their square root).
 //!
 //! Cost, whatever the disk size (a fixed budget): `looks × 4 KiB` read and classed (32 MiB by default, up to
 //! seven times that on disks of mostly zeros), `samples × (sample_size + prefix_size)` read and about
