@@ -8,8 +8,8 @@
 //! 2. **Two-phase stratified sampling.** The stream is cut into `looks` equal strata (doubled, up to four times,
 //!    while fewer than half the looks find data: zeros cost a look and nothing more); in each, a byte is drawn
 //!    uniformly and the `sample_size` bytes from it are a *unit* (the last stratum's wraps round), whose first
-//!    4 KiB (a file-system block: one kind of data) are read and *class* it: all zero, or a bin of order-0
-//!    entropy. Costs vary far less within a
+//!    4 KiB (a file-system block: one kind of data) are read and *class* it: all zero, or a cell of order-0
+//!    entropy × share of repeated 4-byte strings. Costs vary far less within a
 //!    class than across classes (zeros 0, text about a quarter, machine code about 0.4, packed data about 1), so
 //!    the many cheap looks weigh the classes and `samples` compressed units (spread over the classes with data in
 //!    proportion, at least a few each, picked systematically so every unit of a class has the same chance) price
@@ -43,6 +43,14 @@
 //! allowance for what the model leaves out (context beyond `context_size` at a target's start; where early abort's
 //! 128 KiB pieces fall in the real chunk). The time is predicted from the per-thread speeds measured on the units
 //! (reads; compressions less each sample frame's set-up and prefix indexing), per class, over rayon's threads.
+//!
+//! Where the error comes from (measured over seeds on the bench's mixes): almost all of it is the correction's.
+//! The ratio of a 4 MiB target's in-frame cost to its phase-2 price varies by 5-10% from target to target, with a
+//! heavy low tail (content repeated within the window, which a unit's 32 KiB window cannot see), while `D` varies
+//! by 0.3-0.5% from seed to seed: 512 compressed units price the classes as well as 1,024 did, and the budget goes
+//! to the spans. The repeats in the class cells cut the targets' prediction error, and the spread on text and
+//! machine code by a fifth to a half (not on sparse or zero-heavy disks, whose tails come from the window); what is
+//! left is the spans' sampling error, which only more span bytes reduce (with their square root).
 //!
 //! Cost, whatever the disk size (a fixed budget): `looks × 4 KiB` read and classed (32 MiB by default, up to
 //! seven times that on disks of mostly zeros), `samples × (sample_size + prefix_size)` read and about
@@ -95,7 +103,7 @@ pub struct EstimateOptions {
     pub sample_size: usize,
     /// Strata, one unit each, looked at and classed (default 8192).
     pub looks: usize,
-    /// Units compressed, spread over the classes with data (default 1024; at least a few per class).
+    /// Units compressed, spread over the classes with data (default 512; at least a few per class).
     pub samples: usize,
     /// Bytes of each context-correction target (default 4 MiB).
     pub span_size: usize,
@@ -119,7 +127,7 @@ impl Default for EstimateOptions {
             level: 3,
             sample_size: 16 * KIB,
             looks: 8192,
-            samples: 1024,
+            samples: 512,
             span_size: 4 * MIB,
             spans: 16,
             context_size: MIB,
@@ -238,26 +246,62 @@ fn looks_random(data: &[u8]) -> bool {
     data.len() >= 4096 && entropy(data, 1) >= 7.98
 }
 
-/// Classes of sample-sized units, from a quick look at their bytes: all zero, then bins of order-0 entropy. Costs
-/// vary far less within a class than across classes (zeros cost nothing, text about a quarter, machine code about
-/// 0.4, packed data about 1), so many cheap looks that weigh the classes and fewer compressions that price each
-/// class beat compressions alone at the same cost (two-phase sampling).
-const CLASSES: usize = 7;
-const ENTROPY_EDGES: [f64; CLASSES - 2] = [3.0, 5.0, 6.0, 7.0, 7.6];
+/// Classes of sample-sized units, from a quick look at their first bytes: all zero, or a cell of order-0 entropy ×
+/// share of repeated 4-byte strings. Costs vary far less within a class than across classes (zeros cost nothing,
+/// text about a quarter, machine code about 0.4, packed data about 1), so many cheap looks that weigh the classes
+/// and fewer compressions that price each class beat compressions alone at the same cost (two-phase sampling).
+/// Entropy alone misses how repetitive the bytes are (two texts of the same entropy can differ twofold in cost);
+/// the repeats, what zstd's match finder feeds on, split each entropy bin in three (on the bench's text and ELF
+/// mixes the targets' prediction error drops by a fifth to a quarter; finer cells gained no more).
+const ENTROPY_EDGES: [f64; 5] = [3.0, 5.0, 6.0, 7.0, 7.6];
+const REPEAT_BINS: usize = 3;
+const CLASSES: usize = 1 + (ENTROPY_EDGES.len() + 1) * REPEAT_BINS;
 /// Bytes at a unit's start whose entropy classes it: a file-system block, which holds one kind of data; reading
 /// only those keeps the looks cheap.
 const CLASS_LOOK: usize = 4096;
 /// Compressed units per class at least (where the class has that many), so that each class's spread is known.
-const MIN_PER_CLASS: usize = 6;
+const MIN_PER_CLASS: usize = 3;
+
+/// Slots of the repeat finder's table (a power of two): half the even positions of a class look.
+const REPEAT_SLOTS: usize = 1024;
+
+/// Share of the even positions of `data` (at most [`CLASS_LOOK`] bytes) whose 4 bytes equal the last 4 bytes seen
+/// at an earlier even position with the same hash: what a one-entry-per-hash match finder would find. The table
+/// holds the words themselves, so a hit needs no second read. Even positions only: half the work, and a string
+/// repeated at an even distance (half of them) is still seen.
+fn repeat_share(data: &[u8]) -> f64 {
+    let data = data.get(..CLASS_LOOK).unwrap_or(data);
+    let mut latest = [0u32; REPEAT_SLOTS];
+    let mut repeats = 0u32;
+    let mut positions = 0u32;
+    for w in data.windows(4).step_by(2) {
+        let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        // Fibonacci hashing to the table's 10 bits.
+        let slot = usize::try_from(word.wrapping_mul(0x9E37_79B1) >> 22).unwrap_or(0);
+        repeats += u32::from(latest[slot] == word);
+        latest[slot] = word;
+        positions += 1;
+    }
+    f64::from(repeats) / f64::from(positions.max(1))
+}
 
 /// The class of a unit from its bytes (at least its first [`CLASS_LOOK`]; a unit that is all zero there but not
 /// further is classed by its first bytes, like any other).
 fn class_of(data: &[u8]) -> usize {
-    if is_zero(data.get(..CLASS_LOOK).unwrap_or(data)) {
+    let look = data.get(..CLASS_LOOK).unwrap_or(data);
+    if is_zero(look) {
         return 0;
     }
-    let h = entropy(data.get(..CLASS_LOOK).unwrap_or(data), 1);
-    1 + ENTROPY_EDGES.iter().filter(|edge| h >= **edge).count()
+    let h = entropy(look, 1);
+    let entropy_bin = ENTROPY_EDGES.iter().filter(|edge| h >= **edge).count();
+    // Random-looking bytes have no repeats to count: spare the look.
+    if entropy_bin == ENTROPY_EDGES.len() {
+        return 1 + entropy_bin * REPEAT_BINS;
+    }
+    let repeat_bin = usize::try_from(u64_of((repeat_share(look) * f64_of_usize(REPEAT_BINS)).floor()))
+        .unwrap_or(0)
+        .min(REPEAT_BINS - 1);
+    1 + entropy_bin * REPEAT_BINS + repeat_bin
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -1071,10 +1115,23 @@ mod tests {
         rng.fill(&mut random);
         let text: Vec<u8> =
             b"the quick brown fox jumps over the lazy dog ".iter().copied().cycle().take(16 * KIB).collect();
+        let entropy_bin = |class: usize| (class - 1) / REPEAT_BINS;
+        let repeat_bin = |class: usize| (class - 1) % REPEAT_BINS;
         assert_eq!(class_of(&[0u8; 16 * KIB]), 0);
-        assert_eq!(class_of(&random), CLASSES - 1);
+        let r = class_of(&random);
+        assert_eq!((entropy_bin(r), repeat_bin(r)), (ENTROPY_EDGES.len(), 0), "random in class {r}");
         let t = class_of(&text);
-        assert!((1..CLASSES - 1).contains(&t), "text in class {t}");
+        assert!(entropy_bin(t) < ENTROPY_EDGES.len(), "text in class {t}");
+        // The same bytes without their repeats: the same entropy bin, fewer repeats.
+        let mut shuffled = text.clone();
+        let mut order = SplitMix(7);
+        for i in (1..shuffled.len()).rev() {
+            let j = usize::try_from(order.below(u64::try_from(i + 1).unwrap_or(1))).unwrap_or(0);
+            shuffled.swap(i, j);
+        }
+        let s = class_of(&shuffled);
+        assert_eq!(entropy_bin(s), entropy_bin(t));
+        assert!(repeat_bin(s) < repeat_bin(t), "shuffled text in class {s}, text in {t}");
     }
 
     #[test]

@@ -318,6 +318,7 @@ fn build(dir: &Path, mix: &Mix, seed: u64) -> PathBuf {
 // ---------------------------------------------------------------------------------------------------------------
 // The reference compressor: the size of the image, computed from the format's definition.
 
+#[derive(Clone, Copy)]
 struct Truth {
     bytes: u64,
     data_blocks: u64,
@@ -471,9 +472,15 @@ fn chain_of(leaf: &Path) -> Chain {
     Chain::open(leaf, MAX_CHAIN_DEPTH).unwrap()
 }
 
-/// Over every mix, with the default options: the truth inside [low, high], and a worst relative error under a
-/// regression bound of 3%. Issue 3's target is 2% (bench/bench_image.py measures it; 2.41% at the last run, so not
-/// met yet); this test keeps the estimator from sliding back (it was 6.8% before the two-phase design).
+/// Seeds each mix is estimated with: the default first, then two more, so that the bounds below judge the
+/// estimator and not one draw (its spread over seeds is 0.1-1.8% by mix; one draw can land at twice that).
+fn test_seeds() -> [u64; 3] {
+    [EstimateOptions::default().seed, 7920, 15_839]
+}
+
+/// Over every mix and three seeds: the truth inside [low, high] every time, a root-mean-square error under 1.5%
+/// and a worst error under 4% (regression bounds: 0.9% and 3.3% at the last run, 1.1% and 3.6% for the previous
+/// estimator; issue 3's target is a worst error of 2% on bench/bench_image.py's mixes, which `--seeds` measures).
 #[test]
 fn estimate_matches_the_image_size_on_realistic_mixes() {
     let dir = tempfile::tempdir().unwrap();
@@ -487,23 +494,30 @@ fn estimate_matches_the_image_size_on_realistic_mixes() {
         p.gz.len() >> 20,
         p.origin[2]
     );
-    let opts = EstimateOptions::default();
     let rows: Vec<Row> = MIXES
         .iter()
         .enumerate()
-        .map(|(i, mix)| {
+        .flat_map(|(i, mix)| {
             let chain = chain_of(&build(dir.path(), mix, 100 + i as u64));
-            let truth = true_size(&chain, opts.level);
-            let est = estimate(&chain, &opts).unwrap();
-            Row { name: mix.name.to_string(), truth, est }
+            let truth = true_size(&chain, LEVEL);
+            test_seeds()
+                .into_iter()
+                .map(|seed| {
+                    let est = estimate(&chain, &EstimateOptions { seed, ..EstimateOptions::default() }).unwrap();
+                    Row { name: format!("{} #{seed}", mix.name), truth, est }
+                })
+                .collect::<Vec<Row>>()
         })
         .collect();
     print_table(&rows);
-    assert!(rows.len() >= 8);
-    let worst = rows.iter().map(|r| r.error().abs()).fold(0.0, f64::max);
-    assert!(worst <= 0.03, "worst relative error {:.2}% > 3%", worst * 100.0);
+    assert!(rows.len() >= 8 * test_seeds().len());
     let outside: Vec<&str> = rows.iter().filter(|r| !r.in_range()).map(|r| r.name.as_str()).collect();
     assert!(outside.is_empty(), "truth outside [low, high] for {outside:?}");
+    let rms = (rows.iter().map(|r| r.error().powi(2)).sum::<f64>() / rows.len() as f64).sqrt();
+    let worst = rows.iter().map(|r| r.error().abs()).fold(0.0, f64::max);
+    eprintln!("rms error {:.2}%, worst {:.2}% over {} estimates", rms * 100.0, worst * 100.0, rows.len());
+    assert!(rms <= 0.015, "root-mean-square error {:.2}% > 1.5%", rms * 100.0);
+    assert!(worst <= 0.04, "worst relative error {:.2}% > 4%", worst * 100.0);
     for r in &rows {
         let e = &r.est;
         assert_eq!(e.allocated_bytes + e.unallocated_bytes, e.virtual_size);
