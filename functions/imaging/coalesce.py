@@ -15,6 +15,7 @@ from pathlib import Path
 import vhdcore
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import CoalescePendingError, CoalesceTimeout, DiskCorruptError, DiskMissingError
+from functions.imaging.jobs import hold_server_lock
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import is_store_key
 from functions.imaging.store_coalesce import merge_step
@@ -57,6 +58,7 @@ def sibling_candidates(services: ImagingServices, leaf: str) -> list[str]:
 
 def coalesce_slice(services: ImagingServices, job: Job, deadline: datetime, remaining_s: float) -> CoalesceSlice:
     """Run one slice of at most `remaining_s` (less a margin); CoalesceTimeout once `deadline` has passed."""
+    hold_server_lock(services, job)
     if job.server_id is None:
         return CoalesceSlice(done=True, bytes_copied=0, merged=0, depth=None)
     now = services.now()

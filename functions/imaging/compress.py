@@ -17,7 +17,7 @@ import vhdcore
 from functions.imaging import keys
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import DiskCorruptError
-from functions.imaging.jobs import record_progress
+from functions.imaging.jobs import hold_server_lock, record_progress
 from functions.imaging.progress import measured_eta, step_started
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import StoreChunkReads, is_store_key
@@ -103,6 +103,7 @@ def compress_group(services: ImagingServices, job: Job, plan_key: str, first: in
 
 
 def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: int, count: int) -> GroupResult:
+    hold_server_lock(services, job)
     plan = load_plan(services, plan_key)
     chunks = plan.chunks
     if first < 0 or count < 1 or first + count > len(chunks):

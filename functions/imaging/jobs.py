@@ -153,6 +153,21 @@ def set_progress(services: ImagingServices, job_id: str, *, done: int, total: in
     )
 
 
+def hold_server_lock(services: ImagingServices, job: Job) -> None:
+    """Renew the job's lock on its server for another TTL, at the start of each step: a job may run longer than one
+    TTL (the lock's expiry only frees the server of a job that died). ServerBusyError if the lock expired meanwhile
+    and another job took the server (this one must not go on imaging it)."""
+    if job.server_id is None:
+        return
+    if not services.state.acquire_lock(job.server_id, job.id, services.config.lock_ttl_s):
+        holder = services.state.get_lock(job.server_id)
+        raise ServerBusyError(
+            f"job {job.id} lost server {job.server_id}'s lock"
+            + (f" to job {holder.owner}" if holder is not None else "")
+            + " (it expired while the job was held up)"
+        )
+
+
 def release_server_lock(services: ImagingServices, job: Job) -> bool:
     """Release the server's lock if this job holds it (a job that failed to take it must not free another's)."""
     if job.server_id is None:

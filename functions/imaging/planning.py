@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from functions.imaging import keys
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import FlavorTooSlowError
-from functions.imaging.jobs import set_progress
+from functions.imaging.jobs import hold_server_lock, set_progress
 from functions.imaging.progress import flavor_class, upload_seconds
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain
@@ -63,6 +63,7 @@ def group_chunks(lengths: list[int], group_bytes: int) -> list[ChunkGroup]:
 
 def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> StagedPlan:
     """Estimate the image, stage its chunk plan, and set the job's ETA; FlavorTooSlowError if it cannot finish."""
+    hold_server_lock(services, job)
     config = services.config
     chain = open_disk(services.disk_store, frozen.leaf, frozen.layers)
     estimate = chain.estimate(level=config.level, chunk_size=config.chunk_size)

@@ -14,7 +14,7 @@ import vhdcore
 from functions.imaging import keys
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import DiskBusyError, DiskCorruptError
-from functions.imaging.jobs import advance_job
+from functions.imaging.jobs import advance_job, hold_server_lock
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import is_store_key, snapshot_in_store
 from functions.state import Job, PreconditionFailedError, Server, Status
@@ -40,6 +40,7 @@ def snapshot_key(job_id: str) -> str:
 
 def freeze(services: ImagingServices, job: Job) -> FrozenChain:
     """Freeze the job's chain once (a retried call returns the first result) and move the job to SAVING."""
+    hold_server_lock(services, job)
     try:
         frozen = FrozenChain(**json.loads(services.store.get(snapshot_key(job.id))))
     except NotFoundError:

@@ -19,7 +19,7 @@ import vhdcore
 from functions.imaging import keys
 from functions.imaging.compress import StagedFrame, load_frame, load_plan
 from functions.imaging.errors import ChunksNotCompressedError, ImageVerificationError, StorageUnavailableError
-from functions.imaging.jobs import advance_job, record_progress, revise_job
+from functions.imaging.jobs import advance_job, hold_server_lock, record_progress, revise_job
 from functions.imaging.progress import flavor_class, measured_eta
 from functions.imaging.services import ImagingServices
 from functions.state import Job, Status
@@ -86,6 +86,7 @@ def load_upload(services: ImagingServices, job_id: str) -> UploadedImage:
 
 def upload_image(services: ImagingServices, job: Job, plan_key: str, flavor: str | None) -> UploadedImage:
     """Assemble, upload, complete and verify the image object; StorageUnavailableError if the store fails."""
+    hold_server_lock(services, job)
     started = services.monotonic()
     job = advance_job(services, job.id, Status.UPLOADING)
     try:
