@@ -24,7 +24,7 @@ from functions.imaging.store_chains import StoreLayerReader, disk_location, rela
 from functions.state import Server, SqliteStateStore
 from functions.storage import ObjectStore, open_object_store
 from statemachine.local import LocalImaging
-from tests.statemachine.test_workflow import CHUNK, DISK_SIZE, TIMEOUT_S, build_sample_chain
+from tests.statemachine.test_workflow import DISK_SIZE, TIMEOUT_S, build_sample_chain, configure_workflow
 from tests.support.files import content_tree_sha256
 from tests.support.pyvhd import flatten
 
@@ -69,12 +69,7 @@ def s3env(
         monkeypatch.delenv("IMAGING_DISKS", raising=False)
     state_path = tmp_path / "state.sqlite3"
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("IMAGING_STORE", store_url)
-    monkeypatch.setenv("IMAGING_STATE", f"sqlite:///{state_path}")
-    monkeypatch.setenv("IMAGING_CHUNK_SIZE", str(CHUNK))
-    monkeypatch.setenv("IMAGING_GROUP_BYTES", str(2 * CHUNK))
-    monkeypatch.setenv("IMAGING_PART_SIZE", str(5 * MIB))
-    monkeypatch.delenv("IMAGING_COALESCE_DEADLINE_S", raising=False)
+    configure_workflow(monkeypatch, store_url, state_path)
     state = SqliteStateStore(state_path)
     store = open_object_store(store_url, endpoint_url=moto_endpoint)
     disks = open_object_store(disks_url, endpoint_url=moto_endpoint)

@@ -38,16 +38,21 @@ class Env:
     state: SqliteStateStore
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
-    store_root = tmp_path / "store"
-    state_path = tmp_path / "state.sqlite3"
-    monkeypatch.setenv("IMAGING_STORE", store_root.as_uri())
+def configure_workflow(monkeypatch: pytest.MonkeyPatch, store_url: str, state_path: Path) -> None:
+    """The settings every workflow test runs with: its store and state, chunks small enough for several Map items."""
+    monkeypatch.setenv("IMAGING_STORE", store_url)
     monkeypatch.setenv("IMAGING_STATE", f"sqlite:///{state_path}")
     monkeypatch.setenv("IMAGING_CHUNK_SIZE", str(CHUNK))
     monkeypatch.setenv("IMAGING_GROUP_BYTES", str(2 * CHUNK))
     monkeypatch.setenv("IMAGING_PART_SIZE", str(5 * MIB))
     monkeypatch.delenv("IMAGING_COALESCE_DEADLINE_S", raising=False)
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    store_root = tmp_path / "store"
+    state_path = tmp_path / "state.sqlite3"
+    configure_workflow(monkeypatch, store_root.as_uri(), state_path)
     state = SqliteStateStore(state_path)
     yield Env(tmp_path, FileObjectStore(store_root), state)
     state.close()
