@@ -67,9 +67,9 @@ def coalesce_slice(services: ImagingServices, job: Job, deadline: datetime, rema
     budget_s = max(MIN_SLICE_S, min(remaining_s - SAFETY_MARGIN_S, (deadline - now).total_seconds()))
     leaf = services.state.get_server(job.server_id).disk
     if is_store_key(leaf):
-        merge = merge_step(services, job.server_id)
+        merge = merge_step(services, job.server_id, budget_s)
         return CoalesceSlice(
-            done=not merge.merged, bytes_copied=merge.bytes_copied, merged=int(merge.merged), depth=merge.depth
+            done=merge.finished, bytes_copied=merge.bytes_copied, merged=int(merge.merged), depth=merge.depth
         )
     try:
         step = vhdcore.coalesce_step(

@@ -89,6 +89,18 @@ class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class PendingMerge(_Record):
+    """A merge of a chain kept in object storage, recorded before its new object is written: the next slice resumes
+    its upload (parts already stored are kept) or, if the chain moved on, discards it, so no object is orphaned."""
+
+    child: DiskLocation
+    """The read-only layer being merged into its parent."""
+    parent: DiskLocation
+    key: DiskLocation
+    """The merged layer's new object."""
+    upload_id: Annotated[str, Field(min_length=1, max_length=1024)]
+
+
 class Server(_Record):
     id: ServerId
     tenant: TenantId
@@ -101,6 +113,8 @@ class Server(_Record):
     a merge; None: the chain is found from `disk` through its locators."""
     garbage: tuple[DiskLocation, ...] = ()
     """Layers a merge took out of the chain, deleted after the record that dropped them was stored."""
+    merging: PendingMerge | None = None
+    """The merge in progress, if any."""
 
 
 class JobEvent(_Record):
