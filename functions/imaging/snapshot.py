@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import vhdcore
 from functions.imaging import keys
@@ -19,6 +20,7 @@ from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import is_store_key, snapshot_in_store
 from functions.state import Job, PreconditionFailedError, Server, Status
 from functions.storage import NotFoundError
+from functions.storage import PreconditionFailedError as ObjectExistsError
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,9 @@ def freeze(services: ImagingServices, job: Job) -> FrozenChain:
     try:
         frozen = FrozenChain(**json.loads(services.store.get(snapshot_key(job.id))))
     except NotFoundError:
-        frozen = _freeze_server(services, job.server_id) if job.server_id is not None else _read_only(services, job)
+        frozen = (
+            _freeze_server(services, job, job.server_id) if job.server_id is not None else _read_only(services, job)
+        )
         services.store.put(snapshot_key(job.id), json.dumps(frozen.to_json()).encode())
     advance_job(services, job.id, Status.SAVING, detail=f"frozen chain of depth {len(frozen.layers)}")
     return frozen
@@ -57,16 +61,31 @@ def _read_only(services: ImagingServices, job: Job) -> FrozenChain:
     return FrozenChain(chain.leaf.path, [layer.path for layer in chain.layers], chain.virtual_size, None)
 
 
-def _freeze_server(services: ImagingServices, server_id: str) -> FrozenChain:
+def new_leaf_uuid(job_id: str) -> str:
+    """The new leaf a job's snapshot gives the server: named after the job, so that a retried Snapshot finds the
+    leaf its first attempt made instead of making (and orphaning) another."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cloud-imaging:snapshot:{job_id}"))
+
+
+def _freeze_server(services: ImagingServices, job: Job, server_id: str) -> FrozenChain:
     server = services.state.get_server(server_id)
+    new_key = keys.server_disk_key(server_id, new_leaf_uuid(job.id))
+    store_chain = is_store_key(server.disk)
+    new_location = new_key if store_chain else str(services.local_path(new_key))
     chain = open_disk(services.disk_store, server.disk, server.chain)
-    new_key = keys.server_disk_key(server_id, str(uuid.uuid4()))
-    if is_store_key(server.disk):
+    if server.disk == new_location:  # an earlier attempt moved the server already: the frozen chain is below
+        layers = [layer.path for layer in chain.layers][1:]
+        if not layers:
+            raise DiskCorruptError(f"server {server_id}'s new leaf {new_location} has no parent")
+        return FrozenChain(layers[0], layers, chain.virtual_size, new_location)
+    if store_chain:
         return _freeze_in_store(services, server, chain, new_key)
-    new_path = services.local_path(new_key)
+    new_path = Path(new_location)
     new_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        vhdcore.snapshot(chain.leaf.path, str(new_path))
+        if not _is_child_of(new_path, chain):  # else an earlier attempt made it and stopped before the swap
+            new_path.unlink(missing_ok=True)
+            vhdcore.snapshot(chain.leaf.path, str(new_path))
     except vhdcore.VhdError as error:
         raise DiskCorruptError(str(error)) from error
     try:
@@ -77,11 +96,25 @@ def _freeze_server(services: ImagingServices, server_id: str) -> FrozenChain:
     return FrozenChain(chain.leaf.path, [layer.path for layer in chain.layers], chain.virtual_size, str(new_path))
 
 
+def _is_child_of(path: Path, chain: vhdcore.Chain) -> bool:
+    """Whether `path` is an existing disk whose parent is the chain's leaf."""
+    if not path.is_file():
+        return False
+    try:
+        child = vhdcore.open_chain(str(path))
+    except vhdcore.VhdError:
+        return False
+    return len(child.layers) > 1 and child.layers[1].uuid == chain.leaf.uuid
+
+
 def _freeze_in_store(services: ImagingServices, server: Server, chain: vhdcore.Chain, new_key: str) -> FrozenChain:
-    """The new leaf as a new object; the server's record then moves to it with the whole chain (its layer keys),
-    conditionally: a record changed meanwhile leaves the new object deleted and the job failed DISK_BUSY."""
+    """The new leaf as a new object (kept if an earlier attempt made it); the server's record then moves to it with
+    the whole chain (its layer keys), conditionally: a record changed meanwhile leaves the new object deleted and
+    the job failed DISK_BUSY."""
     try:
         snapshot_in_store(services.disk_store, chain, new_key)
+    except ObjectExistsError:
+        pass  # made by an earlier attempt of this job, which stopped before the swap
     except vhdcore.VhdError as error:
         raise DiskCorruptError(str(error)) from error
     layers = [layer.path for layer in chain.layers]
