@@ -263,7 +263,8 @@ def delete(image_id: str, settings: Settings, as_json: bool) -> None:
 @location_options
 @json_option
 def verify(image_id: str, settings: Settings, as_json: bool) -> None:
-    """Re-read the stored image and check every part and frame checksum and the disk content's sha256."""
+    """Re-read the stored image and check every part and frame checksum and each chunk's disk content against the
+    manifest (and so its content hash)."""
     with opened(settings) as services:
         report = verify_image(services, image_id)
     if as_json:

@@ -1,10 +1,11 @@
 """Upload (50%): the head frame and the staged frames become the image object as one multipart upload.
 
 Parts follow frame boundaries (plan_frame_parts). A part that is exactly one staged frame of at least 5 MiB is
-copied inside the store (upload_part_copy: its bytes never pass through this process); the others are assembled
-and sent with their CRC32C. The upload id is recorded on the job first, so a retried Upload resumes (parts already
-stored with the right size and checksum are kept) and a failed job can abort it. The completed object's size and
-composite checksum (or multipart ETag) are verified against the parts.
+copied inside the store (upload_part_copy); the others are assembled and sent with their CRC32C. The upload id is
+recorded on the job first, so a retried Upload resumes (parts already stored with the right size and checksum are
+kept) and a failed job can abort it. The completed object's size and composite checksum (or multipart ETag) are
+verified against the parts. Meanwhile one thread reads the staged frames in order for the object's sha256 (the
+manifest's), so Finalize need not read the object again.
 """
 
 from __future__ import annotations
