@@ -1,11 +1,12 @@
 //! Early abort, as ZFS does it: spotting the parts of a chunk that zstd will not shrink, so that the compressor
 //! stores them as they are instead of running zstd's match finder over them.
 //!
-//! It applies from zstd level [`MIN_LEVEL`] (5, the first whose match finder does not speed up over data it cannot
-//! match: measured on random bytes here, level 3 runs at ~1.2 GB/s and stores raw blocks by itself, level 5 at
-//! ~90 MB/s). Below that zstd's own fast and double-fast parsers skip ahead through such data at a cost no probe
-//! beats, while the probe, blind to duplicated data, would lose their matches (16% of the size of the benchmark's
-//! already-compressed disk). So below [`MIN_LEVEL`] no piece is called incompressible and frames are zstd's own.
+//! It applies at every positive zstd level (and at 0, zstd's name for its default level 3); zstd's negative
+//! "fast" levels skip through such data by themselves. Measured at level 3 on the benchmark's 1 GiB
+//! already-compressed disk: zstd's double-fast parser runs over random bytes at ~1.2 GB/s a core, while the probe
+//! below and the long-repeat search of [`crate::long_match`] together cost about a tenth of that; that search keeps
+//! what a blind probe would lose, copies of packed data within the window (without it the image grew 3.4%; with it
+//! it is 0.6% smaller than `zstd -3` of the raw disk).
 //!
 //! The decision, which the size estimate mirrors, is made per *piece*:
 //! - The pieces of a chunk are its logical bytes (the bytes its zstd frame decompresses to: stored blocks with
@@ -27,16 +28,17 @@
 //!      match finder could use, including periodic patterns whose symbols look random.
 //!
 //! What the compressor does with it (see `frame_encoder`): the chunk is still one zstd frame made by zstd at the
-//! requested level, content size and checksum included; zstd hands each block it forms (at level 3, exactly the
-//! pieces: zstd splits input into 128 KiB blocks from the frame's start) to a sequence producer that answers
-//! "all literals, no match" when every piece the block overlaps is incompressible, and lets zstd's own match
-//! finder run otherwise. zstd then stores such a block raw (3-byte block header + the bytes) unless Huffman
-//! coding its literals saves space, so a piece called incompressible costs at most its length + 3 bytes. What is
-//! lost: matches of such a piece with other data of the frame (random data duplicated within the frame's window):
-//! zstd neither searches it nor indexes it for later blocks.
+//! requested level, content size and checksum included; zstd hands each block it forms (exactly the pieces: the
+//! encoder turns zstd's pre-splitter off, so blocks are 128 KiB from the frame's start) to a sequence producer
+//! that answers, when every piece the block overlaps is incompressible, with the block's long repeats (see
+//! [`crate::long_match`]) and its other bytes as literals, and lets zstd's own match finder run otherwise. zstd then
+//! stores such a block raw (3-byte block header + the bytes) unless the repeats, or Huffman coding of its
+//! literals, save space, so a piece called incompressible costs at most its length + 3 bytes. What is lost:
+//! repeats shorter than the search finds, and matches of later compressible blocks into such a piece (zstd does
+//! not index it).
 
-/// Lowest zstd level that uses early abort.
-pub const MIN_LEVEL: i32 = 5;
+/// Lowest zstd level that uses early abort (besides 0, zstd's default level).
+pub const MIN_LEVEL: i32 = 1;
 /// Bytes of a piece: zstd's largest block (`ZSTD_BLOCKSIZE_MAX`).
 pub const PIECE_SIZE: usize = 128 * 1024;
 /// Pieces shorter than this are left to zstd (the chain's tail, a footer).
@@ -56,45 +58,72 @@ pub const MAX_REPEATS: usize = 8;
 pub const HASH_BITS: u32 = 12;
 pub const HASH_SLOTS: usize = 1 << HASH_BITS;
 
-/// Whether `piece` (one piece of a chunk, see the module's documentation) is stored without compressing it.
-pub fn is_incompressible(piece: &[u8]) -> bool {
-    let len = piece.len();
-    if len < MIN_PIECE {
-        return false;
+/// The repeat table of [`is_incompressible`], kept from piece to piece: each entry is tagged with the piece it was
+/// written for, so a new piece starts with an empty table without clearing 32 KiB.
+pub struct Probe {
+    table: Vec<u64>,
+    piece: u32,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe { table: vec![0; HASH_SLOTS], piece: 0 }
     }
-    let stride = len / SAMPLE_WINDOWS;
-    let window = WINDOW.min(stride);
-    let mut histogram = [0u32; 256];
-    let mut table = [0u32; HASH_SLOTS];
-    let mut occupied = [false; HASH_SLOTS];
-    let mut repeats = 0usize;
-    let mut sampled = 0usize;
-    for start in (0..SAMPLE_WINDOWS).map(|i| i * stride) {
-        let Some(bytes) = piece.get(start..start + window) else { continue };
-        let mut present = [0u64; 4];
-        for b in bytes {
-            histogram[usize::from(*b)] += 1;
-            present[usize::from(*b >> 6)] |= 1 << (*b & 63);
-        }
-        let distinct: u32 = present.iter().map(|w| w.count_ones()).sum();
-        if usize::try_from(distinct).unwrap_or(0) * WINDOW < MIN_DISTINCT * bytes.len() {
+}
+
+impl Probe {
+    /// Whether `piece` (one piece of a chunk, see the module's documentation) is stored without compressing it.
+    pub fn is_incompressible(&mut self, piece: &[u8]) -> bool {
+        let len = piece.len();
+        if len < MIN_PIECE {
             return false;
         }
-        sampled += bytes.len();
-        for quad in bytes.windows(4) {
-            let word = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]);
-            let slot = usize::try_from(word.wrapping_mul(2_654_435_761) >> (32 - HASH_BITS)).unwrap_or(0);
-            if occupied[slot] && table[slot] == word {
-                repeats += 1;
-                if repeats > MAX_REPEATS {
-                    return false;
+        self.piece = self.piece.wrapping_add(1);
+        if self.piece == 0 {
+            // Tags wrapped round: forget every entry once, then start again from 1.
+            self.table.fill(0);
+            self.piece = 1;
+        }
+        let tag = u64::from(self.piece) << 32;
+        let stride = len / SAMPLE_WINDOWS;
+        let window = WINDOW.min(stride);
+        let mut histogram = [0u32; 256];
+        let mut repeats = 0usize;
+        let mut sampled = 0usize;
+        for start in (0..SAMPLE_WINDOWS).map(|i| i * stride) {
+            let Some(bytes) = piece.get(start..start + window) else { continue };
+            let mut present = [0u64; 4];
+            for b in bytes {
+                histogram[usize::from(*b)] += 1;
+                present[usize::from(*b >> 6)] |= 1 << (*b & 63);
+            }
+            let distinct: u32 = present.iter().map(|w| w.count_ones()).sum();
+            if usize::try_from(distinct).unwrap_or(0) * WINDOW < MIN_DISTINCT * bytes.len() {
+                return false;
+            }
+            sampled += bytes.len();
+            for quad in bytes.windows(4) {
+                let word = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]);
+                let slot = usize::try_from(word.wrapping_mul(2_654_435_761) >> (32 - HASH_BITS)).unwrap_or(0);
+                let entry = tag | u64::from(word);
+                if let Some(seen) = self.table.get_mut(slot) {
+                    if *seen == entry {
+                        repeats += 1;
+                        if repeats > MAX_REPEATS {
+                            return false;
+                        }
+                    }
+                    *seen = entry;
                 }
             }
-            table[slot] = word;
-            occupied[slot] = true;
         }
+        entropy_bits(&histogram, sampled) >= MIN_ENTROPY_BITS
     }
-    entropy_bits(&histogram, sampled) >= MIN_ENTROPY_BITS
+}
+
+/// Whether `piece` (one piece of a chunk, see the module's documentation) is stored without compressing it.
+pub fn is_incompressible(piece: &[u8]) -> bool {
+    Probe::default().is_incompressible(piece)
 }
 
 /// Shannon entropy, in bits per byte, of `total` bytes counted in `histogram`.
@@ -115,7 +144,7 @@ fn entropy_bits(histogram: &[u32; 256], total: usize) -> f64 {
 
 /// Whether frames at zstd level `level` use early abort.
 pub fn applies_at(level: i32) -> bool {
-    level >= MIN_LEVEL
+    level >= MIN_LEVEL || level == 0
 }
 
 /// The decision for every piece of a chunk's logical bytes compressed at `level`, in order, into `out` (cleared
@@ -123,7 +152,8 @@ pub fn applies_at(level: i32) -> bool {
 pub fn incompressible_pieces(logical: &[u8], level: i32, out: &mut Vec<bool>) {
     out.clear();
     if applies_at(level) {
-        out.extend(logical.chunks(PIECE_SIZE).map(is_incompressible));
+        let mut probe = Probe::default();
+        out.extend(logical.chunks(PIECE_SIZE).map(|piece| probe.is_incompressible(piece)));
     } else {
         out.resize(logical.len().div_ceil(PIECE_SIZE), false);
     }
@@ -165,7 +195,7 @@ mod tests {
         let mut out = vec![true; 9];
         incompressible_pieces(&logical, MIN_LEVEL, &mut out);
         assert_eq!(out, vec![false, true, true]);
-        incompressible_pieces(&logical, MIN_LEVEL - 1, &mut out);
+        incompressible_pieces(&logical, -1, &mut out);
         assert_eq!(out, vec![false, false, false]);
     }
 }

@@ -17,6 +17,7 @@ pub mod export;
 pub mod format;
 pub mod frame_encoder;
 pub mod journal;
+pub mod long_match;
 pub mod map;
 pub mod merge_copy;
 pub mod plan;
