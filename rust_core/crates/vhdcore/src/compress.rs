@@ -7,7 +7,7 @@
 //! are built and compressed anywhere, in any order; the head, which holds the BAT, is built last from their results.
 //!
 //! Each frame is made by `frame_encoder` (zstd at the requested level, content size and checksum, early abort of
-//! incompressible pieces from level 5 on, see `early_abort`); a worker keeps its buffers and zstd context from
+//! incompressible pieces at every positive level, see `early_abort`); a worker keeps its buffers and zstd context from
 //! chunk to chunk and hashes each stored block right after reading it.
 //!
 //! A chunk's digest ([`ChunkDigest`]) is the sha256 of the bytes its frame decompresses to, or of its *disk

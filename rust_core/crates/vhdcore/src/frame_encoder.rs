@@ -185,6 +185,9 @@ unsafe extern "C" fn produce(
             None => overflow = true,
         }
     };
+    // Every repeat lies inside the chunk, before its copy and within `window` (by construction in `long_match`).
+    // zstd's own check (ZSTD_c_validateSequences) cannot stand in: it counts positions from the block's start and
+    // so refuses repeats into earlier blocks; a wrong one would still fail the frame's XXH64 check on decompression.
     let last = pieces.repeats.find(chunk, offset, end, window, &mut |r: Repeat| push(r.literals, r.distance, r.length));
     push(last, 0, 0);
     if overflow {
