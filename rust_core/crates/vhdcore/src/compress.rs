@@ -175,19 +175,40 @@ fn assemble_chunk<S: LayerSource>(
             let slot = out.grow(bitmap_len + block_len);
             let (bitmap, data) = slot.split_at_mut(bitmap_len);
             let (data, padding) = data.split_at_mut(data_len);
-            src.read_at(at, data)?;
-            if let Some(content) = content.as_deref_mut() {
-                content.update(&*data);
-            }
-            if is_zero(data) {
-                out.len = base;
-            } else {
-                bitmap.fill(0xFF);
+            bitmap.fill(0xFF);
+            // Hashed piece by piece as read, while in cache; the image hash starts at the block's first non-zero
+            // piece (the bitmap and the zeros before it are hashed then), so an all-zero block, left out of the
+            // image, is never hashed into it.
+            let mut zeros_before = 0usize;
+            let mut nonzero = false;
+            src.read_at_by(at, data, HASH_PIECE, &mut |piece| {
+                if let Some(content) = content.as_deref_mut() {
+                    content.update(piece);
+                }
+                if !nonzero {
+                    if is_zero(piece) {
+                        zeros_before += piece.len();
+                        return Ok(());
+                    }
+                    nonzero = true;
+                    if let Some(hasher) = hasher.as_deref_mut() {
+                        hasher.update(&*bitmap);
+                        hash_zeros(hasher, u64::try_from(zeros_before).unwrap_or(0));
+                    }
+                }
+                if let Some(hasher) = hasher.as_deref_mut() {
+                    hasher.update(piece);
+                }
+                Ok(())
+            })?;
+            if nonzero {
                 padding.fill(0);
                 if let Some(hasher) = hasher.as_deref_mut() {
-                    hasher.update(&out.as_slice()[base..]);
+                    hasher.update(&*padding);
                 }
                 stored.push(at / BLOCK);
+            } else {
+                out.len = base;
             }
         }
         at = block_end;
@@ -200,6 +221,18 @@ fn assemble_chunk<S: LayerSource>(
         }
     }
     Ok(stored)
+}
+
+/// Bytes of a block read and hashed at a time: well inside a core's L2 cache.
+const HASH_PIECE: usize = 256 * 1024;
+
+/// Feeds `n` zero bytes to `hasher`.
+fn hash_zeros(hasher: &mut Sha256, mut n: u64) {
+    while n > 0 {
+        let take = n.min(BLOCK);
+        hasher.update(&ZERO_BLOCK[..usize::try_from(take).unwrap_or(0)]);
+        n -= take;
+    }
 }
 
 /// Zeros to hash as the content no layer holds: one image block's worth, in the binary's zeroed data.
@@ -215,12 +248,7 @@ fn zero_digest(length: u64) -> [u8; 32] {
         return *digest;
     }
     let mut hasher = Sha256::new();
-    let mut left = length;
-    while left > 0 {
-        let n = left.min(BLOCK);
-        hasher.update(&ZERO_BLOCK[..usize::try_from(n).unwrap_or(0)]);
-        left -= n;
-    }
+    hash_zeros(&mut hasher, length);
     let digest: [u8; 32] = hasher.finalize().into();
     known.push((length, digest));
     digest
@@ -425,11 +453,13 @@ fn compress_and_place<S: LayerSource>(
     let stop = AtomicBool::new(false);
     let spares = SparePool::default();
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(ChunkFrame, Vec<u8>)>>(workers);
-    std::thread::scope(|scope| {
+    // The workers run on rayon's threads, which live as long as the process, so their scratch (buffers and zstd
+    // context, a few hundred MiB in all) is made once, not faulted in anew by every call; this thread writes.
+    rayon::in_place_scope(|scope| {
         for _ in 0..workers {
             let tx = tx.clone();
             let (next, stop, spares) = (&next, &stop, &spares);
-            scope.spawn(move || {
+            scope.spawn(move |_| {
                 while !stop.load(Ordering::Relaxed) {
                     let index = next.fetch_add(1, Ordering::Relaxed);
                     let Some(chunk) = plan.chunks.get(index) else { break };

@@ -9,9 +9,11 @@
 //!
 //! A repeat at distance `d` reaches an indexed position from exactly one `q` of every run of `S` consecutive ones
 //! (the one with `q ≡ d (mod S)`), so every repeat at least `S² + S + 8` bytes long (4,168 at `S` = 64) is found,
-//! most shorter ones too, for one index write and one look-up per `S` bytes on each side. A hit is checked byte for
-//! byte, then extended forwards and backwards as far as the bytes agree (within the block and after the previous
-//! repeat), so what is reported is exact.
+//! most shorter ones too, for one index write and one look-up per `S` bytes on each side. The positions before a
+//! run are indexed when the run starts (a repeat at a distance under `S²` may go unseen: zstd's own business, not
+//! that of data called incompressible). An entry keeps 32 more bits of its hash, so a look-up reads the earlier
+//! bytes only when they very likely agree; a hit is then checked byte for byte and extended forwards and backwards
+//! as far as the bytes agree (within the block and after the previous repeat), so what is reported is exact.
 
 /// Distance between indexed positions; look-ups come in runs of this many, every `STRIDE²` bytes.
 pub const STRIDE: usize = 64;
@@ -19,7 +21,8 @@ pub const STRIDE: usize = 64;
 pub const MIN_REPEAT: usize = 64;
 const TABLE_BITS: u32 = 16;
 const KEY: usize = 8;
-const EMPTY: u32 = u32::MAX;
+/// An empty slot: a position no chunk reaches (chunks are far below 4 GiB).
+const EMPTY: u64 = u64::MAX;
 
 /// One repeat: `literals` bytes without a match, then `length` bytes equal to those `distance` bytes earlier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +35,8 @@ pub struct Repeat {
 /// The index of one chunk's positions, kept between the blocks of that chunk (and its allocation between chunks).
 #[derive(Debug)]
 pub struct LongMatches {
-    table: Vec<u32>,
+    /// Per slot: the 32 hash bits the slot's index does not use, then the position.
+    table: Vec<u64>,
     /// Every indexed position below this one is in the table (a multiple of [`STRIDE`]).
     indexed_to: usize,
 }
@@ -48,8 +52,10 @@ fn read_key(chunk: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes))
 }
 
-fn slot(key: u64) -> usize {
-    usize::try_from(key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - TABLE_BITS)).unwrap_or(0)
+/// The slot of a key and the check bits stored with it.
+fn hash(key: u64) -> (usize, u64) {
+    let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (usize::try_from(h >> (64 - TABLE_BITS)).unwrap_or(0), h & 0xFFFF_FFFF)
 }
 
 /// How many bytes from `a` and `b` on agree, at most `limit`, compared eight at a time.
@@ -81,12 +87,24 @@ impl LongMatches {
         let mut p = self.indexed_to.max(oldest);
         while p < upto {
             let Some(key) = read_key(chunk, p) else { break };
-            if let (Some(entry), Ok(position)) = (self.table.get_mut(slot(key)), u32::try_from(p)) {
-                *entry = position;
+            let (slot, check) = hash(key);
+            if let (Some(entry), Ok(position)) = (self.table.get_mut(slot), u32::try_from(p)) {
+                *entry = check << 32 | u64::from(position);
             }
             p += STRIDE;
         }
         self.indexed_to = self.indexed_to.max(p);
+    }
+
+    /// The earlier position whose 8 bytes equal `key` (read at `q`), if the table holds one within `window`.
+    fn look_up(&self, chunk: &[u8], q: usize, key: u64, window: usize) -> Option<usize> {
+        let (slot, check) = hash(key);
+        let entry = *self.table.get(slot)?;
+        if entry == EMPTY || entry >> 32 != check {
+            return None;
+        }
+        let earlier = usize::try_from(entry & 0xFFFF_FFFF).ok()?;
+        (earlier < q && q - earlier <= window && read_key(chunk, earlier) == Some(key)).then_some(earlier)
     }
 
     /// The repeats of block `chunk[start..end]` within `window` bytes before them (inside `chunk`), in order, each
@@ -109,25 +127,30 @@ impl LongMatches {
                 q = q.next_multiple_of(period);
                 continue;
             }
+            // A run of look-ups: everything before its first position is indexed first.
+            let run_end = (q - q % period + STRIDE).min(end);
             self.index_until(chunk, q, window);
-            let Some(key) = read_key(chunk, q) else { break };
-            let candidate = self.table.get(slot(key)).copied().unwrap_or(EMPTY);
-            let found = usize::try_from(candidate)
-                .ok()
-                .filter(|c| candidate != EMPTY && *c < q && q - *c <= window)
-                .filter(|c| read_key(chunk, *c) == Some(key));
-            let Some(earlier) = found else {
+            let mut hit = None;
+            while q < run_end {
+                let Some(key) = read_key(chunk, q) else { break };
+                if let Some(earlier) = self.look_up(chunk, q, key, window) {
+                    hit = Some((q, earlier));
+                    break;
+                }
                 q += 1;
+            }
+            let Some((at, earlier)) = hit else {
+                q = run_end.max(q + 1);
                 continue;
             };
-            let distance = q - earlier;
-            let mut from = q;
+            let distance = at - earlier;
+            let mut from = at;
             while from > literal_start && from - distance > 0 && chunk.get(from - 1) == chunk.get(from - 1 - distance) {
                 from -= 1;
             }
-            let length = (q - from) + agree_forwards(chunk, q, earlier, end - q);
+            let length = (at - from) + agree_forwards(chunk, at, earlier, end - at);
             if length < MIN_REPEAT {
-                q += 1;
+                q = at + 1;
                 continue;
             }
             emit(Repeat { literals: from - literal_start, distance, length });

@@ -98,3 +98,34 @@ fn writes_past_the_end_are_refused_and_leave_the_disk_unchanged() {
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(std::fs::read(&path).unwrap() == before);
 }
+
+#[test]
+fn reading_piece_by_piece_hands_over_the_same_bytes_in_order() {
+    use vhdcore::LayerSource;
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, model) = build_chain(dir.path(), 4, 7, DiskType::Dynamic);
+    let chain = Chain::open(paths.last().unwrap(), vhdcore::MAX_CHAIN_DEPTH).unwrap();
+    let len = model.len();
+    for (offset, n) in [(0, len), (512, 3 * 1024 * 1024 + 1536), (len - 70_000, 70_000)] {
+        for piece in [512usize, 4096, 65_536, 256 * 1024, 3 * 1024 * 1024, usize::MAX] {
+            let mut buf = vec![0xAAu8; n];
+            let mut seen: Vec<u8> = Vec::new();
+            let mut ends = Vec::new();
+            let at = u64::try_from(offset).unwrap();
+            chain
+                .read_at_by(at, &mut buf, piece, &mut |bytes| {
+                    seen.extend_from_slice(bytes);
+                    ends.push(seen.len());
+                    Ok(())
+                })
+                .unwrap();
+            assert!(buf == model[offset..offset + n], "offset {offset}, piece {piece}: wrong bytes");
+            assert!(seen == buf, "offset {offset}, piece {piece}: pieces differ from the buffer");
+            // Every piece ends on a multiple of `piece` of the buffer, but the last.
+            let last = ends.pop().unwrap();
+            assert_eq!(last, n);
+            assert!(ends.iter().all(|e| e % piece == 0), "offset {offset}, piece {piece}: {ends:?}");
+            assert_eq!(ends.len(), n.div_ceil(piece) - 1, "offset {offset}, piece {piece}");
+        }
+    }
+}

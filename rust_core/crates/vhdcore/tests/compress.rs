@@ -40,6 +40,7 @@ fn sample_chain(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
     let leaf = dir.join("leaf.vhd");
     vhdcore::snapshot(&base, &leaf).unwrap();
     put(&leaf, 3 * MIB + 7, fill(3, 100_000));
+    // Image block 16 (32-34 MiB): its first MiB zeros, then data: its hash starts after zero pieces of the block.
     put(&leaf, 33 * MIB, fill(4, 4096));
     (leaf, model)
 }
