@@ -263,7 +263,7 @@ struct Scratch {
 }
 
 /// The context in `slot`, made anew when there is none yet or it is for another level.
-fn encoder_for(slot: &mut Option<FrameEncoder>, level: i32) -> Result<&mut FrameEncoder> {
+pub(crate) fn encoder_for(slot: &mut Option<FrameEncoder>, level: i32) -> Result<&mut FrameEncoder> {
     if slot.as_ref().is_none_or(|e| e.level() != level) {
         *slot = Some(FrameEncoder::new(level)?);
     }

@@ -60,6 +60,7 @@
 //! The model's assumptions about the compressor: each chunk's frame is compressed in one call with the whole
 //! chunk in memory (`frame_encoder`, zstd's `compress2`).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -68,7 +69,7 @@ use zerocopy::IntoBytes;
 use zstd::zstd_safe::{compress_bound, get_error_name, CCtx, CParameter};
 
 use crate::chain::Chain;
-use crate::compress::head_length;
+use crate::compress::{encoder_for, head_length};
 use crate::error::{Result, VhdError};
 use crate::export::is_zero;
 use crate::format::{bitmap_size, DiskType, DEFAULT_BLOCK_SIZE, FOOTER_SIZE};
@@ -228,15 +229,29 @@ fn entropy(data: &[u8], step: usize) -> f64 {
         table[usize::from(*b)] = table[usize::from(*b)].wrapping_add(1);
         n = n.wrapping_add(1);
     }
-    let n = f64::from(n.max(1));
-    (0..256)
+    // H = log2(n) - Σ c·log2(c) / n, with c·log2(c) from a table for the counts a class look can reach.
+    let table = c_log2_c_table();
+    let sum: f64 = (0..256)
         .map(|i| counts.iter().map(|t| t[i]).fold(0u32, u32::wrapping_add))
-        .filter(|c| *c > 0)
-        .map(|c| {
-            let p = f64::from(c) / n;
-            -p * p.log2()
+        .filter(|c| *c > 1)
+        .map(|c| match table.get(usize::try_from(c).unwrap_or(usize::MAX)) {
+            Some(v) => *v,
+            None => f64::from(c) * f64::from(c).log2(),
         })
-        .sum()
+        .sum();
+    let n = f64::from(n.max(1));
+    (n.log2() - sum / n).max(0.0)
+}
+
+/// `c·log2(c)` for `c` up to a class look's length: the 8,192 looks of an estimate would otherwise take two
+/// million logarithms.
+fn c_log2_c_table() -> &'static [f64] {
+    static TABLE: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u32::try_from(CLASS_LOOK).unwrap_or(4096))
+            .map(|c| if c < 2 { 0.0 } else { f64::from(c) * f64::from(c).log2() })
+            .collect()
+    })
 }
 
 /// Order-0 entropy of at least 7.98 bits per byte: what zstd stores nearly raw whatever the window (already
@@ -736,12 +751,35 @@ fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f
     // compressed after its context as a prefix, or streamed with a flush before it, is priced differently from the
     // image), both by the compressor's own frame encoder, so its early-abort decisions are made here too. Where the
     // target runs into the next chunk, that part starts a frame of its own.
-    let mut encoder = FrameEncoder::new(opts.level)?;
-    let mut frame_buf = Vec::new();
-    let mut frame_size = |data: &[u8]| -> Result<u64> {
-        encoder.compress(data, &mut frame_buf)?;
-        Ok(u64_of_usize(frame_buf.len()))
-    };
+    SPAN_ENCODER.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        let (encoder, frame_buf) = &mut *slot;
+        let encoder = encoder_for(encoder, opts.level)?;
+        let in_frame = span_cost(&image, &marks, &mut |data: &[u8]| -> Result<u64> {
+            encoder.compress(data, frame_buf)?;
+            Ok(u64_of_usize(frame_buf.len()))
+        })?;
+        let target_from = usize_of(start.saturating_sub(context_start))?;
+        let predicted = buf[target_from.min(buf.len())..]
+            .chunks(opts.sample_size)
+            .map(|piece| class_rate.get(class_of(piece)).copied().unwrap_or(0.0) * f64_of_usize(piece.len()))
+            .sum();
+        Ok(SpanResult { in_frame, predicted, read_bytes: u64_of_usize(buf.len()) })
+    })
+}
+
+thread_local! {
+    /// A span worker's frame encoder and frame buffer, kept from span to span (and estimate to estimate).
+    static SPAN_ENCODER: RefCell<(Option<FrameEncoder>, Vec<u8>)> = const { RefCell::new((None, Vec::new())) };
+}
+
+/// The targets' summed cost in their frames, given the kept bytes `image` with their frame marks and
+/// `frame_size`, the size of a frame of some bytes as the compressor makes it.
+fn span_cost(
+    image: &[u8],
+    marks: &[(usize, u64, bool)],
+    frame_size: &mut dyn FnMut(&[u8]) -> Result<u64>,
+) -> Result<u64> {
     // A frame's header and checksum: an empty frame less its 3-byte empty block.
     let overhead = frame_size(&[])?.saturating_sub(3);
     let mut in_frame = 0u64;
@@ -758,12 +796,7 @@ fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f
         let before = if *at > from { frame_size(&image[from..*at])? } else { overhead };
         in_frame = in_frame.saturating_add(whole.saturating_sub(before));
     }
-    let target_from = usize_of(start.saturating_sub(context_start))?;
-    let predicted = buf[target_from.min(buf.len())..]
-        .chunks(opts.sample_size)
-        .map(|piece| class_rate.get(class_of(piece)).copied().unwrap_or(0.0) * f64_of_usize(piece.len()))
-        .sum();
-    Ok(SpanResult { in_frame, predicted, read_bytes: u64_of_usize(buf.len()) })
+    Ok(in_frame)
 }
 
 /// Ratio of sums of the spans' in-frame to predicted costs, and its standard error (linearised).

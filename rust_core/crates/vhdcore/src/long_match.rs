@@ -33,18 +33,16 @@ pub struct Repeat {
 }
 
 /// The index of one chunk's positions, kept between the blocks of that chunk (and its allocation between chunks).
-#[derive(Debug)]
+/// The table is allocated at its first use and cleared only when something was indexed: most chunks of most disks
+/// never have a block to search.
+#[derive(Debug, Default)]
 pub struct LongMatches {
     /// Per slot: the 32 hash bits the slot's index does not use, then the position.
     table: Vec<u64>,
     /// Every indexed position below this one is in the table (a multiple of [`STRIDE`]).
     indexed_to: usize,
-}
-
-impl Default for LongMatches {
-    fn default() -> Self {
-        LongMatches { table: vec![EMPTY; 1 << TABLE_BITS], indexed_to: 0 }
-    }
+    /// Whether the table holds entries of the current chunk.
+    dirty: bool,
 }
 
 fn read_key(chunk: &[u8], at: usize) -> Option<u64> {
@@ -77,7 +75,10 @@ fn agree_forwards(chunk: &[u8], a: usize, b: usize, limit: usize) -> usize {
 impl LongMatches {
     /// Starts a new chunk: nothing indexed.
     pub fn reset(&mut self) {
-        self.table.fill(EMPTY);
+        if self.dirty {
+            self.table.fill(EMPTY);
+            self.dirty = false;
+        }
         self.indexed_to = 0;
     }
 
@@ -119,6 +120,10 @@ impl LongMatches {
         emit: &mut dyn FnMut(Repeat),
     ) -> usize {
         let end = end.min(chunk.len());
+        if self.table.is_empty() {
+            self.table = vec![EMPTY; 1 << TABLE_BITS];
+        }
+        self.dirty = true;
         let period = STRIDE * STRIDE;
         let mut literal_start = start;
         let mut q = start;

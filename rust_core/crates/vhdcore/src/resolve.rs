@@ -196,7 +196,16 @@ pub trait LayerSource: Sync {
     /// Appends to `runs` the runs of window `w`, in order, covering it exactly.
     fn resolve_window(&self, w: u64, runs: &mut Vec<Run>) -> Result<()> {
         let spw = self.grain() / SECTOR_SIZE;
-        let (start, count) = self.window_sectors(w);
+        self.resolve_sectors(w * spw, spw, runs)
+    }
+
+    /// Appends to `runs` the runs of the `spw` sectors at `start` (clipped to the disk), in order, covering them
+    /// exactly: a whole window, or a part of one that `spw` divides, at least 8 sectors (one bitmap byte) long and
+    /// starting at a multiple of `spw`.
+    #[doc(hidden)]
+    fn resolve_sectors(&self, start: u64, spw: u64, runs: &mut Vec<Run>) -> Result<()> {
+        let total = self.virtual_size() / SECTOR_SIZE;
+        let count = spw.min(total.saturating_sub(start));
         if count == 0 {
             return Ok(());
         }
@@ -283,14 +292,28 @@ pub trait LayerSource: Sync {
         })?;
         let piece = piece.max(1);
         let grain = self.grain();
+        let spw = grain / SECTOR_SIZE;
+        let total = self.virtual_size() / SECTOR_SIZE;
         let mut runs = Vec::new();
         let mut pos = offset;
         let mut visited = 0usize;
         while pos < end {
-            let w = pos / grain;
+            // The window holding `pos`, or, for a read that ends well inside it, the smallest aligned part of it
+            // that holds the read: a 4 KiB read resolves 4 KiB, not the 2 MiB around it.
+            let first = pos / SECTOR_SIZE;
+            let last = (end.min((pos / grain + 1) * grain) - 1) / SECTOR_SIZE;
+            let mut n = spw;
+            if spw.is_power_of_two() {
+                n = (last - first + 1).next_power_of_two().max(8);
+                while n < spw && first / n != last / n {
+                    n *= 2;
+                }
+                n = n.min(spw);
+            }
+            let start = first - first % n;
             runs.clear();
-            self.resolve_window(w, &mut runs)?;
-            let (start, count) = self.window_sectors(w);
+            self.resolve_sectors(start, n, &mut runs)?;
+            let count = n.min(total.saturating_sub(start));
             let stop = end.min((start + count) * SECTOR_SIZE);
             // Only the part of each run that was asked for is read: a window may be far larger than the request.
             for run in &runs {
