@@ -10,7 +10,7 @@ from typing import Any
 import vhdcore
 from functions.catalog.retention import keep_scheduled_images
 from functions.imaging import keys
-from functions.imaging.content import content_tree_sha256
+from functions.imaging.content import METHOD, content_tree_sha256
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import ImageVerificationError
 from functions.imaging.jobs import advance_job, release_server_lock
@@ -21,7 +21,7 @@ from functions.imaging.upload import ObjectFrame, load_upload
 from functions.state import Image, ImageOrigin, Job, Status
 
 MANIFEST_VERSION = 1
-CONTENT_HASH_METHOD = "sha256 of the sha256 digests of the disk's chunk_size slices, in order"
+CONTENT_HASH_METHOD = METHOD
 BULKY_FIELDS = frozenset({"parts", "frames"})
 """Kept in the manifest object only: the image record must stay small (a DynamoDB item is at most 400 KB)."""
 

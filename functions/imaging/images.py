@@ -16,7 +16,7 @@ import zstandard
 
 import vhdcore
 from functions.imaging import keys
-from functions.imaging.content import READ_SIZE, chunk_content_sha256s, content_tree_sha256
+from functions.imaging.content import LEGACY_METHOD, READ_SIZE, chunk_content_sha256s, content_tree_sha256
 from functions.imaging.errors import ImagingError
 from functions.imaging.services import ImagingServices
 from functions.state import Image, Status
@@ -116,10 +116,13 @@ def verify_image(services: ImagingServices, image_id: str, work_dir: Path | None
         if report.object_sha256 != manifest["object_sha256"]:
             report.problems.append("the object's sha256 differs from the manifest")
         if report.ok:
+            method = str(manifest.get("content_hash", LEGACY_METHOD))
             try:
-                chunks = chunk_content_sha256s(vhdcore.open_chain(str(vhd_path)), int(manifest["chunk_size"]))
+                chunks = chunk_content_sha256s(vhdcore.open_chain(str(vhd_path)), int(manifest["chunk_size"]), method)
             except vhdcore.VhdError as error:
                 report.problems.append(f"the decompressed image is not a valid VHD: {error}")
+            except ValueError as error:
+                report.problems.append(f"the manifest's content hash cannot be checked: {error}")
             else:
                 _compare_chunk_digests(report, chunks, manifest["frames"])
                 report.content_sha256 = content_tree_sha256(chunks)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from functions.imaging.content import LEGACY_METHOD
 from tests.statemachine.test_workflow import DISK_SIZE, build_sample_chain
 from tests.support.files import content_tree_sha256
 from tests.support.pyvhd import flatten
@@ -135,6 +136,36 @@ def test_a_disk_is_imaged_verified_exported_checked_for_damage_and_deleted(
     assert ok_json(cli("image", "list", "--json")) == []
     assert not stored.exists()
     assert "not found" in assert_one_line_error(cli("image", "show", image_id))[0]
+
+
+def test_an_image_made_with_the_legacy_content_hash_is_verified_by_its_own_method(
+    cli: Run, tmp_path: Path, leaf: Path
+) -> None:
+    """Manifests written before the 2 MiB slices hash each chunk whole; verify follows the method a manifest names."""
+    expected = flatten(leaf)
+    image_id = ok_json(cli("image", "create", "--disk", leaf, "--json"))["id"]
+    manifest_path = tmp_path / "data" / "store" / "images" / image_id / "manifest.json"
+    manifest = json.loads(manifest_path.read_bytes())
+    chunk_size = manifest["chunk_size"]
+    assert manifest["content_hash"] != LEGACY_METHOD
+    legacy = [hashlib.sha256(expected[at : at + chunk_size]).hexdigest() for at in range(0, len(expected), chunk_size)]
+    for frame in manifest["frames"]:
+        if frame["index"] is not None:
+            frame["content_sha256"] = legacy[frame["index"]]
+    manifest["content_hash"] = LEGACY_METHOD
+    manifest["content_sha256"] = hashlib.sha256(b"".join(bytes.fromhex(d) for d in legacy)).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    verified = ok_json(cli("image", "verify", image_id, "--json"))
+    assert verified["ok"] is True, verified
+    assert verified["content_sha256"] == manifest["content_sha256"]
+
+    # A chunk's legacy digest altered is caught.
+    next(f for f in manifest["frames"] if f["index"] == 0)["content_sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    result = cli("image", "verify", image_id, "--json")
+    assert result.returncode == 1, result.stderr
+    found = json.loads(result.stdout)
+    assert any("chunk 0: the sha256 of its disk content differs" in p for p in found["problems"]), found
 
 
 def test_create_with_wait_shows_progress_and_where_the_image_is(cli: Run, leaf: Path) -> None:

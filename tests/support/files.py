@@ -36,10 +36,16 @@ def supports_sparse_files(folder: Path) -> bool:
         probe.unlink()
 
 
+def chunk_content_sha256(chunk: bytes, leaf_size: int = 2 * 1024**2) -> str:
+    """A chunk's content digest, computed independently of the product: the sha256 of the sha256 digests of its
+    `leaf_size` slices (README, "Image format")."""
+    leaves = b"".join(hashlib.sha256(chunk[at : at + leaf_size]).digest() for at in range(0, len(chunk), leaf_size))
+    return hashlib.sha256(leaves).hexdigest()
+
+
 def content_tree_sha256(flat: bytes, chunk_size: int) -> str:
-    """The manifest's content hash, computed independently of the product: the sha256 of the sha256 digests of the
-    flattened disk's `chunk_size` slices (README, "Image format")."""
+    """The manifest's content hash, computed independently of the product: the sha256 of the chunks' digests."""
     tree = hashlib.sha256()
     for start in range(0, len(flat), chunk_size):
-        tree.update(hashlib.sha256(flat[start : start + chunk_size]).digest())
+        tree.update(bytes.fromhex(chunk_content_sha256(flat[start : start + chunk_size])))
     return tree.hexdigest()

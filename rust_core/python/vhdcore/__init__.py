@@ -16,6 +16,7 @@ class LayerReader(Protocol):
 
 
 from vhdcore._vhdcore import (  # noqa: E402 (after the protocol the stub refers to)
+    CONTENT_LEAF_SIZE,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
@@ -67,6 +68,7 @@ from vhdcore._vhdcore import (  # noqa: E402 (after the protocol the stub refers
 )
 
 __all__ = [
+    "CONTENT_LEAF_SIZE",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_LEVEL",

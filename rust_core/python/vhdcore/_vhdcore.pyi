@@ -8,6 +8,8 @@ from vhdcore import LayerReader
 DiskType = Literal["fixed", "dynamic", "differencing"]
 ExportFormat = Literal["raw", "vhd"]
 
+CONTENT_LEAF_SIZE: int
+"""Bytes of disk content per leaf of a chunk's content digest: the digest is the sha256 of its slices' sha256s."""
 DEFAULT_BLOCK_SIZE: int
 DEFAULT_CHUNK_SIZE: int
 DEFAULT_LEVEL: int
@@ -136,7 +138,8 @@ class ChunkFrame:
     sha256: str | None
     """Of the bytes the frame decompresses to (digest "image"; always for the head and in ImageStats)."""
     content_sha256: str | None
-    """Of the chunk's disk content: the flattened disk's bytes in its range, zeros included (digest "content")."""
+    """Of the chunk's disk content (digest "content"): the flattened disk's bytes in its range, zeros included, as the
+    sha256 of the sha256 of each CONTENT_LEAF_SIZE slice, in order."""
     crc32c: int
     stored_blocks: list[int]
     virtual_bytes: int

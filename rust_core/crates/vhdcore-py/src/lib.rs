@@ -1012,6 +1012,7 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CoalesceStep>()?;
     m.add_class::<CoalesceReport>()?;
     m.add_class::<MergeLayout>()?;
+    m.add("CONTENT_LEAF_SIZE", vhdcore::CONTENT_LEAF)?;
     m.add("DEFAULT_CHUNK_SIZE", vhdcore::DEFAULT_CHUNK_SIZE)?;
     m.add("DEFAULT_LEVEL", vhdcore::DEFAULT_LEVEL)?;
     m.add_function(wrap_pyfunction!(compress_fetched_chunk, m)?)?;

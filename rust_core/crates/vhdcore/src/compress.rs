@@ -10,11 +10,15 @@
 //! incompressible pieces at every positive level, see `early_abort`); a worker keeps its buffers and zstd context from
 //! chunk to chunk and hashes each stored block right after reading it.
 //!
-//! A chunk's digest ([`ChunkDigest`]) is the sha256 of the bytes its frame decompresses to, or of its *disk
-//! content* (the flattened disk's bytes in its range, zeros included): the content digests of all chunks, in order,
-//! hashed together make a tree hash of the whole disk that needs no second read of it (the same as
-//! `split -b CHUNK --filter=sha256sum disk.raw | cut -c1-64 | xxd -r -p | sha256sum` on the raw disk), while zstd's
-//! content checksum already guards each frame's decompressed bytes.
+//! A chunk's digest ([`ChunkDigest`]) is the sha256 of the bytes its frame decompresses to, or the digest of its
+//! *disk content* (the flattened disk's bytes in its range, zeros included): the sha256 of the sha256 digests of its
+//! 2 MiB slices ([`CONTENT_LEAF`], the last may be shorter), in order. The leaves let a slice that is all zeros,
+//! which is most of a sparse disk, be known by a remembered digest instead of hashed: hashing every zero byte took
+//! half the time of imaging a 32 GiB disk with 10% of it allocated. The content digests of all chunks, in order,
+//! hashed together make a tree hash of the whole disk that needs no second read of it (on a raw disk:
+//! `split -b 2M --filter=sha256sum disk.raw | cut -c1-64 | xxd -r -p | split -b 1024 --filter=sha256sum | cut -c1-64
+//! | xxd -r -p | sha256sum`, 1024 being 32 bytes per leaf of a 64 MiB chunk), while zstd's content checksum already
+//! guards each frame's decompressed bytes.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -50,8 +54,8 @@ pub struct ChunkFrame {
     pub logical_bytes: u64,
     /// Hex sha256 of those decompressed bytes (with [`ChunkDigest::Image`]).
     pub sha256: Option<String>,
-    /// Hex sha256 of the chunk's disk content: the flattened disk's bytes in its range, zeros included (with
-    /// [`ChunkDigest::Content`]).
+    /// Hex digest of the chunk's disk content (with [`ChunkDigest::Content`]): the flattened disk's bytes in its
+    /// range, zeros included, as a tree over its [`CONTENT_LEAF`] slices.
     pub content_sha256: Option<String>,
     /// CRC-32C of the frame itself, as S3 takes part checksums.
     pub crc32c: u32,
@@ -166,7 +170,7 @@ fn assemble_chunk<S: LayerSource>(
         let untouched = chunk.unallocated.iter().any(|(s, l)| *s <= at && block_end <= s + l);
         if untouched {
             if let Some(content) = content.as_deref_mut() {
-                content.update(&ZERO_BLOCK[..usize::try_from(block_end - at).unwrap_or(0)]);
+                content.update(zero_digest(block_end - at));
             }
         } else {
             let data_len = usize::try_from(block_end - at).unwrap_or(0);
@@ -176,31 +180,40 @@ fn assemble_chunk<S: LayerSource>(
             let (bitmap, data) = slot.split_at_mut(bitmap_len);
             let (data, padding) = data.split_at_mut(data_len);
             bitmap.fill(0xFF);
-            // Hashed piece by piece as read, while in cache; the image hash starts at the block's first non-zero
-            // piece (the bitmap and the zeros before it are hashed then), so an all-zero block, left out of the
-            // image, is never hashed into it.
+            // Hashed piece by piece as read, while in cache. Both hashes start at the block's first non-zero piece
+            // (the bitmap and the zeros before it are hashed then), so an all-zero block, left out of the image and
+            // known by its remembered content leaf, is never hashed.
             let mut zeros_before = 0usize;
             let mut nonzero = false;
+            let mut leaf = content.is_some().then(Sha256::new);
             src.read_at_by(at, data, HASH_PIECE, &mut |piece| {
-                if let Some(content) = content.as_deref_mut() {
-                    content.update(piece);
-                }
                 if !nonzero {
                     if is_zero(piece) {
                         zeros_before += piece.len();
                         return Ok(());
                     }
                     nonzero = true;
+                    let zeros = u64::try_from(zeros_before).unwrap_or(0);
                     if let Some(hasher) = hasher.as_deref_mut() {
                         hasher.update(&*bitmap);
-                        hash_zeros(hasher, u64::try_from(zeros_before).unwrap_or(0));
+                        hash_zeros(hasher, zeros);
+                    }
+                    if let Some(leaf) = leaf.as_mut() {
+                        hash_zeros(leaf, zeros);
                     }
                 }
                 if let Some(hasher) = hasher.as_deref_mut() {
                     hasher.update(piece);
                 }
+                if let Some(leaf) = leaf.as_mut() {
+                    leaf.update(piece);
+                }
                 Ok(())
             })?;
+            if let (Some(content), Some(leaf)) = (content.as_deref_mut(), leaf) {
+                let digest: [u8; 32] = if nonzero { leaf.finalize().into() } else { zero_digest(block_end - at) };
+                content.update(digest);
+            }
             if nonzero {
                 padding.fill(0);
                 if let Some(hasher) = hasher.as_deref_mut() {
@@ -239,17 +252,43 @@ fn hash_zeros(hasher: &mut Sha256, mut n: u64) {
 static ZERO_BLOCK: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
 const BLOCK_BYTES: usize = IMAGE_BLOCK_SIZE as usize;
 
-/// The sha256 of `length` zero bytes: the content digest of a chunk no layer holds anything of (remembered per
-/// length, since a sparse disk has many such chunks, all of one or two lengths).
+/// Bytes of disk content under one leaf of a chunk's content digest (see the module's documentation).
+pub const CONTENT_LEAF: u64 = BLOCK;
+
+/// The sha256 of `length` zero bytes, remembered per length (a disk has one or two lengths of zero leaves).
 fn zero_digest(length: u64) -> [u8; 32] {
-    static KNOWN: Mutex<Vec<(u64, [u8; 32])>> = Mutex::new(Vec::new());
-    let mut known = KNOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    remembered(&ZERO_LEAVES, length, || {
+        let mut hasher = Sha256::new();
+        hash_zeros(&mut hasher, length);
+        hasher.finalize().into()
+    })
+}
+
+/// The content digest of a chunk of `length` bytes that no layer holds anything of: the sha256 of its zero leaves'
+/// digests (remembered per length, since a sparse disk has many such chunks, all of one or two lengths).
+fn zero_chunk_digest(length: u64) -> [u8; 32] {
+    remembered(&ZERO_CHUNKS, length, || {
+        let mut tree = Sha256::new();
+        let mut left = length;
+        while left > 0 {
+            let leaf = left.min(CONTENT_LEAF);
+            tree.update(zero_digest(leaf));
+            left -= leaf;
+        }
+        tree.finalize().into()
+    })
+}
+
+type Remembered = Mutex<Vec<(u64, [u8; 32])>>;
+static ZERO_LEAVES: Remembered = Mutex::new(Vec::new());
+static ZERO_CHUNKS: Remembered = Mutex::new(Vec::new());
+
+fn remembered(known: &Remembered, length: u64, make: impl FnOnce() -> [u8; 32]) -> [u8; 32] {
+    let mut known = known.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some((_, digest)) = known.iter().find(|(len, _)| *len == length) {
         return *digest;
     }
-    let mut hasher = Sha256::new();
-    hash_zeros(&mut hasher, length);
-    let digest: [u8; 32] = hasher.finalize().into();
+    let digest = make();
     known.push((length, digest));
     digest
 }
@@ -297,7 +336,7 @@ impl Scratch {
         result.virtual_bytes = chunk.length;
         result.read_bytes = chunk.read_bytes();
         if digest == ChunkDigest::Content {
-            let digest = content.map_or_else(|| zero_digest(chunk.length), |hasher| hasher.finalize().into());
+            let digest = content.map_or_else(|| zero_chunk_digest(chunk.length), |tree| tree.finalize().into());
             result.content_sha256 = Some(hex(&digest));
         }
         Ok(result)
@@ -314,7 +353,8 @@ pub enum ChunkDigest {
     /// Of the bytes its frame decompresses to.
     #[default]
     Image,
-    /// Of its disk content: the flattened disk's bytes in the chunk's range, zeros included.
+    /// Of its disk content: the flattened disk's bytes in the chunk's range, zeros included, as a tree over its
+    /// [`CONTENT_LEAF`] slices (see the module's documentation).
     Content,
 }
 

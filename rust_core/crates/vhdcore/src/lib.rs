@@ -31,7 +31,7 @@ pub use check::check;
 pub use coalesce::{coalesce, coalesce_step, Budget, CoalesceReport, Merge, Pending, Skipped, StepReport};
 pub use compress::{
     build_chunk, build_head, compress_chunk, compress_fetched_chunk, compress_head, compress_image, head_length,
-    ChunkDigest, ChunkFrame, ImageStats, DEFAULT_LEVEL,
+    ChunkDigest, ChunkFrame, ImageStats, CONTENT_LEAF, DEFAULT_LEVEL,
 };
 pub use diff::{diff, DiffResult};
 pub use disk::Disk;
