@@ -166,8 +166,6 @@ unsafe extern "C" fn produce(
     }
     // SAFETY: `start` and `len` describe the chunk `compress` hands zstd, alive and unchanged while zstd runs.
     let chunk = unsafe { std::slice::from_raw_parts(pieces.start, pieces.len) };
-    // SAFETY: zstd guarantees `capacity` (checked non-zero) writable sequences at `out`.
-    let out = unsafe { std::slice::from_raw_parts_mut(out, capacity) };
     let mut written = 0usize;
     let mut overflow = false;
     let mut push = |literals: usize, offset: usize, length: usize| {
@@ -177,13 +175,14 @@ unsafe extern "C" fn produce(
             overflow = true;
             return;
         };
-        match out.get_mut(written) {
-            Some(slot) => {
-                *slot = sys::ZSTD_Sequence { offset: off, litLength: lit, matchLength: len, rep: 0 };
-                written += 1;
-            }
-            None => overflow = true,
+        if written >= capacity {
+            overflow = true;
+            return;
         }
+        // SAFETY: zstd guarantees `capacity` writable (possibly uninitialised, hence no slice over them) sequences
+        // at `out`, and `written < capacity`.
+        unsafe { out.add(written).write(sys::ZSTD_Sequence { offset: off, litLength: lit, matchLength: len, rep: 0 }) };
+        written += 1;
     };
     // Every repeat lies inside the chunk, before its copy and within `window` (by construction in `long_match`).
     // zstd's own check (ZSTD_c_validateSequences) cannot stand in: it counts positions from the block's start and
