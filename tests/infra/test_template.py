@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -195,12 +196,12 @@ def test_broken_copies_fail_the_checks(
     assert check(template) == expected
 
 
-def test_cfn_lint_rejects_a_broken_copy(tmp_path: Path) -> None:
+def test_cfn_lint_rejects_a_broken_copy() -> None:
     template = load()
     table = template["Resources"]["StateTable"]["Properties"]
     table["BillingMod"] = table.pop("BillingMode")
-    folder = TEMPLATE.parent / f".broken-{tmp_path.name}"
-    folder.mkdir()
+    # Beside the real template (cfn-lint resolves its paths from there), under a name no other run can hold.
+    folder = Path(tempfile.mkdtemp(prefix=".broken-", dir=TEMPLATE.parent))
     try:
         result = cfn_lint(dump(template, folder))
         assert result.returncode != 0
