@@ -41,8 +41,11 @@
 //! The range is the point estimate ± 3 standard errors of `D` (class mix: collapsed strata, finite-population
 //! corrected; class prices: each class's spread) combined with 3 standard errors of the correction, plus a 1%
 //! allowance for what the model leaves out (context beyond `context_size` at a target's start; where early abort's
-//! 128 KiB pieces fall in the real chunk). The time is predicted from the per-thread speeds measured on the units
-//! (reads; compressions less each sample frame's set-up and prefix indexing), per class, over rayon's threads.
+//! 128 KiB pieces fall in the real chunk). The time is predicted from the per-thread speeds measured on the spans,
+//! which do what the compressor does to each byte: a long sequential read of the allocated bytes, the frame
+//! encoder on the data, sha256 of the data (timed on 256 KiB of each span); over rayon's threads. (Units, read
+//! 4 KiB at a time and compressed alone by plain zstd, overstated reads and missed early abort and hashing: their
+//! speeds serve only when no span found data.)
 //!
 //! Where the error comes from (measured over seeds on the bench's mixes): almost all of it is the correction's.
 //! The ratio of a 4 MiB target's in-frame cost to its phase-2 price varies by 5-10% from target to target, with a
@@ -65,6 +68,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 use zerocopy::IntoBytes;
 use zstd::zstd_safe::{compress_bound, get_error_name, CCtx, CParameter};
 
@@ -95,6 +99,8 @@ const MODEL_ALLOWANCE: f64 = 0.01;
 const Z: f64 = 3.0;
 /// Samples read and compressed by one task: one zstd context per batch.
 const BATCH: usize = 16;
+/// Bytes of each span hashed to time sha256 on this machine.
+const HASH_SAMPLE: usize = 256 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EstimateOptions {
@@ -683,6 +689,14 @@ struct SpanResult {
     /// Cost of the target as phase 1 prices it: each unit-sized piece at its class's mean cost per byte.
     predicted: f64,
     read_bytes: u64,
+    /// Seconds the span's one sequential read took (the compressor reads in such long runs).
+    read_secs: f64,
+    /// Bytes the compressor's frame encoder took in for this span, and the seconds it took.
+    encoded_bytes: u64,
+    encode_secs: f64,
+    /// Bytes of the span's data hashed with sha256 (as the compressor hashes every stored block), and the seconds.
+    hashed_bytes: u64,
+    hash_secs: f64,
 }
 
 /// Stream positions of `n` span targets of `len` bytes: systematic over the units that hold data (a random start,
@@ -715,7 +729,9 @@ fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f
     // The read reaches back for the context, never past the start of the target's frame.
     let context_start = start.saturating_sub(u64_of_usize(opts.context_size)).max(stream.frame_start(start, chunk));
     let mut buf = vec![0u8; usize_of(end.saturating_sub(context_start))?];
+    let started = Instant::now();
     stream.read(context_start, &mut buf)?;
+    let read_secs = started.elapsed().as_secs_f64();
     // The bytes as the image's frames hold them: all-zero 2 MiB blocks are left out of the image, so they are left
     // out of the window here too (the image's bitmaps, a few bytes each, are not put in). Each piece lies in one
     // block: (stream position, length, disk block).
@@ -755,16 +771,34 @@ fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f
         let mut slot = slot.borrow_mut();
         let (encoder, frame_buf) = &mut *slot;
         let encoder = encoder_for(encoder, opts.level)?;
+        let (mut encoded_bytes, mut encode_secs) = (0u64, 0f64);
         let in_frame = span_cost(&image, &marks, &mut |data: &[u8]| -> Result<u64> {
+            let started = Instant::now();
             encoder.compress(data, frame_buf)?;
+            encode_secs += started.elapsed().as_secs_f64();
+            encoded_bytes = encoded_bytes.saturating_add(u64_of_usize(data.len()));
             Ok(u64_of_usize(frame_buf.len()))
         })?;
+        // The compressor also hashes every stored byte: its speed here, on a slice of the span, in cache.
+        let slice = &image[..image.len().min(HASH_SAMPLE)];
+        let started = Instant::now();
+        std::hint::black_box(Sha256::digest(slice));
+        let hash_secs = started.elapsed().as_secs_f64();
         let target_from = usize_of(start.saturating_sub(context_start))?;
         let predicted = buf[target_from.min(buf.len())..]
             .chunks(opts.sample_size)
             .map(|piece| class_rate.get(class_of(piece)).copied().unwrap_or(0.0) * f64_of_usize(piece.len()))
             .sum();
-        Ok(SpanResult { in_frame, predicted, read_bytes: u64_of_usize(buf.len()) })
+        Ok(SpanResult {
+            in_frame,
+            predicted,
+            read_bytes: u64_of_usize(buf.len()),
+            read_secs,
+            encoded_bytes,
+            encode_secs,
+            hashed_bytes: u64_of_usize(slice.len()),
+            hash_secs,
+        })
     })
 }
 
@@ -1059,9 +1093,9 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
         .saturating_add(exact.saturating_add(FOOTER_SLACK))
         .saturating_add(candidate_count.saturating_mul(bitmap_size(DEFAULT_BLOCK_SIZE)));
 
-    // Time: the full compression reads every allocated byte and compresses the data. Per-thread speeds are those
-    // of the class looks' reads and of the compressions of each class, less each sample frame's own set-up and
-    // prefix indexing.
+    // Time: the full compression reads every allocated byte, then compresses and hashes the data. Without spans
+    // (nothing but zeros seen), per-thread speeds are those of the class looks' reads and of the compressions of
+    // each class, less each sample frame's own set-up and prefix indexing.
     let read_secs: f64 = looks.iter().map(|l| l.read_secs).sum();
     let look_len = unit_len.min(f64_of_usize(CLASS_LOOK));
     let read_secs_per_byte = read_secs / (look_len * f64_of_usize(looks.len().max(1)));
@@ -1074,7 +1108,23 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
     }
     let compress_secs: f64 =
         (0..CLASSES).map(|c| class_weight[c] * class_secs[c].0 / f64_of_usize(class_secs[c].1.max(1))).sum();
-    let predicted_seconds = (f64_of(stream.total) * read_secs_per_byte + compress_secs) / f64_of_usize(threads);
+    // Where spans were measured, their own speeds stand in for the classes' and the looks': they were read in long
+    // runs and compressed as the image is (the frame encoder, early abort, whole frames), and they say how fast
+    // the data bytes are hashed too.
+    let per_byte = |f: fn(&SpanResult) -> (u64, f64)| -> Option<f64> {
+        let (bytes, secs) = measured.iter().map(f).fold((0u64, 0f64), |(b, t), (x, y)| (b.saturating_add(x), t + y));
+        (bytes > 0).then(|| secs / f64_of(bytes))
+    };
+    let spans_speeds = (
+        per_byte(|m| (m.read_bytes, m.read_secs)),
+        per_byte(|m| (m.encoded_bytes, m.encode_secs)),
+        per_byte(|m| (m.hashed_bytes, m.hash_secs)),
+    );
+    let work_secs = match spans_speeds {
+        (Some(read), Some(encode), Some(hash)) => f64_of(stream.total) * read + f64_of(nonzero_bytes) * (encode + hash),
+        _ => f64_of(stream.total) * read_secs_per_byte + compress_secs,
+    };
+    let predicted_seconds = work_secs / f64_of_usize(threads);
 
     let sampled_bytes = units
         .iter()
@@ -1206,7 +1256,16 @@ mod tests {
 
     #[test]
     fn correction_is_the_ratio_of_sums() {
-        let span = |in_frame, predicted| SpanResult { in_frame, predicted, read_bytes: 0 };
+        let span = |in_frame, predicted| SpanResult {
+            in_frame,
+            predicted,
+            read_bytes: 0,
+            read_secs: 0.0,
+            encoded_bytes: 0,
+            encode_secs: 0.0,
+            hashed_bytes: 0,
+            hash_secs: 0.0,
+        };
         let (c, se) = correction(&[span(90, 100.0), span(180, 200.0)]);
         assert!((c - 0.9).abs() < 1e-12 && se.abs() < 1e-12);
         let (c, se) = correction(&[span(50, 100.0), span(200, 200.0)]);
