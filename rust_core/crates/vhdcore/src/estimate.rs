@@ -1093,7 +1093,7 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
         .saturating_add(exact.saturating_add(FOOTER_SLACK))
         .saturating_add(candidate_count.saturating_mul(bitmap_size(DEFAULT_BLOCK_SIZE)));
 
-    // Time: the full compression reads every allocated byte, then compresses and hashes the data. Without spans
+    // Time: the full compression reads every allocated byte, then compresses and hashes the kept blocks. Without spans
     // (nothing but zeros seen), per-thread speeds are those of the class looks' reads and of the compressions of
     // each class, less each sample frame's own set-up and prefix indexing.
     let read_secs: f64 = looks.iter().map(|l| l.read_secs).sum();
@@ -1121,7 +1121,10 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
         per_byte(|m| (m.hashed_bytes, m.hash_secs)),
     );
     let work_secs = match spans_speeds {
-        (Some(read), Some(encode), Some(hash)) => f64_of(stream.total) * read + f64_of(nonzero_bytes) * (encode + hash),
+        // The image keeps whole blocks: the zeros inside a kept block are compressed and hashed with it.
+        (Some(read), Some(encode), Some(hash)) => {
+            f64_of(stream.total) * read + f64_of(image_blocks.saturating_mul(block_size)) * (encode + hash)
+        }
         _ => f64_of(stream.total) * read_secs_per_byte + compress_secs,
     };
     let predicted_seconds = work_secs / f64_of_usize(threads);
