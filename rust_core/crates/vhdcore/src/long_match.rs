@@ -10,10 +10,11 @@
 //! A repeat at distance `d` reaches an indexed position from exactly one `q` of every run of `S` consecutive ones
 //! (the one with `q ≡ d (mod S)`), so every repeat at least `S² + S + 8` bytes long (4,168 at `S` = 64) is found,
 //! most shorter ones too, for one index write and one look-up per `S` bytes on each side. The positions before a
-//! run are indexed when the run starts (a repeat at a distance under `S²` may go unseen: zstd's own business, not
-//! that of data called incompressible). An entry keeps 32 more bits of its hash, so a look-up reads the earlier
-//! bytes only when they very likely agree; a hit is then checked byte for byte and extended forwards and backwards
-//! as far as the bytes agree (within the block and after the previous repeat), so what is reported is exact.
+//! run are indexed when the run starts, so a repeat closer than `S` bytes goes unseen (periodic data: zstd's own
+//! business, and not what the probe calls incompressible). An entry keeps 32 more bits of its hash, so a look-up
+//! reads the earlier bytes only when they very likely agree; a hit is then checked byte for byte and extended
+//! forwards and backwards as far as the bytes agree (within the block and after the previous repeat), so what is
+//! reported is exact.
 
 /// Distance between indexed positions; look-ups come in runs of this many, every `STRIDE²` bytes.
 pub const STRIDE: usize = 64;
