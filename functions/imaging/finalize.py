@@ -21,7 +21,6 @@ from functions.imaging.upload import ObjectFrame, load_upload
 from functions.state import Image, ImageOrigin, Job, Status
 
 MANIFEST_VERSION = 1
-CONTENT_HASH_METHOD = METHOD
 BULKY_FIELDS = frozenset({"parts", "frames"})
 """Kept in the manifest object only: the image record must stay small (a DynamoDB item is at most 400 KB)."""
 
@@ -86,7 +85,7 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
         "part_count": len(uploaded.parts),
         "parts_copied": uploaded.parts_copied,
         "content_sha256": content_hash,
-        "content_hash": CONTENT_HASH_METHOD,
+        "content_hash": METHOD,
         "object_sha256": uploaded.object_sha256,
         "object_etag": uploaded.etag,
         "parts": [asdict(part) for part in uploaded.parts],

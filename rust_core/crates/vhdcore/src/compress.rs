@@ -24,6 +24,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -492,35 +493,30 @@ fn compress_and_place<S: LayerSource>(
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let spares = SparePool::default();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(ChunkFrame, Vec<u8>)>>(workers);
-    // The workers run on rayon's threads, which live as long as the process, so their scratch (buffers and zstd
-    // context, a few hundred MiB in all) is made once, not faulted in anew by every call; this thread writes.
-    rayon::in_place_scope(|scope| {
-        for _ in 0..workers {
-            let tx = tx.clone();
-            let (next, stop, spares) = (&next, &stop, &spares);
-            scope.spawn(move |_| {
-                while !stop.load(Ordering::Relaxed) {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(chunk) = plan.chunks.get(index) else { break };
-                    // This chunk's reads, and the next one's, which the other worker takes soon.
-                    prefetch(chunk);
-                    if let Some(coming) = plan.chunks.get(index + 1) {
-                        prefetch(coming);
-                    }
-                    let outcome = SCRATCH.with(|scratch| {
-                        let mut scratch = scratch.borrow_mut();
-                        let frame = scratch.compress(src, plan, chunk, level, ChunkDigest::Image)?;
-                        let bytes = std::mem::replace(&mut scratch.frame, spares.take());
-                        Ok((frame, bytes))
-                    });
-                    if tx.send(outcome).is_err() {
-                        break;
-                    }
-                }
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Compressed>(workers);
+    let senders: Vec<SyncSender<Compressed>> = (0..workers).map(|_| tx.clone()).collect();
+    drop(tx);
+    let work = |tx: SyncSender<Compressed>| {
+        while !stop.load(Ordering::Relaxed) {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(chunk) = plan.chunks.get(index) else { break };
+            // This chunk's reads, and the next one's, which the other worker takes soon.
+            prefetch(chunk);
+            if let Some(coming) = plan.chunks.get(index + 1) {
+                prefetch(coming);
+            }
+            let outcome = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let frame = scratch.compress(src, plan, chunk, level, ChunkDigest::Image)?;
+                let bytes = std::mem::replace(&mut scratch.frame, spares.take());
+                Ok((frame, bytes))
             });
+            if tx.send(outcome).is_err() {
+                break;
+            }
         }
-        drop(tx);
+    };
+    with_workers(senders, &work, || {
         let mut waiting: BTreeMap<usize, (ChunkFrame, Vec<u8>)> = BTreeMap::new();
         let mut wanted = 0usize;
         let mut at = first_offset;
@@ -553,6 +549,32 @@ fn compress_and_place<S: LayerSource>(
         drop(rx);
         outcome
     })
+}
+
+/// A compressed chunk and its frame's bytes, from a worker to the writer.
+type Compressed = Result<(ChunkFrame, Vec<u8>)>;
+
+/// Runs `work` once per item on worker threads while `lead` runs on this thread, and returns what `lead` returns
+/// once every worker is done. The workers are rayon's threads, which live as long as the process, so the scratch
+/// they keep (buffers and zstd context, a few hundred MiB in all) is made once, not faulted in anew by every call;
+/// but when this thread is itself one of rayon's, busy in `lead`, it could be the one the work waits for (a pool of
+/// one thread would never start it), so the workers are then threads of their own.
+fn with_workers<T: Send, R>(items: Vec<T>, work: &(dyn Fn(T) + Sync), lead: impl FnOnce() -> R) -> R {
+    if rayon::current_thread_index().is_some() {
+        std::thread::scope(|scope| {
+            for item in items {
+                scope.spawn(move || work(item));
+            }
+            lead()
+        })
+    } else {
+        rayon::in_place_scope(|scope| {
+            for item in items {
+                scope.spawn(move |_| work(item));
+            }
+            lead()
+        })
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -767,7 +767,7 @@ fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f
     // compressed after its context as a prefix, or streamed with a flush before it, is priced differently from the
     // image), both by the compressor's own frame encoder, so its early-abort decisions are made here too. Where the
     // target runs into the next chunk, that part starts a frame of its own.
-    SPAN_ENCODER.with(|slot| {
+    let (in_frame, encoded_bytes, encode_secs) = SPAN_ENCODER.with(|slot| -> Result<(u64, u64, f64)> {
         let mut slot = slot.borrow_mut();
         let (encoder, frame_buf) = &mut *slot;
         let encoder = encoder_for(encoder, opts.level)?;
@@ -779,26 +779,27 @@ fn run_span(stream: &Stream, start: u64, opts: &EstimateOptions, class_rate: &[f
             encoded_bytes = encoded_bytes.saturating_add(u64_of_usize(data.len()));
             Ok(u64_of_usize(frame_buf.len()))
         })?;
-        // The compressor also hashes every stored byte: its speed here, on a slice of the span, in cache.
-        let slice = &image[..image.len().min(HASH_SAMPLE)];
-        let started = Instant::now();
-        std::hint::black_box(Sha256::digest(slice));
-        let hash_secs = started.elapsed().as_secs_f64();
-        let target_from = usize_of(start.saturating_sub(context_start))?;
-        let predicted = buf[target_from.min(buf.len())..]
-            .chunks(opts.sample_size)
-            .map(|piece| class_rate.get(class_of(piece)).copied().unwrap_or(0.0) * f64_of_usize(piece.len()))
-            .sum();
-        Ok(SpanResult {
-            in_frame,
-            predicted,
-            read_bytes: u64_of_usize(buf.len()),
-            read_secs,
-            encoded_bytes,
-            encode_secs,
-            hashed_bytes: u64_of_usize(slice.len()),
-            hash_secs,
-        })
+        Ok((in_frame, encoded_bytes, encode_secs))
+    })?;
+    // The compressor also hashes every stored byte: its speed here, on a slice of the span, in cache.
+    let slice = &image[..image.len().min(HASH_SAMPLE)];
+    let started = Instant::now();
+    std::hint::black_box(Sha256::digest(slice));
+    let hash_secs = started.elapsed().as_secs_f64();
+    let target_from = usize_of(start.saturating_sub(context_start))?;
+    let predicted = buf[target_from.min(buf.len())..]
+        .chunks(opts.sample_size)
+        .map(|piece| class_rate.get(class_of(piece)).copied().unwrap_or(0.0) * f64_of_usize(piece.len()))
+        .sum();
+    Ok(SpanResult {
+        in_frame,
+        predicted,
+        read_bytes: u64_of_usize(buf.len()),
+        read_secs,
+        encoded_bytes,
+        encode_secs,
+        hashed_bytes: u64_of_usize(slice.len()),
+        hash_secs,
     })
 }
 

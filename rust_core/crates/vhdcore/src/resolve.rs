@@ -185,14 +185,6 @@ pub trait LayerSource: Sync {
         self.virtual_size().div_ceil(self.grain())
     }
 
-    /// Sectors of window `w`: `(first sector, count)`, the last window clipped to the disk.
-    fn window_sectors(&self, w: u64) -> (u64, u64) {
-        let spw = self.grain() / SECTOR_SIZE;
-        let start = w * spw;
-        let total = self.virtual_size() / SECTOR_SIZE;
-        (start, spw.min(total.saturating_sub(start)))
-    }
-
     /// Appends to `runs` the runs of window `w`, in order, covering it exactly.
     fn resolve_window(&self, w: u64, runs: &mut Vec<Run>) -> Result<()> {
         let spw = self.grain() / SECTOR_SIZE;

@@ -260,3 +260,32 @@ fn the_image_file_is_the_same_whether_the_file_system_takes_direct_writes_or_not
     vhdcore::compress_image(&chain, &plan, 3, &in_memory, &mut |_, _| true).unwrap();
     assert!(std::fs::read(&on_disk).unwrap() == std::fs::read(&in_memory).unwrap());
 }
+
+#[test]
+fn compressing_from_inside_a_rayon_pool_of_one_thread_finishes() {
+    // That thread is busy writing frames; the workers must not wait for it to be free.
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, model) = sample_chain(dir.path());
+    let out = dir.path().join("image.vhd.zst");
+    let (done, finished) = std::sync::mpsc::channel();
+    let worker_out = out.clone();
+    std::thread::spawn(move || {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let result = pool.install(|| {
+            let chain = Chain::open(&leaf, 30).unwrap();
+            let plan = chain.plan(8 * MIB).unwrap();
+            vhdcore::compress_image(&chain, &plan, 3, &worker_out, &mut |_, _| true).map(|s| s.compressed_bytes)
+        });
+        let _ = done.send(result);
+    });
+    let compressed = finished
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("compress_image run inside a one-thread rayon pool did not finish")
+        .unwrap();
+    assert_eq!(compressed, std::fs::metadata(&out).unwrap().len());
+    let vhd = dir.path().join("image.vhd");
+    std::fs::write(&vhd, decompress(&std::fs::read(&out).unwrap())).unwrap();
+    let mut flat = vec![0u8; model.len()];
+    Chain::open(&vhd, 1).unwrap().read_at(0, &mut flat).unwrap();
+    assert!(flat == model);
+}
