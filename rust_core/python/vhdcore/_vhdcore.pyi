@@ -119,6 +119,9 @@ class ImagePlan:
     def layer_paths(self) -> list[str]: ...
     @property
     def chunks(self) -> list[ChunkPlan]: ...
+    @property
+    def head_room(self) -> int:
+        """Bytes kept at the image's start for its head frame (compressed last) and the skippable frame after it."""
     def to_json(self) -> str: ...
     @staticmethod
     def from_json(text: str) -> ImagePlan: ...
@@ -213,6 +216,20 @@ class Chain:
     def compress_chunk(
         self, plan: ImagePlan, index: int, level: int = 3, digest: ChunkDigest = "image"
     ) -> ChunkFrame: ...
+    def compress_chunks_into(
+        self,
+        plan: ImagePlan,
+        first: int,
+        count: int,
+        out: str,
+        offset: int,
+        level: int = 3,
+        digest: ChunkDigest = "content",
+        sync_bytes: int = 268435456,
+        on_frame: Callable[[ChunkFrame], None] | None = None,
+        on_durable: Callable[[int], None] | None = None,
+    ) -> int:
+        """Compress chunks first..first+count-1 into `out` in place, frames in order from `offset`; the end."""
     def estimate(self, level: int = 3, chunk_size: int = 67108864, seed: int | None = None) -> Estimate: ...
     def snapshot_bytes(self, relative_parent: str) -> bytes: ...
     def merge_layout(self, layer: int) -> MergeLayout: ...
@@ -306,3 +323,5 @@ def compress_fetched_chunk(
     plan: ImagePlan, index: int, reads: list[bytes], level: int = 3, digest: ChunkDigest = "image"
 ) -> ChunkFrame: ...
 def compress_head(plan: ImagePlan, chunks: list[tuple[list[int], int]], level: int = 3) -> ChunkFrame: ...
+def head_region(head_frame: bytes, room: int) -> bytes:
+    """The head frame followed by the header of the skippable frame that fills the rest of `room`."""

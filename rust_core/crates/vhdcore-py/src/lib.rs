@@ -280,6 +280,69 @@ impl Chain {
         ImageStats::from_core(py, stats)
     }
 
+    /// Compresses chunks `first .. first + count` of `plan` on all cores into the file `out` (created when missing,
+    /// never truncated), their frames in chunk order from byte `offset`. `on_frame(frame)` sees each frame once
+    /// written (its `object_offset` set, its `frame` bytes empty); `on_durable(end)` says every frame up to byte
+    /// `end` is on the device, every `sync_bytes` of output and at the end. Returns the end of the last frame.
+    #[pyo3(
+        signature = (
+            plan, first, count, out, offset, level = vhdcore::DEFAULT_LEVEL, digest = "content",
+            sync_bytes = 256 * 1024 * 1024, on_frame = None, on_durable = None
+        ),
+        text_signature = "(self, plan, first, count, out, offset, level=3, digest='content', sync_bytes=268435456, \
+                          on_frame=None, on_durable=None)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn compress_chunks_into(
+        &self,
+        py: Python<'_>,
+        plan: &ImagePlan,
+        first: usize,
+        count: usize,
+        out: PathBuf,
+        offset: u64,
+        level: i32,
+        digest: &str,
+        sync_bytes: u64,
+        on_frame: Option<PyObject>,
+        on_durable: Option<PyObject>,
+    ) -> PyResult<u64> {
+        let digest = chunk_digest(digest).or_raise(py)?;
+        let inner = Arc::clone(&self.inner);
+        let image_plan = Arc::clone(&plan.inner);
+        let mut callback_error: Option<PyErr> = None;
+        let result = py.allow_threads(|| {
+            let mut events = |placed: vhdcore::Placed| {
+                Python::with_gil(|py| {
+                    let outcome = py.check_signals().and_then(|()| match (placed, &on_frame, &on_durable) {
+                        (vhdcore::Placed::Written(frame), Some(cb), _) => {
+                            cb.call1(py, (ChunkFrame::from_core(py, frame),)).map(|_| ())
+                        }
+                        (vhdcore::Placed::Durable { end }, _, Some(cb)) => cb.call1(py, (end,)).map(|_| ()),
+                        _ => Ok(()),
+                    });
+                    outcome.map_err(|e| callback_error = Some(e)).is_ok()
+                })
+            };
+            vhdcore::compress_chunks_into(
+                &inner,
+                &image_plan,
+                first,
+                count,
+                level,
+                digest,
+                &out,
+                offset,
+                sync_bytes,
+                &mut events,
+            )
+        });
+        if let Some(e) = callback_error {
+            return Err(e);
+        }
+        result.or_raise(py)
+    }
+
     #[pyo3(
         signature = (plan, index, level = vhdcore::DEFAULT_LEVEL, digest = "image"),
         text_signature = "(self, plan, index, level=3, digest='image')"
@@ -503,6 +566,13 @@ impl ImagePlan {
             .collect()
     }
 
+    /// Bytes kept at the start of the image for its head frame, compressed last, and the skippable frame
+    /// closing the room (the first chunk's frame starts here).
+    #[getter]
+    fn head_room(&self, py: Python<'_>) -> PyResult<u64> {
+        vhdcore::head_room(&self.inner).or_raise(py)
+    }
+
     fn to_json(&self) -> String {
         self.inner.to_json()
     }
@@ -624,6 +694,14 @@ fn compress_head(py: Python<'_>, plan: &ImagePlan, chunks: Vec<(Vec<u64>, u64)>,
     let image_plan = Arc::clone(&plan.inner);
     let frame = py.allow_threads(|| vhdcore::compress_head(&image_plan, &chunks, level)).or_raise(py)?;
     Ok(ChunkFrame::from_core(py, frame))
+}
+
+/// The first `room` bytes of an image: its head frame, then the skippable frame that fills the rest of the room
+/// (its payload, never written, reads as the file's zeros).
+#[pyfunction]
+fn head_region(py: Python<'_>, head_frame: &[u8], room: u64) -> PyResult<Py<PyBytes>> {
+    let bytes = vhdcore::head_and_gap(head_frame, room).or_raise(py)?;
+    Ok(PyBytes::new(py, &bytes).unbind())
 }
 
 #[pyclass(frozen, get_all, module = "vhdcore._vhdcore")]
@@ -1017,6 +1095,7 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_LEVEL", vhdcore::DEFAULT_LEVEL)?;
     m.add_function(wrap_pyfunction!(compress_fetched_chunk, m)?)?;
     m.add_function(wrap_pyfunction!(compress_head, m)?)?;
+    m.add_function(wrap_pyfunction!(head_region, m)?)?;
     m.add_function(wrap_pyfunction!(open_chain, m)?)?;
     m.add_function(wrap_pyfunction!(open_chain_from, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;

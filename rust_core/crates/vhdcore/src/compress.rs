@@ -480,16 +480,21 @@ pub fn prefetch(chain: &Chain, chunk: &ChunkPlan) {
 /// One writer, because ext4 serialises buffered writes to one file (the inode lock): workers writing themselves
 /// measured slower, each waiting on the other's copy. Workers take chunks in order, so few frames wait.
 /// Returns the end of the last frame, or None when `done` asked to stop.
+#[allow(clippy::too_many_arguments)]
 fn compress_and_place<S: LayerSource>(
     src: &S,
     plan: &ImagePlan,
+    chunks: &[ChunkPlan],
     level: i32,
+    digest: ChunkDigest,
     target: &Target,
     first_offset: u64,
+    sync_bytes: Option<u64>,
     prefetch: &(dyn Fn(&ChunkPlan) + Sync),
-    done: &mut dyn FnMut(ChunkFrame) -> bool,
+    done: &mut dyn FnMut(Placed) -> bool,
 ) -> Result<Option<u64>> {
-    let workers = rayon::current_num_threads().clamp(1, plan.chunks.len().max(1));
+    let workers = rayon::current_num_threads().clamp(1, chunks.len().max(1));
+    let Some(first_index) = chunks.first().map(|chunk| chunk.index) else { return Ok(Some(first_offset)) };
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let spares = SparePool::default();
@@ -499,15 +504,15 @@ fn compress_and_place<S: LayerSource>(
     let work = |tx: SyncSender<Compressed>| {
         while !stop.load(Ordering::Relaxed) {
             let index = next.fetch_add(1, Ordering::Relaxed);
-            let Some(chunk) = plan.chunks.get(index) else { break };
+            let Some(chunk) = chunks.get(index) else { break };
             // This chunk's reads, and the next one's, which the other worker takes soon.
             prefetch(chunk);
-            if let Some(coming) = plan.chunks.get(index + 1) {
+            if let Some(coming) = chunks.get(index + 1) {
                 prefetch(coming);
             }
             let outcome = SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
-                let frame = scratch.compress(src, plan, chunk, level, ChunkDigest::Image)?;
+                let frame = scratch.compress(src, plan, chunk, level, digest)?;
                 let bytes = std::mem::replace(&mut scratch.frame, spares.take());
                 Ok((frame, bytes))
             });
@@ -518,9 +523,10 @@ fn compress_and_place<S: LayerSource>(
     };
     with_workers(senders, &work, || {
         let mut waiting: BTreeMap<usize, (ChunkFrame, Vec<u8>)> = BTreeMap::new();
-        let mut wanted = 0usize;
+        let mut wanted = first_index;
         let mut at = first_offset;
-        let mut writer = AppendWriter::new(target, first_offset);
+        let mut synced_at = first_offset;
+        let mut writer = AppendWriter::new(target, first_offset)?;
         let outcome = (|| {
             for ready in rx.iter() {
                 let ready = ready?;
@@ -533,8 +539,15 @@ fn compress_and_place<S: LayerSource>(
                     at = at
                         .checked_add(frame.compressed_bytes)
                         .ok_or_else(|| VhdError::invalid_argument(None, "compressed image larger than 2^64 bytes"))?;
-                    if !done(frame) {
+                    if !done(Placed::Written(frame)) {
                         return Ok(None);
+                    }
+                    if sync_bytes.is_some_and(|every| at - synced_at >= every) {
+                        writer.sync()?;
+                        synced_at = at;
+                        if !done(Placed::Durable { end: at }) {
+                            return Ok(None);
+                        }
                     }
                 }
             }
@@ -553,6 +566,90 @@ fn compress_and_place<S: LayerSource>(
 
 /// A compressed chunk and its frame's bytes, from a worker to the writer.
 type Compressed = Result<(ChunkFrame, Vec<u8>)>;
+
+/// What the writer tells its caller, in order: each frame once written (with its offset), and, at sync points,
+/// that every frame written so far, up to byte `end`, is on the device (`fdatasync` done).
+#[derive(Debug)]
+pub enum Placed {
+    Written(ChunkFrame),
+    Durable { end: u64 },
+}
+
+/// Room kept at the start of an image file for its head frame (footer copy, header, BAT), which is compressed
+/// last: the worst case of its compressed size, plus room for the skippable frame that closes the gap.
+pub fn head_room(plan: &ImagePlan) -> Result<u64> {
+    let head_len = usize::try_from(head_length(plan)?)
+        .map_err(|_| VhdError::invalid_argument(None, "the image head does not fit in memory"))?;
+    u64::try_from(zstd::zstd_safe::compress_bound(head_len))
+        .ok()
+        .and_then(|bound| bound.checked_add(64))
+        .ok_or_else(|| VhdError::invalid_argument(None, "the image head does not fit in memory"))
+}
+
+/// The head frame and the skippable frame that fills the rest of its room: the first `room` bytes of the image,
+/// to be written at offset 0 (the skippable frame's payload is left as the file has it: zeros).
+pub fn head_and_gap(head_frame: &[u8], room: u64) -> Result<Vec<u8>> {
+    let head_size = u64::try_from(head_frame.len()).unwrap_or(u64::MAX);
+    let gap = head_size
+        .checked_add(8)
+        .and_then(|used| room.checked_sub(used))
+        .and_then(|gap| u32::try_from(gap).ok())
+        .ok_or_else(|| VhdError::invalid_argument(None, "head frame larger than its reserved room"))?;
+    let mut bytes = head_frame.to_vec();
+    bytes.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+    bytes.extend_from_slice(&gap.to_le_bytes());
+    Ok(bytes)
+}
+
+/// Compresses chunks `first .. first + count` of `plan` on all cores into the existing file `out` (created when
+/// missing, never truncated), their frames one after the other in chunk order from byte `offset`; the bytes before
+/// `offset` are left as they are. This is how an image is written once, where it will live: a run resumed after a
+/// crash starts after the last frame reported durable. `events` sees each frame once written, and
+/// [`Placed::Durable`] every `sync_bytes` of output and at the end (returning false stops the run, which then
+/// fails with [`VhdError::Interrupted`]). Returns the end of the last frame.
+#[allow(clippy::too_many_arguments)]
+pub fn compress_chunks_into(
+    chain: &Chain,
+    plan: &ImagePlan,
+    first: usize,
+    count: usize,
+    level: i32,
+    digest: ChunkDigest,
+    out: &Path,
+    offset: u64,
+    sync_bytes: u64,
+    events: &mut dyn FnMut(Placed) -> bool,
+) -> Result<u64> {
+    let end = first.checked_add(count).filter(|end| *end <= plan.chunks.len()).ok_or_else(|| {
+        VhdError::invalid_argument(
+            None,
+            format!("chunks {first}+{count} are outside the plan's {} chunks", plan.chunks.len()),
+        )
+    })?;
+    let chunks = plan.chunks.get(first..end).unwrap_or_default();
+    let target = Target::in_place(out)?;
+    let every = Some(sync_bytes.max(1));
+    let placed = compress_and_place(
+        chain,
+        plan,
+        chunks,
+        level,
+        digest,
+        &target,
+        offset,
+        every,
+        &|c| prefetch(chain, c),
+        events,
+    )?;
+    let Some(at) = placed else {
+        return Err(VhdError::Interrupted { path: chain.leaf().path.clone() });
+    };
+    target.file().sync_data().map_err(|e| VhdError::io(out, "sync", e))?;
+    if !events(Placed::Durable { end: at }) {
+        return Err(VhdError::Interrupted { path: chain.leaf().path.clone() });
+    }
+    Ok(at)
+}
 
 /// Runs `work` once per item on worker threads while `lead` runs on this thread, and returns what `lead` returns
 /// once every worker is done. The workers are rayon's threads, which live as long as the process, so the scratch
@@ -604,36 +701,40 @@ pub fn compress_image(
     progress: &mut dyn FnMut(u64, u64) -> bool,
 ) -> Result<ImageStats> {
     let started = Instant::now();
-    let head_len = usize::try_from(head_length(plan)?).unwrap_or(usize::MAX);
-    let reserved = u64::try_from(zstd::zstd_safe::compress_bound(head_len)).unwrap_or(u64::MAX) + 64;
+    let head_len = head_length(plan)?;
+    let reserved = head_room(plan)?;
     let target = Target::staged(out)?;
     let result = (|| {
         let mut chunks: Vec<ChunkFrame> = Vec::with_capacity(plan.chunks.len());
         let mut done_virtual = 0u64;
-        let mut done = |frame: ChunkFrame| -> bool {
+        let mut done = |placed: Placed| -> bool {
+            let Placed::Written(frame) = placed else { return true };
             done_virtual += frame.virtual_bytes;
             chunks.push(frame);
             progress(done_virtual, plan.virtual_size)
         };
-        let Some(at) = compress_and_place(chain, plan, level, &target, reserved, &|c| prefetch(chain, c), &mut done)?
+        let prefetch_chain = |c: &ChunkPlan| prefetch(chain, c);
+        let Some(at) = compress_and_place(
+            chain,
+            plan,
+            &plan.chunks,
+            level,
+            ChunkDigest::Image,
+            &target,
+            reserved,
+            None,
+            &prefetch_chain,
+            &mut done,
+        )?
         else {
             return Err(VhdError::Interrupted { path: chain.leaf().path.clone() });
         };
-        let write = |buf: &[u8], at: u64| target.write_at(buf, at);
         let summary: Vec<(Vec<u64>, u64)> = chunks.iter().map(|c| (c.stored_blocks.clone(), c.logical_bytes)).collect();
-        let head = compress_head(plan, &summary, level)?;
-        let head_size = u64::try_from(head.frame.len()).unwrap_or(u64::MAX);
-        let gap = reserved
-            .checked_sub(head_size + 8)
-            .ok_or_else(|| VhdError::invalid_argument(None, "head frame larger than its reserved room"))?;
-        let mut head = head;
+        let mut head = compress_head(plan, &summary, level)?;
         head.object_offset = Some(0);
-        write(&head.frame, 0)?;
-        let mut skippable = SKIPPABLE_MAGIC.to_le_bytes().to_vec();
-        skippable.extend_from_slice(&u32::try_from(gap).unwrap_or(0).to_le_bytes());
-        write(&skippable, head_size)?;
+        target.write_at(&head_and_gap(&head.frame, reserved)?, 0)?;
         target.file().set_len(at).map_err(|e| VhdError::io(target.path(), "extend", e))?;
-        let image_bytes = u64::try_from(head_len).unwrap_or(0) + chunks.iter().map(|c| c.logical_bytes).sum::<u64>();
+        let image_bytes = head_len + chunks.iter().map(|c| c.logical_bytes).sum::<u64>();
         let data_bytes = chunks.iter().map(|c| u64::try_from(c.stored_blocks.len()).unwrap_or(0)).sum::<u64>() * BLOCK;
         Ok(ImageStats {
             level,

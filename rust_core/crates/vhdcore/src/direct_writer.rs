@@ -32,7 +32,7 @@ pub(crate) struct AppendWriter<'a> {
 }
 
 impl<'a> AppendWriter<'a> {
-    pub(crate) fn new(target: &'a Target, start: u64) -> AppendWriter<'a> {
+    pub(crate) fn new(target: &'a Target, start: u64) -> Result<AppendWriter<'a>> {
         let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(target.path()).ok();
         let buf = if direct.is_some() { vec![0u8; GATHER + 2 * ALIGN] } else { Vec::new() };
         // The buffer's address is only used to find its first aligned byte.
@@ -41,10 +41,34 @@ impl<'a> AppendWriter<'a> {
         let file_offset = start - start % align;
         let mut writer = AppendWriter { target, direct, buf, aligned, len: 0, file_offset, end: start };
         if writer.direct.is_some() {
-            // The bytes between the aligned offset and `start` are the caller's (kept zero: room it fills later).
-            writer.len = usize::try_from(start - file_offset).unwrap_or(0);
+            // The bytes between the aligned offset and `start` are the file's (a frame written before, or zeros of
+            // room the caller fills later): the first direct write rewrites them as they are.
+            let keep = usize::try_from(start - file_offset).unwrap_or(0);
+            let head = &mut writer.buf[aligned..aligned + keep];
+            let mut read = 0;
+            while read < keep {
+                let at = file_offset + u64::try_from(read).unwrap_or(0);
+                match target.file().read_at(&mut head[read..], at) {
+                    Ok(0) => break, // past the end: zeros
+                    Ok(n) => read += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(VhdError::io(target.path(), "read", e)),
+                }
+            }
+            head[read..].fill(0);
+            writer.len = keep;
         }
-        writer
+        Ok(writer)
+    }
+
+    /// Puts every byte appended so far on the device: the gathered partial block goes through the buffered path
+    /// (it stays gathered, and the next direct write of that block rewrites it), then `fdatasync`.
+    pub(crate) fn sync(&mut self) -> Result<()> {
+        self.flush_blocks()?;
+        if self.direct.is_some() && self.len > 0 {
+            self.target.write_at(&self.buf[self.aligned..self.aligned + self.len], self.file_offset)?;
+        }
+        self.target.file().sync_data().map_err(|e| VhdError::io(self.target.path(), "sync", e))
     }
 
     pub(crate) fn append(&mut self, mut bytes: &[u8]) -> Result<()> {

@@ -48,7 +48,7 @@ pub struct ExportStats {
     pub seconds: f64,
 }
 
-/// Where the bytes go: a temporary file renamed into place, or a device/pipe written straight through.
+/// Where the bytes go: a temporary file renamed into place, or a device, pipe or file written in place.
 pub(crate) enum Target {
     Staged { file: File, temp: PathBuf, dest: PathBuf },
     Stream { file: File, path: PathBuf },
@@ -91,6 +91,25 @@ impl Target {
             .open(&temp)
             .map_err(|e| VhdError::io(&temp, "create", e))?;
         Ok(Target::Staged { file, temp, dest: out.to_path_buf() })
+    }
+
+    /// The regular file `out` written in place: created when missing, never truncated (the caller decides what
+    /// its bytes become and where it ends).
+    pub(crate) fn in_place(out: &Path) -> Result<Target> {
+        if std::fs::metadata(out).is_ok_and(|m| !m.is_file()) {
+            return Err(VhdError::invalid_argument(
+                Some(out),
+                format!("cannot write to {}: not a regular file", out.display()),
+            ));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(out)
+            .map_err(|e| VhdError::io(out, "open", e))?;
+        Ok(Target::Stream { file, path: out.to_path_buf() })
     }
 
     pub(crate) fn file(&self) -> &File {

@@ -30,8 +30,9 @@ pub use chain::{Chain, MAX_CHAIN_DEPTH};
 pub use check::check;
 pub use coalesce::{coalesce, coalesce_step, Budget, CoalesceReport, Merge, Pending, Skipped, StepReport};
 pub use compress::{
-    build_chunk, build_head, compress_chunk, compress_fetched_chunk, compress_head, compress_image, head_length,
-    ChunkDigest, ChunkFrame, ImageStats, CONTENT_LEAF, DEFAULT_LEVEL,
+    build_chunk, build_head, compress_chunk, compress_chunks_into, compress_fetched_chunk, compress_head,
+    compress_image, head_and_gap, head_length, head_room, ChunkDigest, ChunkFrame, ImageStats, Placed, CONTENT_LEAF,
+    DEFAULT_LEVEL,
 };
 pub use diff::{diff, DiffResult};
 pub use disk::Disk;
