@@ -1050,7 +1050,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON document")
+    parser.add_argument("--save-json", type=Path, metavar="FILE", help="also write the JSON document to FILE")
+    parser.add_argument("--from-json", type=Path, metavar="FILE", help="print the tables of a saved JSON document")
     args = parser.parse_args(argv)
+    if args.from_json:
+        print(render(json.loads(args.from_json.read_text())))
+        return 0
     if not os.access(TIME, os.X_OK):
         sys.exit(f"error: {TIME} not found (Debian package `time`): it measures the commands' peak RSS")
     for tool in ("qemu-img", "zstd", "cat", "cp"):
@@ -1106,6 +1111,8 @@ def main(argv: list[str] | None = None) -> int:
         "acceptance": acceptance(disks, startup),
         "seconds": time.perf_counter() - started,
     }
+    if args.save_json:
+        args.save_json.write_text(json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
