@@ -1,4 +1,5 @@
-"""A Map worker: compress a group of chunks into staged zstd frames (DESIGN §3).
+"""A Map worker: compress a group of chunks into zstd frames (DESIGN §3), in place in the image file or staged
+(functions.imaging.layout says which).
 
 vhdcore reads each chunk's planned source ranges from the frozen layer files (prefetched), merges the layers through
 their bitmaps and compresses one independent frame, the GIL released. A frame is staged before its result record, so
@@ -18,25 +19,16 @@ from functions.imaging import keys
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import DiskCorruptError
 from functions.imaging.jobs import hold_server_lock, record_progress
+from functions.imaging.layout import Layout, StagedFrame, load_layout, load_written, record_written, spool_key
 from functions.imaging.progress import measured_eta, step_started
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import StoreChunkReads, is_store_key
 from functions.state import Job, Status
-from functions.storage import NotFoundError
+from functions.storage import FileObjectStore, NotFoundError
 
-
-@dataclass(frozen=True)
-class StagedFrame:
-    """What Upload and the manifest need of a compressed chunk (the frame's bytes are staged beside it)."""
-
-    index: int
-    logical_bytes: int
-    content_sha256: str
-    crc32c: int
-    stored_blocks: list[int]
-    virtual_bytes: int
-    read_bytes: int
-    compressed_bytes: int
+SYNC_BYTES = 256 * 1024**2
+"""Compressed bytes written in place between two durable points (fdatasync and a record of the frames): what a
+crash may cost to redo, against one sync per 256 MiB."""
 
 
 @dataclass(frozen=True)
@@ -87,13 +79,15 @@ def recorded_worker_failure(services: ImagingServices, job_id: str) -> tuple[str
 
 
 def compress_group(services: ImagingServices, job: Job, plan_key: str, first: int, count: int) -> GroupResult:
-    """Compress chunks first .. first + count - 1 of the staged plan into staging, updating the job's progress.
+    """Compress chunks first .. first + count - 1 of the staged plan (into the image file or into staging, as the
+    job's layout says), updating the job's progress.
 
     A failure is recorded (see recorded_worker_failure) before it propagates; a later success clears it.
     """
     failure_key = worker_failure_key(job.id, first)
+    compress = _compress_in_place if load_layout(services, job.id) is Layout.IN_PLACE else _compress_group
     try:
-        result = _compress_group(services, job, plan_key, first, count)
+        result = compress(services, job, plan_key, first, count)
     except Exception as error:
         record = {"error": type(error).__name__, "message": str(error)}
         services.store.put(failure_key, json.dumps(record).encode())
@@ -102,13 +96,82 @@ def compress_group(services: ImagingServices, job: Job, plan_key: str, first: in
     return result
 
 
-def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: int, count: int) -> GroupResult:
-    hold_server_lock(services, job)
-    plan = load_plan(services, plan_key)
+def _checked_group(plan: vhdcore.ImagePlan, first: int, count: int) -> list[vhdcore.ChunkPlan]:
     chunks = plan.chunks
     if first < 0 or count < 1 or first + count > len(chunks):
         raise DiskCorruptError(f"chunk group {first}+{count} is outside the plan's {len(chunks)} chunks")
+    return chunks[first : first + count]
+
+
+def _count_progress(services: ImagingServices, job: Job, plan: vhdcore.ImagePlan, length: int) -> None:
+    """`length` more virtual bytes compressed, with the ETA measured since the step began."""
     started = step_started(job, Status.SAVING) or services.now()
+    elapsed = (services.now() - started).total_seconds()
+    current = services.state.get_job(job.id)
+    eta = measured_eta(current.bytes_done + length, plan.virtual_size, elapsed, current.eta_seconds)
+    record_progress(services, job.id, add_bytes=length, total=plan.virtual_size, eta_seconds=eta)
+
+
+def _compress_in_place(services: ImagingServices, job: Job, plan_key: str, first: int, count: int) -> GroupResult:
+    """Every chunk's frame written once, where it belongs in the image file (after the head's room), resuming
+    after the frames a previous attempt recorded as durable."""
+    hold_server_lock(services, job)
+    store = services.store
+    if not isinstance(store, FileObjectStore):
+        raise RuntimeError(f"an image is written in place only in a file store, not {store.url}")
+    plan = load_plan(services, plan_key)
+    chunks = _checked_group(plan, first, count)
+    if first != 0 or count != len(plan.chunks):
+        raise RuntimeError(f"an image written in place is compressed by one Map item, not chunks {first}+{count}")
+    chain = _open_planned_chain(services, plan)
+    if not isinstance(chain, vhdcore.Chain):
+        raise RuntimeError("an image is written in place only from a chain of local files")
+    done = load_written(services, job.id)
+    offset = done[-1].offset + done[-1].compressed_bytes if done and done[-1].offset is not None else plan.head_room
+    batch: list[StagedFrame] = []
+    fresh: list[StagedFrame] = []
+
+    def on_frame(frame: vhdcore.ChunkFrame) -> None:
+        staged = _staged_record(frame, offset=frame.object_offset)
+        batch.append(staged)
+        fresh.append(staged)
+        _count_progress(services, job, plan, staged.virtual_bytes)
+
+    def on_durable(end: int) -> None:
+        record_written(services, job.id, batch)
+        batch.clear()
+
+    remaining = len(chunks) - len(done)
+    if remaining:
+        try:
+            chain.compress_chunks_into(
+                plan,
+                len(done),
+                remaining,
+                str(store.spool_path(spool_key(job.id))),
+                offset,
+                level=services.config.level,
+                digest="content",
+                sync_bytes=SYNC_BYTES,
+                on_frame=on_frame,
+                on_durable=on_durable,
+            )
+        except vhdcore.VhdError as error:
+            raise DiskCorruptError(str(error)) from error
+    frames = done + fresh
+    return GroupResult(
+        compressed=len(fresh),
+        reused=len(done),
+        virtual_bytes=sum(frame.virtual_bytes for frame in frames),
+        read_bytes=sum(frame.read_bytes for frame in frames),
+        compressed_bytes=sum(frame.compressed_bytes for frame in frames),
+    )
+
+
+def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: int, count: int) -> GroupResult:
+    hold_server_lock(services, job)
+    plan = load_plan(services, plan_key)
+    chunks = _checked_group(plan, first, count)
     chain = _open_planned_chain(services, plan)
 
     def stage(frame: vhdcore.ChunkFrame, chunk: vhdcore.ChunkPlan) -> StagedFrame:
@@ -116,10 +179,7 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
             staged = _stage_frame(services, job, frame)
         finally:
             pending.release()
-        elapsed = (services.now() - started).total_seconds()
-        current = services.state.get_job(job.id)
-        eta = measured_eta(current.bytes_done + chunk.length, plan.virtual_size, elapsed, current.eta_seconds)
-        record_progress(services, job.id, add_bytes=chunk.length, total=plan.virtual_size, eta_seconds=eta)
+        _count_progress(services, job, plan, chunk.length)
         return staged
 
     def one(chunk: vhdcore.ChunkPlan) -> Future[StagedFrame] | StagedFrame:
@@ -137,7 +197,7 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
     pending = threading.BoundedSemaphore(threads)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage") as stager:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chunk") as pool:
-            outcomes = list(pool.map(one, chunks[first : first + count]))
+            outcomes = list(pool.map(one, chunks))
         done = [(o.result(), True) if isinstance(o, Future) else (o, False) for o in outcomes]
     frames = [staged for staged, _ in done]
     compressed = sum(fresh for _, fresh in done)
@@ -171,11 +231,10 @@ def _compress_chunk(
         raise DiskCorruptError(str(error)) from error
 
 
-def _stage_frame(services: ImagingServices, job: Job, frame: vhdcore.ChunkFrame) -> StagedFrame:
-    """The frame, then its record (whose presence says the frame is whole)."""
+def _staged_record(frame: vhdcore.ChunkFrame, offset: int | None = None) -> StagedFrame:
     if frame.index is None:
-        raise RuntimeError("the head frame is not staged by a worker")
-    staged = StagedFrame(
+        raise RuntimeError("the head frame is not compressed by a worker")
+    return StagedFrame(
         index=frame.index,
         logical_bytes=frame.logical_bytes,
         content_sha256=_content_digest(frame),
@@ -183,8 +242,14 @@ def _stage_frame(services: ImagingServices, job: Job, frame: vhdcore.ChunkFrame)
         stored_blocks=list(frame.stored_blocks),
         virtual_bytes=frame.virtual_bytes,
         read_bytes=frame.read_bytes,
-        compressed_bytes=len(frame.frame),
+        compressed_bytes=frame.compressed_bytes,
+        offset=offset,
     )
+
+
+def _stage_frame(services: ImagingServices, job: Job, frame: vhdcore.ChunkFrame) -> StagedFrame:
+    """The frame, then its record (whose presence says the frame is whole)."""
+    staged = _staged_record(frame)
     services.store.put(keys.frame_key(job.id, staged.index), frame.frame)
     services.store.put(keys.frame_result_key(job.id, staged.index), json.dumps(asdict(staged)).encode())
     return staged

@@ -14,6 +14,7 @@ from functions.imaging.content import METHOD, content_tree_sha256
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import ImageVerificationError
 from functions.imaging.jobs import advance_job, release_server_lock
+from functions.imaging.layout import Layout
 from functions.imaging.planning import estimate_key
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain, snapshot_key
@@ -81,7 +82,8 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
         "compression_ratio": chain.virtual_size / uploaded.size if uploaded.size else None,
         "block_size": vhdcore.DEFAULT_BLOCK_SIZE,
         "chunk_size": services.config.chunk_size,
-        "part_size": services.config.part_size,
+        "object_layout": uploaded.layout,
+        "part_size": services.config.part_size if uploaded.layout == Layout.STAGED else None,
         "part_count": len(uploaded.parts),
         "parts_copied": uploaded.parts_copied,
         "content_sha256": content_hash,

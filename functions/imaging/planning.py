@@ -13,6 +13,7 @@ from functions.imaging import keys
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import FlavorTooSlowError
 from functions.imaging.jobs import hold_server_lock, set_progress
+from functions.imaging.layout import Layout, choose_layout, record_layout
 from functions.imaging.progress import flavor_class, upload_seconds
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain
@@ -93,7 +94,11 @@ def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> Stag
             }
         ).encode(),
     )
-    groups = group_chunks([chunk.length for chunk in plan.chunks], config.group_bytes)
+    layout = choose_layout(services, frozen.leaf)
+    record_layout(services, job.id, layout)
+    # In place, one Map item writes the whole image (frames in order, on all cores): offsets follow one another.
+    group_bytes = plan.virtual_size if layout is Layout.IN_PLACE else config.group_bytes
+    groups = group_chunks([chunk.length for chunk in plan.chunks], max(1, group_bytes))
     set_progress(services, job.id, done=0, total=plan.virtual_size, eta_seconds=predicted)
     return StagedPlan(
         plan_key=key,

@@ -37,6 +37,9 @@ class ImagingConfig:
     coalesce_deadline_s: float = 1800.0
     coalesce_slice_bytes: int | None = None
     """Bytes one Coalesce invocation may copy (None: bounded by its remaining time only)."""
+    object_layout: str = "auto"
+    """Where compressed frames go (functions.imaging.layout): "auto" (in place in the image file on a file store
+    with a local chain, else staged), "staged" (staged objects and a multipart upload, as on S3), or "in_place"."""
     max_job_s: float = 12 * 3600.0
     """A job predicted to run longer than this (at its flavor's bandwidth) fails with FLAVOR_TOO_SLOW."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)

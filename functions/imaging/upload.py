@@ -1,4 +1,11 @@
-"""Upload (50%): the head frame and the staged frames become the image object as one multipart upload.
+"""Upload (50%): the head frame and the compressed frames become the image object.
+
+In place (a file store, functions.imaging.layout): the frames already sit where they belong in the image file; the
+head is compressed into the room kept for it and the file is published under the image's key by a rename. Its
+parts, for the manifest and `imaging image verify`, are the head's room and each frame, with the CRC32C the workers
+computed; the object's checksum is their composite, as S3 forms a multipart object's.
+
+Staged (S3, or a chain read by ranged GETs): one multipart upload.
 
 Parts follow frame boundaries (plan_frame_parts). A part that is exactly one staged frame of at least 5 MiB is
 copied inside the store (upload_part_copy); the others are assembled and sent with their CRC32C. The upload id is
@@ -13,18 +20,19 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import vhdcore
 from functions.imaging import keys
-from functions.imaging.compress import StagedFrame, load_frame, load_plan
+from functions.imaging.compress import load_frame, load_plan
 from functions.imaging.errors import ChunksNotCompressedError, ImageVerificationError, StorageUnavailableError
-from functions.imaging.jobs import advance_job, hold_server_lock, record_progress, revise_job
+from functions.imaging.jobs import advance_job, hold_server_lock, record_progress, revise_job, set_progress
+from functions.imaging.layout import Layout, StagedFrame, load_layout, load_written, spool_key
 from functions.imaging.progress import flavor_class, measured_eta
 from functions.imaging.services import ImagingServices
 from functions.state import Job, Status
-from functions.storage import NotFoundError, StorageError
+from functions.storage import FileObjectStore, NotFoundError, StorageError
 from functions.storage.bandwidth import bucket_for_flavor_class
 from functions.storage.checksums import composite_crc32c, crc32c, md5_etag, multipart_etag, same_object_checksum
 from functions.storage.objects import MIN_PART_SIZE, ObjectInfo, PartInfo
@@ -70,8 +78,10 @@ class UploadedImage:
     parts: list[StoredPart]
     parts_copied: int
     seconds: float
-    object_sha256: str
-    """Of the bytes sent, frame by frame; the store vouches for what it keeps by the parts' CRC32C."""
+    object_sha256: str | None
+    """Of the bytes sent, frame by frame; the store vouches for what it keeps by the parts' CRC32C. None for an
+    image written in place: no step reads its bytes again (the parts' CRC32C, from the workers, vouch for it)."""
+    layout: str = Layout.STAGED.value
 
 
 def upload_record_key(job_id: str) -> str:
@@ -91,6 +101,8 @@ def upload_image(services: ImagingServices, job: Job, plan_key: str, flavor: str
     started = services.monotonic()
     job = advance_job(services, job.id, Status.UPLOADING)
     try:
+        if load_layout(services, job.id) is Layout.IN_PLACE:
+            return _publish_in_place(services, job, plan_key, started)
         return _upload(services, job, plan_key, flavor, started)
     except StorageError as error:
         raise StorageUnavailableError(str(error)) from error
@@ -191,6 +203,68 @@ def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | No
     )
     store.put(upload_record_key(job.id), json.dumps(asdict(result)).encode())
     return result
+
+
+def _publish_in_place(services: ImagingServices, job: Job, plan_key: str, started: float) -> UploadedImage:
+    """The head into its room, the file published under the image's key (a rename), its size and checksum checked.
+    Safe to repeat: the head is the same every time, and a file already published is checked, not written."""
+    store = services.store
+    if not isinstance(store, FileObjectStore):
+        raise RuntimeError(f"an image is written in place only in a file store, not {store.url}")
+    plan = load_plan(services, plan_key)
+    staged = load_written(services, job.id)
+    if len(staged) != len(plan.chunks):
+        missing = len(plan.chunks) - len(staged)
+        raise ChunksNotCompressedError(f"{missing} chunks were not written, from chunk {len(staged)} on")
+    head = vhdcore.compress_head(
+        plan, [(frame.stored_blocks, frame.logical_bytes) for frame in staged], services.config.level
+    )
+    room = plan.head_room
+    region = vhdcore.head_region(head.frame, room).ljust(room, b"\0")
+    frames = _layout(head, staged)
+    frames = [frames[0], *(_placed(frame, staged[position]) for position, frame in enumerate(frames[1:]))]
+    size = frames[-1].offset + frames[-1].compressed_bytes if staged else room
+    parts = [StoredPart(1, 0, room, crc32c(region), "", False)]
+    for frame in frames[1:]:
+        if frame.compressed_bytes:
+            parts.append(StoredPart(len(parts) + 1, frame.offset, frame.compressed_bytes, frame.crc32c, "", False))
+    checksum = composite_crc32c([part.crc32c for part in parts])
+    key, spool = keys.image_key(job.image_id), spool_key(job.id)
+    try:
+        path = store.spool_path(spool)
+        with path.open("r+b") as image:
+            image.write(region)
+            image.truncate(size)
+        info = store.publish(spool, key, checksum)
+    except (FileNotFoundError, NotFoundError):
+        info = store.head(key)  # published by an attempt that died before recording it
+    if info.size != size or info.checksum_crc32c is None or not same_object_checksum(info.checksum_crc32c, checksum):
+        raise ImageVerificationError(
+            f"the image file has {info.size} bytes and checksum {info.checksum_crc32c}, expected {size} and {checksum}"
+        )
+    set_progress(services, job.id, done=size, total=size, eta_seconds=0.0)
+    result = UploadedImage(
+        key=key,
+        upload_id="",
+        size=size,
+        etag=info.etag,
+        image_bytes=sum(frame.logical_bytes for frame in frames),
+        frames=frames,
+        parts=parts,
+        parts_copied=0,
+        seconds=services.monotonic() - started,
+        object_sha256=None,
+        layout=Layout.IN_PLACE.value,
+    )
+    store.put(upload_record_key(job.id), json.dumps(asdict(result)).encode())
+    return result
+
+
+def _placed(frame: ObjectFrame, staged: StagedFrame) -> ObjectFrame:
+    """A frame at the offset its worker wrote it to (after the head's room, not right after the head)."""
+    if staged.offset is None:
+        raise ImageVerificationError(f"chunk {staged.index} was written in place without an offset")
+    return replace(frame, offset=staged.offset)
 
 
 def _object_sha256(services: ImagingServices, job_id: str, head: vhdcore.ChunkFrame, frames: list[ObjectFrame]) -> str:

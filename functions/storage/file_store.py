@@ -199,6 +199,46 @@ class FileObjectStore:
         for folder in folders:
             _fsync_dir(folder)
 
+    # -- writing in place (one write of an image: DESIGN §3, issue 13) ------------------------------------------
+
+    def spool_path(self, key: str) -> Path:
+        """The file behind `key`, for a writer that fills it in place (vhdcore writes an image's frames where they
+        belong) before `publish` moves it under its final key. Only spools are written in place: every other object
+        is replaced whole, as on S3, and a spool is not published until its writer says it is complete."""
+        path = self._object_path(key)
+        self._make_parent(key, path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if _get_attr(fd, _ETAG_ATTR) is None:
+                # Listed like any object meanwhile (staging is listed to be deleted): placeholder metadata spares
+                # `head` a read of the whole file to compute what `publish` records anyway.
+                _set_metadata(fd, _new_etag(0, 0), encode_crc32c(0))
+        finally:
+            os.close(fd)
+        return path
+
+    def publish(self, spool_key: str, key: str, checksum_crc32c: str) -> ObjectInfo:
+        """Make the spool's bytes the object `key` by a rename (no byte copied): its checksum recorded (the caller
+        computed it as it wrote), the file and the folder made durable. NotFoundError if the spool is gone."""
+        spool, path = self._object_path(spool_key), self._object_path(key)
+        try:
+            fd = os.open(spool, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFoundError("no such spool", key=spool_key) from None
+        try:
+            size = os.fstat(fd).st_size
+            etag = _new_etag(decode_crc32c(checksum_crc32c.partition("-")[0]), size)
+            _set_metadata(fd, etag, checksum_crc32c)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self._key_lock(key):
+            self._make_parent(key, path)
+            _replace(spool, path, key)
+            _fsync_dir(path.parent)
+        _fsync_dir(spool.parent)
+        return ObjectInfo(key=key, size=size, etag=etag, checksum_crc32c=checksum_crc32c)
+
     # -- multipart --------------------------------------------------------------------------------------------
 
     def create_multipart(self, key: str) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import pytest
 
 from functions.imaging.content import LEGACY_METHOD
@@ -99,7 +100,11 @@ def test_a_disk_is_imaged_verified_exported_checked_for_damage_and_deleted(
     assert stored == tmp_path / "data" / "store" / "images" / image_id / "image.vhd.zst"
     chunk_size = created["manifest"]["chunk_size"]
     assert created["manifest"]["content_sha256"] == content_tree_sha256(expected, chunk_size)
-    assert created["manifest"]["object_sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
+    stored_bytes = stored.read_bytes()
+    assert created["manifest"]["object_layout"] == "in_place"  # written once, where it lives
+    for part in created["manifest"]["parts"]:
+        assert crc32c.crc32c(stored_bytes[part["offset"] : part["offset"] + part["length"]]) == part["crc32c"]
+    assert sum(part["length"] for part in created["manifest"]["parts"]) == len(stored_bytes)
 
     listed = ok_json(cli("image", "list", "--json"))
     assert [(item["id"], item["status"]) for item in listed] == [(image_id, "ACTIVE")]

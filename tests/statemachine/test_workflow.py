@@ -11,13 +11,17 @@ import json
 import random
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import pytest
 
 import vhdcore
+from functions.imaging.images import verify_image
+from functions.imaging.services import ImagingServices
 from functions.state import SqliteStateStore, Status
 from functions.storage import FileObjectStore, StorageError
 from statemachine.engine import ExecutionResult, Handler
@@ -78,6 +82,11 @@ def build_sample_chain(folder: Path, seed: int = 7) -> Path:
     return leaf
 
 
+@contextmanager
+def opened_services(env: Env) -> Iterator[ImagingServices]:
+    yield ImagingServices(store=env.store, state=env.state)
+
+
 def request(job: str, *, disk: Path | None = None, server: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"job_id": job, "image_id": f"img-{job}", "tenant": "acme", "name": f"image of {job}"}
     if disk is not None:
@@ -120,7 +129,10 @@ def _tools(qemu_img: str, zstd_exe: str) -> None:
     """Every test here checks images with the outside tools."""
 
 
-def test_a_disk_becomes_a_verified_image(env: Env) -> None:
+def test_a_disk_becomes_a_verified_image_through_staged_frames_and_a_multipart_upload(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGING_OBJECT_LAYOUT", "staged")  # as on S3: several Map items, frames staged as objects
     leaf = build_sample_chain(env.root / "disks")
     chain_files = [env.root / "disks" / name for name in ("base.vhd", "middle.vhd", "leaf.vhd")]
     before = snapshot_files(chain_files)
@@ -222,6 +234,7 @@ def test_a_layer_lost_inside_the_map_fails_and_cleans_staging(env: Env) -> None:
 def test_a_storage_failure_mid_upload_aborts_the_upload_and_releases_the_lock(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("IMAGING_OBJECT_LAYOUT", "staged")
     leaf = build_sample_chain(env.root / "disks")
     register_server(env, leaf)
     original = FileObjectStore.upload_part
@@ -255,6 +268,7 @@ class WorkerCrashed(Exception):  # noqa: N818 - the Lambda error name the ASL re
 def test_a_worker_crash_inside_the_map_is_retried_and_reuses_staged_frames(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("IMAGING_OBJECT_LAYOUT", "staged")
     leaf = build_sample_chain(env.root / "disks")
     expected = flatten(leaf)
     original_put = FileObjectStore.put
@@ -290,6 +304,86 @@ def test_a_worker_crash_inside_the_map_is_retried_and_reuses_staged_frames(
     assert sorted(invocations) == [(0, "ok"), (2, "WorkerCrashed"), (2, "ok"), (4, "ok")]
     assert frames_written.count("000002.zst") == 1  # staged before the crash, reused by the retry
     assert image_raw(env, "img-job6") == expected
+
+
+def test_on_a_file_store_the_image_is_written_once_where_it_lives(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    leaf = build_sample_chain(env.root / "disks")
+    expected = flatten(leaf)
+    original_put = FileObjectStore.put
+    staged_frames: list[str] = []
+
+    def observed_put(self: FileObjectStore, key: str, data: bytes, **kwargs: Any) -> Any:
+        if "/frames/" in key:
+            staged_frames.append(key)
+        return original_put(self, key, data, **kwargs)
+
+    def no_multipart(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an image written in place is not uploaded again")
+
+    monkeypatch.setattr(FileObjectStore, "put", observed_put)
+    for method in ("create_multipart", "upload_part", "upload_part_copy", "complete_multipart"):
+        monkeypatch.setattr(FileObjectStore, method, no_multipart)
+
+    result = run(request("job20", disk=leaf))
+
+    assert result.succeeded, (result.error, result.cause)
+    assert result.output["plan"]["groups"] == [{"first": 0, "count": DISK_SIZE // CHUNK}]  # one item, all cores
+    assert staged_frames == []
+    assert image_raw(env, "img-job20") == expected
+    manifest = json.loads(env.store.get("images/img-job20/manifest.json"))
+    stored = env.store.get("images/img-job20/image.vhd.zst")
+    assert (manifest["object_layout"], manifest["compressed_size"]) == ("in_place", len(stored))
+    assert manifest["content_sha256"] == content_tree_sha256(expected, manifest["chunk_size"])
+    # The parts' CRC32C (the workers') hold for the bytes stored, and cover the whole object without a gap.
+    assert [part["offset"] for part in manifest["parts"]] == [0] + [
+        frame["offset"] for frame in manifest["frames"][1:] if frame["compressed_bytes"]
+    ]
+    end = 0
+    for part in manifest["parts"]:
+        assert part["offset"] == end
+        assert crc32c.crc32c(stored[part["offset"] : part["offset"] + part["length"]]) == part["crc32c"]
+        end += part["length"]
+    assert end == len(stored)
+    assert env.store.head("images/img-job20/image.vhd.zst").checksum_crc32c is not None
+    job = env.state.get_job("job20")
+    assert (job.status, job.bytes_done, job.bytes_total) == (Status.ACTIVE, len(stored), len(stored))
+    assert list(env.store.list_objects("staging/")) == []
+    with opened_services(env) as services:
+        assert verify_image(services, "img-job20").ok
+
+
+def test_a_crash_while_writing_in_place_resumes_after_the_durable_frames(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from functions.imaging import compress
+
+    leaf = build_sample_chain(env.root / "disks")
+    expected = flatten(leaf)
+    monkeypatch.setattr(compress, "SYNC_BYTES", 1)  # every frame is a durable point
+    original_record, original_staged = compress.record_written, compress._staged_record
+    recorded: list[int] = []
+    compressed: list[int] = []
+
+    def record_then_crash(services: Any, job_id: str, frames: list[Any]) -> None:
+        if len(recorded) == 2:
+            recorded.append(-1)
+            raise WorkerCrashed("worker process exited")  # chunk 2 is written, but not recorded as durable
+        recorded.extend(frame.index for frame in frames)
+        original_record(services, job_id, frames)
+
+    def observed_staged(frame: Any, offset: int | None = None) -> Any:
+        compressed.append(frame.index)
+        return original_staged(frame, offset)
+
+    monkeypatch.setattr(compress, "record_written", record_then_crash)
+    monkeypatch.setattr(compress, "_staged_record", observed_staged)
+
+    result = run(request("job21", disk=leaf))
+
+    assert result.succeeded, (result.error, result.cause)
+    assert recorded == [0, 1, -1, 2, 3, 4, 5]
+    assert compressed == [0, 1, 2, 2, 3, 4, 5]  # the retry started after the durable frames 0 and 1
+    assert image_raw(env, "img-job21") == expected
 
 
 def test_coalesce_past_the_deadline_fails_with_coalesce_timeout(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
