@@ -18,16 +18,18 @@ a separate moto server), which is why this does not use `moto.mock_aws`.
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import gc
+import importlib.util
 import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
-import urllib.request
+import types
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,10 +37,40 @@ from io import BytesIO
 from typing import Any, Protocol
 from zipfile import ZipFile
 
-import boto3
-from moto.awslambda_simple.models import LambdaSimpleBackend
-from moto.server import ThreadedMotoServer
-from moto.stepfunctions.parser.backend.execution import Execution as InterpreterExecution
+
+def _enter_moto_batch_without_its_models() -> None:
+    """moto's interpreter imports `moto.batch.utils` (one enum, for its Batch task service); the package's
+    `__init__` imports Batch's models and, with them, all of EC2's: 0.67 s of the engine's 1 s of imports, for a
+    service no imaging workflow calls. The package is entered without its `__init__`: its submodules import as
+    usual, and a name of the package itself (`batch_backends`) is taken from its models on first use."""
+    if "moto.batch" in sys.modules:
+        return
+    spec = importlib.util.find_spec("moto.batch")
+    if spec is None or spec.submodule_search_locations is None:
+        return  # another layout of moto: import it as it comes
+    package = types.ModuleType("moto.batch")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__package__ = "moto.batch"
+
+    def from_models(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(importlib.import_module("moto.batch.models"), name)
+
+    package.__getattr__ = from_models  # type: ignore[method-assign]
+    sys.modules["moto.batch"] = package
+
+
+_enter_moto_batch_without_its_models()
+
+import boto3  # noqa: E402 - after the batch package is entered
+from moto.awslambda_simple.models import LambdaSimpleBackend, lambda_simple_backends  # noqa: E402
+from moto.iam.models import iam_backends  # noqa: E402
+from moto.moto_api._internal.models import moto_api_backend  # noqa: E402
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app  # noqa: E402
+from moto.stepfunctions.parser.backend.execution import Execution as InterpreterExecution  # noqa: E402
+from moto.stepfunctions.parser.models import stepfunctions_parser_backends  # noqa: E402
+from werkzeug.serving import BaseWSGIServer, make_server  # noqa: E402
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -58,6 +90,8 @@ _TRUST_POLICY = json.dumps(
     }
 )
 DEFAULT_FUNCTION_TIMEOUT_S = 900
+SERVER_POLL_S = 0.02
+"""How often the server's loop looks for a shutdown request: stopping the engine waits at most this long."""
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
 
 
@@ -195,12 +229,16 @@ def _shared_on_deepcopy(self: InterpreterExecution, memo: dict[int, Any]) -> Int
 InterpreterExecution.__deepcopy__ = _shared_on_deepcopy  # type: ignore[attr-defined]
 
 
-def _function_zip() -> bytes:
-    """A placeholder deployment package: the code that runs is the registered handler."""
+def _function_zip() -> str:
+    """A placeholder deployment package (base64, as the API takes it): the code that runs is the registered
+    handler."""
     buffer = BytesIO()
     with ZipFile(buffer, "w") as archive:
         archive.writestr("handler.py", "# runs in-process through statemachine.engine\n")
-    return buffer.getvalue()
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+_FUNCTION_ZIP = _function_zip()
 
 
 def substitute(definition: str, substitutions: Mapping[str, str]) -> str:
@@ -215,22 +253,40 @@ def substitute(definition: str, substitutions: Mapping[str, str]) -> str:
     return out
 
 
+class _Server:
+    """moto's server app on a loopback port, in a thread, stopped within SERVER_POLL_S (moto's ThreadedMotoServer
+    polls every 0.5 s, which every command paid on exit)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._wsgi: BaseWSGIServer = make_server(host, port, DomainDispatcherApplication(create_backend_app), True)
+        self._thread = threading.Thread(
+            target=self._wsgi.serve_forever, kwargs={"poll_interval": SERVER_POLL_S}, name="engine", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._wsgi.shutdown()
+        self._wsgi.server_close()
+        self._thread.join()
+
+
 class LocalEngine:
     """Runs ASL state machines in this process on moto's Step Functions interpreter.
 
     Use as a context manager; one engine runs per process at a time (the interpreter finds the server through
-    the `MOTO_PORT` environment variable).
+    the `MOTO_PORT` environment variable). What the engine itself does to moto (its configuration, the functions,
+    the state machines, the executions' status) it does through moto's backends in this process; the interpreter
+    calls the functions through the server, as it would call AWS.
     """
 
     def __init__(self, *, quiet: bool = True, host: str = "127.0.0.1", port: int = 0) -> None:
         self._host = host
         self._port = port
         self._quiet = quiet
-        self._server: ThreadedMotoServer | None = None
+        self._server: _Server | None = None
         self._endpoint = ""
         self._arns: list[str] = []
         self._previous_port: str | None = None
-        self._sfn: Any = None
 
     # --- life cycle --------------------------------------------------------------------------------------------
     def __enter__(self) -> LocalEngine:
@@ -252,26 +308,14 @@ class LocalEngine:
                 for name in ("moto", "werkzeug"):
                     logging.getLogger(name).setLevel(logging.CRITICAL)
             port = self._port or _free_port(self._host)
-            self._server = ThreadedMotoServer(ip_address=self._host, port=port, verbose=False)
-            self._server.start()
+            self._server = _Server(self._host, port)
             self._endpoint = f"http://{self._host}:{port}"
             self._previous_port = os.environ.get("MOTO_PORT")
             os.environ["MOTO_PORT"] = str(port)
-            config = {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
-            request = urllib.request.Request(
-                f"{self._endpoint}/moto-api/config",
-                data=json.dumps(config).encode(),
-                headers={"Content-Type": "application/json"},
-                method="POST",
+            moto_api_backend.set_config(
+                {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
             )
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                if answer.status >= 300:
-                    raise EngineError(f"moto refused the engine's configuration: HTTP {answer.status}")
-            self._sfn = self.client("stepfunctions")
-            iam = self.client("iam")
-            # moto's backends outlive an engine: a later engine in this process finds the role there.
-            with contextlib.suppress(iam.exceptions.EntityAlreadyExistsException):
-                iam.create_role(RoleName=EXECUTION_ROLE_NAME, AssumeRolePolicyDocument=_TRUST_POLICY)
+            _ensure_execution_role()
             # moto and botocore leave hundreds of thousands of long-lived objects; freezing them keeps the full
             # collections that the executions' allocations trigger from scanning them again (measured: ~5% of an
             # imaging run's CPU went to the collector).
@@ -320,21 +364,24 @@ class LocalEngine:
         with _REGISTRY_LOCK:
             if arn in _REGISTRY:
                 raise EngineError(f"a function named {name!r} is already registered")
-        functions = self.client("lambda")
-        try:
-            created = functions.create_function(
-                FunctionName=name,
-                Runtime="python3.12",
-                Role=EXECUTION_ROLE,
-                Handler="handler.handler",
-                Code={"ZipFile": _function_zip()},
-                Timeout=int(timeout_s),
-            )
-        except functions.exceptions.ResourceConflictException:
-            # Left by an earlier engine of this process (moto's backends outlive it): the registry decides what runs.
-            created = functions.update_function_configuration(FunctionName=name, Timeout=int(timeout_s))
-        if created["FunctionArn"] != arn:
-            raise EngineError(f"unexpected ARN {created['FunctionArn']} for function {name}")
+        if not self._endpoint:
+            raise EngineError("the engine is not running")
+        functions = lambda_simple_backends[ACCOUNT][REGION]
+        spec = {
+            "FunctionName": name,
+            "Runtime": "python3.12",
+            "Role": EXECUTION_ROLE,
+            "Handler": "handler.handler",
+            "Code": {"ZipFile": _FUNCTION_ZIP},
+            "Timeout": int(timeout_s),
+        }
+        # Left by an earlier engine of this process (moto's backends outlive it): replaced; the registry decides
+        # what runs.
+        if any(function.function_name == name for function in functions.list_functions()):
+            functions.delete_function(name, None)
+        created = functions.create_function(spec)
+        if created.function_arn != arn:
+            raise EngineError(f"unexpected ARN {created.function_arn} for function {name}")
         with _REGISTRY_LOCK:
             _REGISTRY[arn] = _Registered(handler=handler, timeout_s=timeout_s, arn=arn)
             self._arns.append(arn)
@@ -355,40 +402,40 @@ class LocalEngine:
             json.loads(text)
         except json.JSONDecodeError as error:
             raise EngineError(f"the state machine definition is not JSON: {error}") from error
-        for machine in self._sfn.list_state_machines()["stateMachines"]:
-            if machine["name"] == name:
-                self._sfn.update_state_machine(stateMachineArn=machine["stateMachineArn"], definition=text)
-                return str(machine["stateMachineArn"])
-        created = self._sfn.create_state_machine(name=name, definition=text, roleArn=EXECUTION_ROLE)
-        return str(created["stateMachineArn"])
+        machines = _machines()
+        for machine in machines.state_machines:
+            if machine.name == name:
+                machines.update_state_machine(machine.arn, definition=text)
+                return str(machine.arn)
+        return str(machines.create_state_machine(name=name, definition=text, roleArn=EXECUTION_ROLE).arn)
 
     # --- executions --------------------------------------------------------------------------------------------
     def start_execution(self, state_machine_arn: str, payload: Any, name: str | None = None) -> str:
         """Start an execution (always named: moto needs it) and return its ARN without waiting."""
-        started = self._sfn.start_execution(
-            stateMachineArn=state_machine_arn, name=name or str(uuid.uuid4()), input=json.dumps(payload)
+        execution = _machines().start_execution(
+            state_machine_arn, name=name or str(uuid.uuid4()), execution_input=json.dumps(payload)
         )
-        return str(started["executionArn"])
+        return str(execution.exec_arn)
 
     def status(self, execution_arn: str) -> str:
-        return str(self._sfn.describe_execution(executionArn=execution_arn)["status"])
+        """The execution's status, read from the interpreter (cheap enough to poll often)."""
+        return str(_machines().describe_execution(execution_arn).status)
 
     def wait(self, execution_arn: str, timeout_s: float | None = None) -> ExecutionResult:
         """Wait until the execution ends (polling its status, as a Step Functions client does) and return it."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         interval = 0.005
-        while True:
-            described = self._sfn.describe_execution(executionArn=execution_arn)
-            if described["status"] in TERMINAL_STATUSES:
-                break
+        while self.status(execution_arn) not in TERMINAL_STATUSES:
             if deadline is not None and time.monotonic() > deadline:
                 raise EngineError(f"execution {execution_arn} still running after {timeout_s} s")
             time.sleep(interval)
-            interval = min(interval * 2, 0.1)
+            interval = min(interval * 2, 0.05)
+        execution = _machines().describe_execution(execution_arn)
+        described = execution.to_describe_output()
         output = described.get("output")
         return ExecutionResult(
             execution_arn=execution_arn,
-            status=str(described["status"]),
+            status=str(execution.status),
             output=json.loads(output) if output else None,
             error=described.get("error"),
             cause=described.get("cause"),
@@ -402,16 +449,20 @@ class LocalEngine:
         return self.wait(self.start_execution(state_machine_arn, payload, name), timeout_s)
 
     def history(self, execution_arn: str) -> Iterator[dict[str, Any]]:
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"executionArn": execution_arn, "maxResults": 1000}
-            if token:
-                kwargs["nextToken"] = token
-            page = self._sfn.get_execution_history(**kwargs)
-            yield from page["events"]
-            token = page.get("nextToken")
-            if not token:
-                return
+        events: list[dict[str, Any]] = _machines().get_execution_history(execution_arn)["events"]
+        yield from events
+
+
+def _ensure_execution_role() -> None:
+    """The functions' role in moto's IAM (its backends outlive an engine: a later engine finds it there)."""
+    roles = iam_backends[ACCOUNT]["global"]
+    if not any(role.name == EXECUTION_ROLE_NAME for role in roles.get_roles()):
+        roles.create_role(EXECUTION_ROLE_NAME, _TRUST_POLICY, "/", None, "", [], None)
+
+
+def _machines() -> Any:
+    """moto's Step Functions backend with the interpreter (what its server answers with, once configured)."""
+    return stepfunctions_parser_backends[ACCOUNT][REGION]
 
 
 def _free_port(host: str) -> int:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from statemachine.engine import EngineError, LocalEngine, substitute
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class TransientFaultError(Exception):
@@ -203,3 +208,13 @@ def test_one_state_machine_runs_many_executions_side_by_side(engine: LocalEngine
     started = [engine.start_execution(machine, {"n": n}, name=f"run-{n}") for n in range(4)]
     results = [engine.wait(execution, timeout_s=120) for execution in started]
     assert [r.output for r in results] == [{"seen": n} for n in range(4)]
+
+
+def test_the_engine_does_not_import_ec2_for_the_batch_task_service() -> None:
+    """moto's interpreter imports moto.batch.utils; moto.batch's __init__ would import all of EC2's models."""
+    code = (
+        "import sys, statemachine.engine, moto.batch.utils; "
+        "print(sorted(name for name in sys.modules if name.startswith(('moto.ec2', 'moto.batch.models'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
