@@ -13,19 +13,11 @@ from functions.catalog.launch import execution_input
 from functions.catalog.requests import Launcher
 from functions.catalog.schedules import WEEKDAYS, run_due, scheduled_starter
 from functions.catalog.tokens import issue_token
-from functions.handlers.runtime import services as runtime_services
 from functions.imaging.jobs import ImagingRequest
-from functions.imaging.services import ImagingServices
 from functions.settings import Settings
 from functions.state import InvalidIdError, NotFoundError, Schedule, ScheduleFrequency, persistence_layer_for
 from statemachine.cli_common import UserError, json_option, print_json
-from statemachine.cli_services import export_settings, location_options
-
-
-def open_services(settings: Settings) -> ImagingServices:
-    """The services of `settings`, also exported for the handlers that run in this process."""
-    export_settings(settings)
-    return runtime_services()
+from statemachine.cli_services import embedded_workflow, location_options, opened
 
 
 # --- tokens --------------------------------------------------------------------------------------------------------
@@ -40,11 +32,11 @@ def token() -> None:
 @json_option
 def token_create(tenant: str, settings: Settings, as_json: bool) -> None:
     """Create an API token for TENANT and print it (the only time it is shown)."""
-    services = open_services(settings)
-    try:
-        secret = issue_token(services.state, tenant, services.now())
-    except InvalidIdError as error:
-        raise UserError(str(error), hint="tenant ids are 1-80 letters, digits, - and _") from error
+    with opened(settings) as services:
+        try:
+            secret = issue_token(services.state, tenant, services.now())
+        except InvalidIdError as error:
+            raise UserError(str(error), hint="tenant ids are 1-80 letters, digits, - and _") from error
     if as_json:
         print_json({"tenant": tenant, "token": secret})
     else:
@@ -99,34 +91,36 @@ def schedule_set(
     """Set SERVER's imaging schedule (replaces the previous one)."""
     if (daily is None) == (weekly is None):
         raise click.UsageError("give exactly one of --daily HH:MM or --weekly DAY HH:MM")
-    services = open_services(settings)
-    try:
-        record = services.state.get_server(server)
-    except (NotFoundError, InvalidIdError) as error:
-        raise UserError(f"no server {server!r}", hint="`imaging server list` shows the registered servers") from error
-    if weekly is not None:
-        day = weekly[0].lower()
-        if day not in WEEKDAYS:
-            raise click.BadParameter(f"{weekly[0]!r} is not a weekday (monday..sunday)", param_hint="--weekly")
-        frequency, at, weekday = ScheduleFrequency.WEEKLY, _parse_hhmm(weekly[1]), WEEKDAYS.index(day)
-    else:
-        assert daily is not None
-        frequency, at, weekday = ScheduleFrequency.DAILY, _parse_hhmm(daily), None
-    try:
-        previous = services.state.get_schedule(record.id)
-    except NotFoundError:
-        previous = None
-    item = Schedule(
-        server_id=record.id,
-        tenant=record.tenant,
-        frequency=frequency,
-        at=at,
-        weekday=weekday,
-        retention=retention,
-        last_window_started=previous.last_window_started if previous else None,
-        created_at=services.now(),
-    )
-    services.state.put_schedule(item)
+    with opened(settings) as services:
+        try:
+            record = services.state.get_server(server)
+        except (NotFoundError, InvalidIdError) as error:
+            raise UserError(
+                f"no server {server!r}", hint="`imaging server list` shows the registered servers"
+            ) from error
+        if weekly is not None:
+            day = weekly[0].lower()
+            if day not in WEEKDAYS:
+                raise click.BadParameter(f"{weekly[0]!r} is not a weekday (monday..sunday)", param_hint="--weekly")
+            frequency, at, weekday = ScheduleFrequency.WEEKLY, _parse_hhmm(weekly[1]), WEEKDAYS.index(day)
+        else:
+            assert daily is not None
+            frequency, at, weekday = ScheduleFrequency.DAILY, _parse_hhmm(daily), None
+        try:
+            previous = services.state.get_schedule(record.id)
+        except NotFoundError:
+            previous = None
+        item = Schedule(
+            server_id=record.id,
+            tenant=record.tenant,
+            frequency=frequency,
+            at=at,
+            weekday=weekday,
+            retention=retention,
+            last_window_started=previous.last_window_started if previous else None,
+            created_at=services.now(),
+        )
+        services.state.put_schedule(item)
     if as_json:
         print_json(_schedule_dict(item))
     else:
@@ -140,14 +134,16 @@ def schedule_set(
 @json_option
 def schedule_show(server: str | None, settings: Settings, as_json: bool) -> None:
     """Show SERVER's schedule, or every schedule."""
-    services = open_services(settings)
-    if server is None:
-        items = services.state.list_schedules()
-    else:
-        try:
-            items = [services.state.get_schedule(server)]
-        except (NotFoundError, InvalidIdError) as error:
-            raise UserError(f"server {server!r} has no schedule", hint="set one with `imaging schedule set`") from error
+    with opened(settings) as services:
+        if server is None:
+            items = services.state.list_schedules()
+        else:
+            try:
+                items = [services.state.get_schedule(server)]
+            except (NotFoundError, InvalidIdError) as error:
+                raise UserError(
+                    f"server {server!r} has no schedule", hint="set one with `imaging schedule set`"
+                ) from error
     if as_json:
         print_json([_schedule_dict(item) for item in items])
         return
@@ -163,10 +159,7 @@ def schedule_show(server: str | None, settings: Settings, as_json: bool) -> None
 @json_option
 def schedule_run_due(settings: Settings, as_json: bool) -> None:
     """Start every due scheduled image (once per window) and wait for them; run it from cron or a timer."""
-    from statemachine.local import LocalImaging  # the engine starts only for commands that run the workflow
-
-    services = open_services(settings)
-    with LocalImaging() as runner:
+    with opened(settings) as services, embedded_workflow(services) as runner:
         executions: list[str] = []
 
         def launch(request: ImagingRequest) -> None:
@@ -197,11 +190,9 @@ def schedule_run_due(settings: Settings, as_json: bool) -> None:
 def serve(host: str, port: int, settings: Settings) -> None:
     """Serve the HTTP API (the same code as on API Gateway); images run in this process."""
     from functions.api.app import ApiDependencies, build_app
-    from statemachine.local import LocalImaging
     from statemachine.serve import make_server
 
-    services = open_services(settings)
-    with LocalImaging() as runner:
+    with opened(settings) as services, embedded_workflow(services) as runner:
 
         def launch(request: ImagingRequest) -> None:
             runner.start(execution_input(request))

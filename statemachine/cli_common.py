@@ -1,13 +1,21 @@
-"""Shared pieces of the `imaging` command line: errors, sizes, JSON and plain-text output."""
+"""Shared pieces of the `imaging` command line: errors, sizes, JSON and plain-text output, and the global logging
+options (`-v`, `--log-format`).
+
+Output discipline (DESIGN §6): stdout carries a command's result only (with `--json`, exactly one JSON document);
+errors, logs and progress go to stderr.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import click
 
@@ -127,3 +135,60 @@ def require_file(path: str) -> None:
         raise UserError(f"{path}: no such file", hint="check the path; a chain is opened from its leaf file")
     if p.is_dir():
         raise UserError(f"{path}: is a directory, not a VHD file")
+
+
+LogFormat = Literal["json", "text"]
+QUIET_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "werkzeug", "moto")
+"""Libraries whose INFO records are noise to a user: they log at WARNING and above unless `-vv`."""
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """The global `-v/--verbose` count and `--log-format` of this invocation."""
+
+    verbose: int = 0
+    log_format: LogFormat = "text"
+
+    @property
+    def level(self) -> int:
+        """WARNING by default, INFO with -v, DEBUG with -vv."""
+        return logging.WARNING if self.verbose <= 0 else logging.INFO if self.verbose == 1 else logging.DEBUG
+
+
+def log_options() -> LogOptions:
+    """The logging options of the running command (the defaults outside one)."""
+    ctx = click.get_current_context(silent=True)
+    found = ctx.find_object(LogOptions) if ctx is not None else None
+    return found if found is not None else LogOptions()
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per record (timestamp, level, logger, message; the traceback of an exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{record.msecs:03.0f}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logging(options: LogOptions) -> None:
+    """Send the process's log records to stderr at the level of `options`, in its format (the handlers' Powertools
+    logger is set the same way when a workflow starts: statemachine.cli_services.embedded_workflow)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if options.log_format == "json":
+        handler.setFormatter(JsonLineFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(options.level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(options.level if options.verbose >= 2 else max(options.level, logging.WARNING))

@@ -1,16 +1,19 @@
 """`imaging image create|list|show|delete|verify|export`: images of servers or disks, made by the imaging workflow
-(statemachine/imaging.asl.json) on the embedded engine in this process."""
+(statemachine/imaging.asl.json) on the embedded engine in this process.
+
+The embedded engine (and with it moto, boto3 and Powertools) is imported by `image create` only, when it runs one.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
 from functions.imaging.images import ExportFormat, delete_image, export_image, load_manifest, verify_image
 from functions.imaging.services import ImagingServices
@@ -18,9 +21,13 @@ from functions.settings import Settings
 from functions.state import PROGRESS_OF_STATUS, Image, Job, NotFoundError, Status
 from statemachine.cli_common import UserError, human_size, json_option, print_fields, print_json, print_table
 from statemachine.cli_server import DEFAULT_TENANT
-from statemachine.cli_services import disk_argument, export_settings, location_options, opened
-from statemachine.engine import TERMINAL_STATUSES, ExecutionResult
+from statemachine.cli_services import disk_argument, embedded_workflow, location_options, opened
 
+if TYPE_CHECKING:
+    from statemachine.engine import ExecutionResult
+    from statemachine.local import LocalImaging
+
+ProgressMode = Literal["bar", "jsonl", "none"]
 POLL_INTERVAL_S = 0.2
 """How often the progress bar re-reads the job (the execution's status is polled, as Step Functions clients do)."""
 STEP_SPAN = {Status.QUEUED: 25, Status.SAVING: 25, Status.UPLOADING: 50, Status.ACTIVE: 0, Status.ERROR: 0}
@@ -59,21 +66,79 @@ def bytes_text(job: Job) -> str:
     return f"{human_size(job.bytes_done)}/{human_size(job.bytes_total)}"
 
 
-def follow(workflow: Any, execution_arn: str, services: ImagingServices, job_id: str, live: bool) -> ExecutionResult:
-    """Wait for the execution, drawing the job's progress bar (step, %, bytes, ETA) when `live`."""
+class ProgressView:
+    """How a running job's progress is shown on stderr (never stdout: it carries the result).
+
+    "bar": a live rich bar (step, %, bytes, ETA) when stderr is a terminal, else one line with the final state;
+    "jsonl": one JSON object per change ({"job_id", "status", "percent", "bytes_done", "bytes_total",
+    "eta_seconds"}), for scripts; "none": nothing.
+    """
+
+    def __init__(self, mode: ProgressMode, job_id: str) -> None:
+        self.mode = mode
+        self.job_id = job_id
+        self.last: Job | None = None
+        self._last_line: tuple[Any, ...] | None = None
+        self._bar: Any = None
+        self._task: Any = None
+        if mode == "bar" and sys.stderr.isatty():
+            # rich only for a bar someone watches: imported here, it costs the other commands nothing.
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description:<10}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[bytes]}"),
+                TextColumn("{task.fields[eta]}"),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(Status.QUEUED.value, total=100, bytes="", eta="ETA --")
+
+    def update(self, job: Job) -> None:
+        self.last = job
+        if self._bar is not None:
+            self._bar.update(
+                self._task,
+                completed=overall_percent(job),
+                description=job.status.value,
+                bytes=bytes_text(job),
+                eta=eta_text(job),
+            )
+        elif self.mode == "jsonl":
+            line = (job.status.value, int(overall_percent(job)), job.bytes_done, job.bytes_total)
+            if line != self._last_line:
+                self._last_line = line
+                record = {
+                    "job_id": self.job_id,
+                    "status": job.status.value,
+                    "percent": round(overall_percent(job), 1),
+                    "bytes_done": job.bytes_done,
+                    "bytes_total": job.bytes_total,
+                    "eta_seconds": job.eta_seconds,
+                }
+                click.echo(json.dumps(record), err=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        elif self.mode == "bar" and self.last is not None:
+            job = self.last
+            click.echo(f"{job.status.value} {overall_percent(job):.0f}% {bytes_text(job)}".rstrip(), err=True)
+
+
+def follow(
+    workflow: LocalImaging, execution_arn: str, services: ImagingServices, job_id: str, mode: ProgressMode
+) -> ExecutionResult:
+    """Wait for the execution, showing the job's progress (step, %, bytes, ETA) on stderr as `mode` says."""
+    from statemachine.engine import TERMINAL_STATUSES
+
     idle = threading.Event()  # never set: its timed wait paces the polling
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("{task.description:<10}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[bytes]}"),
-        TextColumn("{task.fields[eta]}"),
-        console=console,
-        disable=not live,
-        transient=False,
-    ) as progress:
-        task = progress.add_task(Status.QUEUED.value, total=100, bytes="", eta="ETA --")
+    view = ProgressView(mode, job_id)
+    try:
         while True:
             status = workflow.status(execution_arn)
             try:
@@ -81,18 +146,13 @@ def follow(workflow: Any, execution_arn: str, services: ImagingServices, job_id:
             except NotFoundError:
                 job = None
             if job is not None:
-                progress.update(
-                    task,
-                    completed=overall_percent(job),
-                    description=job.status.value,
-                    bytes=bytes_text(job),
-                    eta=eta_text(job),
-                )
+                view.update(job)
             if status in TERMINAL_STATUSES:
                 break
             idle.wait(POLL_INTERVAL_S)
-    result: ExecutionResult = workflow.wait(execution_arn)
-    return result
+    finally:
+        view.close()
+    return workflow.wait(execution_arn)
 
 
 def image_json(record: Image, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -107,7 +167,19 @@ def image_json(record: Image, manifest: dict[str, Any] | None = None) -> dict[st
 @click.option("--disk", "leaf", help="Image this leaf's chain as it is (read-only), instead of a registered server.")
 @click.option("--name", help="A name for the image (default: from the server or disk).")
 @click.option("--tenant", default=DEFAULT_TENANT, show_default=True)
-@click.option("--wait", "live", is_flag=True, help="Show a live progress bar (step, %, bytes, ETA) on stderr.")
+@click.option(
+    "--wait",
+    "live",
+    is_flag=True,
+    help="Show progress on stderr: a live bar (step, %, bytes, ETA) on a terminal, else the final state's line.",
+)
+@click.option(
+    "--progress",
+    "progress",
+    type=click.Choice(["bar", "jsonl"]),
+    help="How to show progress (implies --wait): bar, or jsonl: one JSON object per change on stderr "
+    '{"job_id", "status", "percent", "bytes_done", "bytes_total", "eta_seconds"}.',
+)
 @location_options
 @json_option
 def create(
@@ -116,23 +188,19 @@ def create(
     name: str | None,
     tenant: str,
     live: bool,
+    progress: Literal["bar", "jsonl"] | None,
     settings: Settings,
     as_json: bool,
 ) -> None:
     """Image SERVER (or --disk LEAF): coalesce, snapshot, compress, upload, verify.
 
-    The embedded engine runs in this command, so it returns when the image is ACTIVE or has failed.
+    The embedded engine runs in this command, so it returns when the image is ACTIVE or has failed. With --json,
+    stdout holds the image record only (with the object's URL and the manifest); progress and logs go to stderr.
     """
     if (server_id is None) == (leaf is None):
         raise click.UsageError("name a SERVER or give --disk LEAF (exactly one)")
-    from statemachine.local import LocalImaging  # starts the embedded engine's machinery only when needed
-
-    export_settings(settings)
+    mode: ProgressMode = progress or ("bar" if live else "none")
     job_id, image_id = new_id("job"), new_id("img")
-    disk = None
-    if leaf is not None:
-        with opened(settings) as services:
-            disk = disk_argument(services.disk_store, leaf)
     request: dict[str, Any] = {
         "job_id": job_id,
         "image_id": image_id,
@@ -141,10 +209,11 @@ def create(
     }
     if server_id is not None:
         request["server_id"] = server_id
-    if disk is not None:
-        request["disk"] = disk
-    with opened(settings) as services, LocalImaging() as workflow:
-        result = follow(workflow, workflow.start(request), services, job_id, live and not as_json)
+    with opened(settings) as services:
+        if leaf is not None:
+            request["disk"] = disk_argument(services.disk_store, leaf)
+        with embedded_workflow(services) as workflow:
+            result = follow(workflow, workflow.start(request), services, job_id, mode)
         record = services.state.get_image(image_id) if _exists(services, image_id) else None
         if not result.succeeded or record is None or record.status is not Status.ACTIVE:
             job = services.state.get_job(job_id) if _job_exists(services, job_id) else None

@@ -1,26 +1,28 @@
 """Where `imaging server|image` commands keep things (`--store`, `--state`, `--endpoint-url`, else IMAGING_* and the
-data directory; DESIGN §6), and the errors of the state, storage and imaging layers as one-line user errors."""
+data directory; DESIGN §6), the services opened there, the embedded workflow running on them, and the errors of the
+state, storage and imaging layers as one-line user errors."""
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from pydantic import ValidationError
 
-from functions.handlers.runtime import config_from_environment
 from functions.imaging.errors import ImagingError
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import disk_location
-from functions.settings import Settings
+from functions.settings import Settings, config_from_environment
 from functions.state import InvalidIdError, NotFoundError, StateError, open_state_store
 from functions.storage import ObjectStore, StorageError, open_object_store
-from statemachine.cli_common import UserError, require_file
+from statemachine.cli_common import UserError, log_options, require_file
+
+if TYPE_CHECKING:
+    from statemachine.local import LocalImaging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,27 +50,34 @@ def disk_argument(store: ObjectStore, given: str) -> str:
     return disk_location(store, given, local_exists=local)
 
 
-def export_settings(settings: Settings) -> None:
-    """Make `settings` what the in-process handlers resolve from the environment."""
-    os.environ["IMAGING_STORE"] = settings.store_url
-    os.environ["IMAGING_STATE"] = settings.state_url
-    if settings.endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = settings.endpoint_url
-    if settings.disks_url:
-        os.environ["IMAGING_DISKS"] = settings.disks_url
-
-
 @contextmanager
 def opened(settings: Settings) -> Iterator[ImagingServices]:
+    """The store, state and tunables of `settings` (the state closed when the block ends)."""
+    try:
+        config = config_from_environment()
+    except ValueError as error:
+        raise UserError(str(error), hint="the IMAGING_* tunables take a whole number of bytes (or seconds)") from error
     store = open_object_store(settings.store_url, endpoint_url=settings.endpoint_url)
     state = open_state_store(settings.state_url, endpoint_url=settings.endpoint_url)
     try:
         disks = (
             open_object_store(settings.disks_url, endpoint_url=settings.endpoint_url) if settings.disks_url else None
         )
-        yield ImagingServices(store=store, state=state, config=config_from_environment(), disks=disks)
+        yield ImagingServices(store=store, state=state, config=config, disks=disks)
     finally:
         state.close()
+
+
+@contextmanager
+def embedded_workflow(services: ImagingServices) -> Iterator[LocalImaging]:
+    """The imaging workflow on the embedded engine, its handlers using `services` and logging (to stderr) at the
+    level and in the format of the global options (`-v`, `--log-format`). The engine is imported here, by the
+    commands that run a workflow, and by no other."""
+    from statemachine.local import LocalImaging
+
+    options = log_options()
+    with LocalImaging(services=services, log_level=options.level, log_format=options.log_format) as workflow:
+        yield workflow
 
 
 @contextmanager

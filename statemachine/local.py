@@ -1,26 +1,28 @@
 """The imaging workflow on the embedded engine: statemachine/imaging.asl.json, unchanged, with its `${...}`
 function ARNs bound to the handlers of functions/handlers running in this process.
 
-Powertools' tracing and metrics output are switched off and its logs kept to warnings unless the environment
-already says otherwise (a CLI's stdout is for the user).
+The handlers find their store, state and tunables with `functions.handlers.runtime.services()`: the services
+given to `LocalImaging(services=...)` while it runs, else those the environment names (IMAGING_STORE, ...).
+
+Powertools' tracing and metrics output are switched off in this process: there is no X-Ray daemon or CloudWatch
+agent here, and metrics (EMF JSON printed on stdout) would mix with a CLI's result. The handlers' logs go to stderr,
+at WARNING unless POWERTOOLS_LOG_LEVEL says otherwise or the caller sets a level (`log_level=`, the CLI's `-v`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from statemachine.engine import ExecutionResult, Handler, LocalEngine
 
-for _variable, _value in (
-    ("POWERTOOLS_TRACE_DISABLED", "true"),
-    ("POWERTOOLS_METRICS_DISABLED", "true"),
-    ("POWERTOOLS_LOG_LEVEL", "ERROR"),
-    ("POWERTOOLS_SERVICE_NAME", "imaging"),
-):
+os.environ["POWERTOOLS_TRACE_DISABLED"] = "true"
+os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"
+for _variable, _value in (("POWERTOOLS_LOG_LEVEL", "WARNING"), ("POWERTOOLS_SERVICE_NAME", "imaging")):
     os.environ.setdefault(_variable, _value)
 
 from functions.handlers import (  # noqa: E402 - the Powertools settings above must precede their import
@@ -33,6 +35,10 @@ from functions.handlers import (  # noqa: E402 - the Powertools settings above m
     snapshot,
     upload,
 )
+from functions.handlers.runtime import LogFormat, configure_logging, use_services  # noqa: E402
+
+if TYPE_CHECKING:
+    from functions.imaging.services import ImagingServices
 
 ASL_PATH = Path(__file__).with_name("imaging.asl.json")
 STATE_MACHINE_NAME = "imaging"
@@ -50,18 +56,38 @@ HANDLERS: Mapping[str, tuple[str, Handler]] = {
 
 class LocalImaging:
     """Runs imaging executions in this process. `overrides` replaces handlers by substitution name (tests inject
-    faults this way)."""
+    faults this way). `services`, when given, is what the handlers use while this runs (installed with
+    `runtime.use_services`, restored on exit); else they use the services the environment names. `log_level` and
+    `log_format` ("text" or "json"), when given, set the handlers' logging (on stderr)."""
 
-    def __init__(self, overrides: Mapping[str, Handler] | None = None) -> None:
+    def __init__(
+        self,
+        overrides: Mapping[str, Handler] | None = None,
+        *,
+        services: ImagingServices | None = None,
+        log_level: str | int | None = None,
+        log_format: LogFormat | None = None,
+    ) -> None:
         unknown = set(overrides or {}) - set(HANDLERS)
         if unknown:
             raise ValueError(f"no such function in the workflow: {', '.join(sorted(unknown))}")
         self._overrides = dict(overrides or {})
+        self._services = services
+        self._log_level = log_level
+        self._log_format = log_format
         self._engine = LocalEngine()
         self._machine = ""
+        self._installed = ExitStack()
 
     def __enter__(self) -> LocalImaging:
-        self._engine.start()
+        configure_logging(self._log_level, self._log_format)
+        if self._services is not None:
+            self._installed.enter_context(use_services(self._services))
+        try:
+            self._engine.start()
+        except BaseException:
+            self._installed.close()
+            raise
         try:
             substitutions = {
                 name: self._engine.register_function(function, self._overrides.get(name, handler))
@@ -69,14 +95,20 @@ class LocalImaging:
             }
             self._machine = self._engine.create_state_machine(STATE_MACHINE_NAME, ASL_PATH.read_text(), substitutions)
         except BaseException:
-            self._engine.stop()
+            try:
+                self._engine.stop()
+            finally:
+                self._installed.close()
             raise
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self._engine.stop()
+        try:
+            self._engine.stop()
+        finally:
+            self._installed.close()
 
     def start(self, request: Mapping[str, Any]) -> str:
         """Start imaging `request` (job_id, image_id, tenant, name, server_id or disk); the job id names the run."""

@@ -6,13 +6,16 @@ are read. The request context carries no authorizer: locally a tenant is only ev
 
 A resolver keeps the request it is answering on itself (as on Lambda, one request at a time per instance), so
 the server keeps a pool of resolvers and each request borrows one: concurrent requests never share one.
+
+Access log lines (client, request line, status, size) are INFO records of the `statemachine.serve` logger: the CLI
+sends them to stderr with `imaging -v serve`; stdout is never written.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import queue
-import traceback
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
@@ -24,6 +27,7 @@ from statemachine.engine import LocalLambdaContext
 
 Resolve = Callable[[dict[str, Any], Any], dict[str, Any]]
 MAX_BODY_BYTES = 16 * 1024
+access_log = logging.getLogger("statemachine.serve")
 
 
 def proxy_event(method: str, target: str, headers: dict[str, str], body: str | None, client: str) -> dict[str, Any]:
@@ -96,7 +100,7 @@ def make_server(
                 response = resolve(event, context)
             except Exception:
                 # What API Gateway answers when the Lambda itself fails; the traceback goes to the server's log.
-                traceback.print_exc()
+                access_log.exception("the API failed on %s %s", self.command, self.path)
                 self._answer(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "INTERNAL_ERROR", "message": "internal error"})
                 return
             finally:
@@ -128,7 +132,8 @@ def make_server(
             raise AttributeError(name)
 
         def log_message(self, format: str, *args: Any) -> None:
-            return  # the CLI prints its own one-line access log if asked
+            # http.server writes these to stderr itself; as log records, their level and format follow the CLI's.
+            access_log.info("%s %s", self.address_string(), format % args)
 
     return ApiServer((host, port), ApiRequestHandler)
 

@@ -2,16 +2,17 @@
 
 `open_state_store(url)` picks the backend from the state URL (`sqlite:///PATH` or `dynamodb://TABLE`);
 `persistence_layer_for(url)` gives the Powertools idempotency layer that lives beside it.
+
+The DynamoDB store and the idempotency layers (boto3, botocore, Powertools) are imported when first used, not with
+this package: the SQLite store and the models serve the CLI without them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import boto3
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from functions.state.clock import Clock, system_clock
-from functions.state.dynamodb_state import DynamoDBStateStore, create_table
 from functions.state.errors import (
     AlreadyExistsError,
     CorruptRecordError,
@@ -24,7 +25,6 @@ from functions.state.errors import (
     StateError,
     VersionConflictError,
 )
-from functions.state.idempotency import SqlitePersistenceLayer, persistence_layer_for
 from functions.state.models import (
     PROGRESS_OF_STATUS,
     ApiToken,
@@ -48,6 +48,27 @@ from functions.state.urls import SqliteLocation, parse_state_url
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.client import DynamoDBClient
+
+    from functions.state.dynamodb_state import DynamoDBStateStore, create_table
+    from functions.state.idempotency import SqlitePersistenceLayer, persistence_layer_for
+
+_LAZY = {
+    "DynamoDBStateStore": "functions.state.dynamodb_state",
+    "create_table": "functions.state.dynamodb_state",
+    "SqlitePersistenceLayer": "functions.state.idempotency",
+    "persistence_layer_for": "functions.state.idempotency",
+}
+"""Names whose modules import boto3 or Powertools: imported on first use (PEP 562)."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PROGRESS_OF_STATUS",
@@ -100,6 +121,10 @@ def open_state_store(
     location = parse_state_url(url)
     if isinstance(location, SqliteLocation):
         return SqliteStateStore(location.path, clock=clock)
+    import boto3
+
+    from functions.state.dynamodb_state import DynamoDBStateStore
+
     return DynamoDBStateStore(
         client or boto3.client("dynamodb", endpoint_url=endpoint_url), location.table, clock=clock
     )

@@ -2,12 +2,16 @@
 
 store = open_object_store("s3://images/prod", endpoint_url="http://127.0.0.1:5000")
 result = upload_file(store, Path("image.vhd.zst"), "images/42/image.vhd.zst", plan_fixed_parts(size))
+
+The S3 store (boto3, botocore) is imported when an `s3://` URL is opened or `S3ObjectStore` is first used, not with
+this package: the file store serves the CLI without them.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from functions.storage.errors import (
@@ -26,10 +30,21 @@ from functions.storage.errors import (
 )
 from functions.storage.file_store import FileObjectStore
 from functions.storage.objects import ObjectInfo, ObjectStore, PartInfo, UploadInfo, validate_key
-from functions.storage.s3_store import S3ObjectStore
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+    from functions.storage.s3_store import S3ObjectStore
+
+
+def __getattr__(name: str) -> Any:
+    """`S3ObjectStore` on first use (PEP 562): its module imports botocore."""
+    if name != "S3ObjectStore":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = importlib.import_module("functions.storage.s3_store").S3ObjectStore
+    globals()[name] = value
+    return value
+
 
 S3_MAX_POOL_CONNECTIONS = 32
 """Enough HTTP connections for the uploader's highest concurrency without botocore discarding connections."""
@@ -69,6 +84,8 @@ def open_object_store(url: str, *, endpoint_url: str | None = None, s3_client: S
                 validate_key(prefix)
             except InvalidKeyError as error:
                 raise InvalidStoreUrlError(f"the prefix of {url!r} is not a valid key: {error.args[0]}") from None
+        from functions.storage.s3_store import S3ObjectStore
+
         client = s3_client if s3_client is not None else make_s3_client(endpoint_url)
         return S3ObjectStore(client, parts.netloc, prefix)
     raise InvalidStoreUrlError(f"unsupported store URL {url!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -60,9 +61,14 @@ def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(result.stdout)
 
 
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+"""A log record on stderr (the handlers' warnings, such as a failed job's, come before the command's error)."""
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int = 1) -> list[str]:
+    """The error line and what follows it (its hint), past any log records."""
     assert result.returncode == code, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not LOG_LINE.match(line)]
     assert lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
     return lines
