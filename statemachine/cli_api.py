@@ -188,7 +188,11 @@ def schedule_run_due(settings: Settings, as_json: bool) -> None:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
 @location_options
 def serve(host: str, port: int, settings: Settings) -> None:
-    """Serve the HTTP API (the same code as on API Gateway); images run in this process."""
+    """Serve the HTTP API (the same code as on API Gateway); images run in this process.
+
+    Prints its address as one JSON line on stdout, then nothing else there; `imaging -v serve` logs each request
+    on stderr.
+    """
     from functions.api.app import ApiDependencies, build_app
     from statemachine.serve import make_server
 
