@@ -5,7 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from functions.imaging.disks import open_disk
-from functions.imaging.progress import flavor_class, upload_seconds
+from functions.imaging.layout import choose_layout
+from functions.imaging.planning import predict_job_of
+from functions.imaging.prediction import WARM_FIXED_S
+from functions.imaging.progress import flavor_class
 from functions.imaging.services import ImagingServices
 from functions.state import Server
 
@@ -26,12 +29,14 @@ def estimate_server(services: ImagingServices, server: Server) -> ServerEstimate
     estimate = open_disk(services.disk_store, server.disk, server.chain).estimate(
         level=config.level, chunk_size=config.chunk_size
     )
+    layout = choose_layout(services, server.disk)
+    timing = predict_job_of(services, estimate, layout, server.flavor, fixed_s=WARM_FIXED_S)
     return ServerEstimate(
         virtual_size=estimate.virtual_size,
         allocated_bytes=estimate.allocated_bytes,
         estimated_size=estimate.compressed_bytes,
         estimated_size_low=estimate.low,
         estimated_size_high=estimate.high,
-        estimated_seconds=estimate.predicted_seconds + upload_seconds(estimate.compressed_bytes, server.flavor),
+        estimated_seconds=timing.seconds,
         flavor_class=flavor_class(server.flavor),
     )

@@ -9,15 +9,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+import vhdcore
 from functions.imaging import keys
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import FlavorTooSlowError
 from functions.imaging.jobs import hold_server_lock, set_progress
 from functions.imaging.layout import Layout, choose_layout, record_layout
-from functions.imaging.progress import flavor_class, upload_seconds
+from functions.imaging.prediction import JobTime, predict_job
+from functions.imaging.progress import flavor_class
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain
 from functions.state import Job
+from functions.storage import FileObjectStore
+from functions.storage.bandwidth import FLAVOR_CLASS_BANDWIDTH
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,20 @@ def group_chunks(lengths: list[int], group_bytes: int) -> list[ChunkGroup]:
     return groups
 
 
+def predict_job_of(
+    services: ImagingServices, estimate: vhdcore.Estimate, layout: Layout, flavor: str | None, *, fixed_s: float
+) -> JobTime:
+    """The job's time from its estimate, with the store's write rate and the flavor's upload bandwidth."""
+    store = services.store
+    return predict_job(
+        estimate,
+        in_place=layout is Layout.IN_PLACE,
+        write_rate=store.write_rate() if isinstance(store, FileObjectStore) else None,
+        upload_rate=FLAVOR_CLASS_BANDWIDTH[flavor_class(flavor)],
+        fixed_s=fixed_s,
+    )
+
+
 def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> StagedPlan:
     """Estimate the image, stage its chunk plan, and set the job's ETA; FlavorTooSlowError if it cannot finish."""
     hold_server_lock(services, job)
@@ -70,7 +88,9 @@ def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> Stag
     estimate = chain.estimate(level=config.level, chunk_size=config.chunk_size)
     plan = chain.plan(config.chunk_size)
     flavor = services.state.get_server(job.server_id).flavor if job.server_id is not None else None
-    predicted = estimate.predicted_seconds + upload_seconds(estimate.compressed_bytes, flavor)
+    layout = choose_layout(services, frozen.leaf)
+    timing = predict_job_of(services, estimate, layout, flavor, fixed_s=0.0)
+    predicted = timing.after_estimate
     if predicted > config.max_job_s:
         raise FlavorTooSlowError(
             f"imaging would take about {predicted:.0f} s on a {flavor_class(flavor)} host, "
@@ -90,11 +110,11 @@ def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> Stag
                 "low": estimate.low,
                 "high": estimate.high,
                 "predicted_seconds": predicted,
+                "predicted": timing.to_json(),
                 "flavor_class": flavor_class(flavor),
             }
         ).encode(),
     )
-    layout = choose_layout(services, frozen.leaf)
     record_layout(services, job.id, layout)
     # In place, one Map item writes the whole image (frames in order, on all cores): offsets follow one another.
     group_bytes = plan.virtual_size if layout is Layout.IN_PLACE else config.group_bytes

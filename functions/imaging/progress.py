@@ -16,12 +16,6 @@ def flavor_class(flavor: str | None) -> str:
     return flavor if flavor in FLAVOR_CLASS_BANDWIDTH else DEFAULT_FLAVOR_CLASS
 
 
-def upload_seconds(compressed_bytes: int, flavor: str | None) -> float:
-    """Time to send `compressed_bytes` at the flavor class's bandwidth (0 when the class is unlimited)."""
-    rate = FLAVOR_CLASS_BANDWIDTH[flavor_class(flavor)]
-    return 0.0 if rate is None else compressed_bytes / rate
-
-
 def step_started(job: Job, status: Status) -> datetime | None:
     """When the job last entered `status`."""
     return next((event.at for event in reversed(job.history) if event.status is status), None)

@@ -1,0 +1,75 @@
+"""How long an image job takes, predicted before it starts (issue 13): the whole job a user waits for, not only the
+compressor.
+
+    job = fixed costs + the estimate + max(compress, write) + upload
+
+- fixed costs: starting the command and the embedded engine and running the workflow's states around the data
+  (`CLI_FIXED_S`, measured on the bench's 2-core machine with an empty disk), or only the states when the engine is
+  already running (`WARM_FIXED_S`: `imaging serve`, the API's estimate);
+- the estimate, which the job runs again in its Estimate step (its own measured time);
+- compress: the estimate's prediction of the compressor on this machine (vhdcore times a few spans of the data);
+- write: the compressed bytes at the store's measured write rate (an image written in place goes to the device as
+  it is compressed, so the slower of the two sets the pace; staged frames are written, then copied into parts);
+- upload: the compressed bytes at the flavor's bandwidth, when frames are uploaded (staged layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+CLI_FIXED_S = 0.9
+"""`imaging image create --disk D --wait` of an empty 64 MiB disk: start, imports, engine, states, manifest."""
+WARM_FIXED_S = 0.3
+"""The same job's states and records when the engine is already running."""
+
+
+class EstimateLike(Protocol):
+    """What the prediction needs of a `vhdcore.Estimate`."""
+
+    @property
+    def compressed_bytes(self) -> int: ...
+    @property
+    def predicted_seconds(self) -> float: ...
+    @property
+    def seconds_spent(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class JobTime:
+    """The predicted seconds of a job and where they go."""
+
+    seconds: float
+    fixed_s: float
+    estimate_s: float
+    compress_s: float
+    write_s: float
+    upload_s: float
+
+    @property
+    def after_estimate(self) -> float:
+        """What is left once the job's Estimate step is done: its first ETA."""
+        return max(self.compress_s, self.write_s) + self.upload_s
+
+    def to_json(self) -> dict[str, float]:
+        return {name: round(value, 3) for name, value in asdict(self).items()}
+
+
+def predict_job(
+    estimate: EstimateLike,
+    *,
+    in_place: bool,
+    write_rate: float | None,
+    upload_rate: float | None,
+    fixed_s: float = CLI_FIXED_S,
+) -> JobTime:
+    """The job's time from its estimate: `write_rate` is the store's sustained write rate in bytes per second (None:
+    not a limit), `upload_rate` the flavor's bandwidth for uploads (None: unlimited)."""
+    compressed = estimate.compressed_bytes
+    write_s = compressed / write_rate if write_rate else 0.0
+    if not in_place:
+        write_s *= 2  # staged frames are written, then their bytes copied again into the object's parts
+    upload_s = compressed / upload_rate if upload_rate and not in_place else 0.0
+    compress_s = estimate.predicted_seconds
+    total = fixed_s + estimate.seconds_spent + max(compress_s, write_s) + upload_s
+    return JobTime(total, fixed_s, estimate.seconds_spent, compress_s, write_s, upload_s)

@@ -1,0 +1,52 @@
+"""The job's predicted time: its parts from a real estimate and a real file store's measured write rate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import vhdcore
+from functions.imaging.prediction import CLI_FIXED_S, predict_job
+from functions.storage import FileObjectStore
+from tests.statemachine.test_workflow import build_sample_chain
+
+
+@dataclass(frozen=True)
+class Measured:
+    compressed_bytes: int
+    predicted_seconds: float
+    seconds_spent: float
+
+
+def test_an_image_written_in_place_goes_at_the_pace_of_the_slower_of_compressing_and_writing() -> None:
+    estimate = Measured(compressed_bytes=400_000_000, predicted_seconds=1.0, seconds_spent=0.05)
+
+    device_bound = predict_job(estimate, in_place=True, write_rate=200_000_000, upload_rate=125_000_000)
+    cpu_bound = predict_job(estimate, in_place=True, write_rate=4_000_000_000, upload_rate=125_000_000)
+
+    assert device_bound.seconds == CLI_FIXED_S + 0.05 + 2.0  # the upload rate is a network's: nothing is sent
+    assert cpu_bound.seconds == CLI_FIXED_S + 0.05 + 1.0
+    assert cpu_bound.after_estimate == 1.0
+
+
+def test_staged_frames_are_written_twice_and_uploaded_at_the_flavors_bandwidth() -> None:
+    estimate = Measured(compressed_bytes=250_000_000, predicted_seconds=1.0, seconds_spent=0.1)
+
+    timing = predict_job(estimate, in_place=False, write_rate=500_000_000, upload_rate=125_000_000, fixed_s=0.3)
+
+    assert (timing.write_s, timing.upload_s) == (1.0, 2.0)
+    assert timing.seconds == 0.3 + 0.1 + 1.0 + 2.0
+
+
+def test_a_real_estimate_and_write_rate_give_a_prediction(tmp_path: Path) -> None:
+    store = FileObjectStore(tmp_path / "store")
+    rate = store.write_rate()
+    assert rate > 0
+    assert store.write_rate() == rate  # measured once, then remembered in the store's area
+    estimate = vhdcore.open_chain(str(build_sample_chain(tmp_path / "disks"))).estimate(chunk_size=8 * 1024**2)
+
+    timing = predict_job(estimate, in_place=True, write_rate=rate, upload_rate=None)
+
+    assert timing.compress_s == estimate.predicted_seconds
+    assert timing.write_s == estimate.compressed_bytes / rate
+    assert timing.seconds > CLI_FIXED_S
