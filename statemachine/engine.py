@@ -68,6 +68,7 @@ from moto.awslambda_simple.models import LambdaSimpleBackend, lambda_simple_back
 from moto.iam.models import iam_backends  # noqa: E402
 from moto.moto_api._internal.models import moto_api_backend  # noqa: E402
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app  # noqa: E402
+from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils  # noqa: E402
 from moto.stepfunctions.parser.backend.execution import Execution as InterpreterExecution  # noqa: E402
 from moto.stepfunctions.parser.models import stepfunctions_parser_backends  # noqa: E402
 from werkzeug.serving import BaseWSGIServer, make_server  # noqa: E402
@@ -217,6 +218,23 @@ def _arn_of(function_name: str) -> str:
 
 
 LambdaSimpleBackend.invoke = _invoke_registered  # type: ignore[method-assign]
+
+
+_task_clients: dict[tuple[str, str, str | None], Any] = {}
+
+
+def _reused_client(region: str, service: str, state_credentials: Any = None) -> Any:
+    """The interpreter's boto3 client for a Task's service, made once per (region, service, server port) instead
+    of once per Task (each new client cost 20-50 ms between two states); boto3 clients are safe across threads."""
+    key = (region, service, os.environ.get("MOTO_PORT"))
+    client = _task_clients.get(key)
+    if client is None:
+        client = _task_clients[key] = _ORIGINAL_CLIENT_FOR(region, service, state_credentials)
+    return client
+
+
+_ORIGINAL_CLIENT_FOR = lambda_eval_utils.boto_client_for  # type: ignore[attr-defined]
+lambda_eval_utils.boto_client_for = _reused_client  # type: ignore[attr-defined]
 
 
 def _shared_on_deepcopy(self: InterpreterExecution, memo: dict[int, Any]) -> InterpreterExecution:
