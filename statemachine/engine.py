@@ -19,6 +19,7 @@ a separate moto server), which is why this does not use `moto.mock_aws`.
 from __future__ import annotations
 
 import base64
+import functools
 import gc
 import importlib.util
 import json
@@ -68,7 +69,11 @@ from moto.awslambda_simple.models import LambdaSimpleBackend, lambda_simple_back
 from moto.iam.models import iam_backends  # noqa: E402
 from moto.moto_api._internal.models import moto_api_backend  # noqa: E402
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app  # noqa: E402
+from moto.stepfunctions.parser.asl.component.common.path import (  # noqa: E402
+    result_path as interpreter_result_path,
+)
 from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils  # noqa: E402
+from moto.stepfunctions.parser.asl.utils import json_path as interpreter_json_path  # noqa: E402
 from moto.stepfunctions.parser.backend.execution import Execution as InterpreterExecution  # noqa: E402
 from moto.stepfunctions.parser.models import stepfunctions_parser_backends  # noqa: E402
 from werkzeug.serving import BaseWSGIServer, make_server  # noqa: E402
@@ -235,6 +240,17 @@ def _reused_client(region: str, service: str, state_credentials: Any = None) -> 
 
 _ORIGINAL_CLIENT_FOR = lambda_eval_utils.boto_client_for  # type: ignore[attr-defined]
 lambda_eval_utils.boto_client_for = _reused_client  # type: ignore[attr-defined]
+
+
+def _parse_once(module: types.ModuleType) -> None:
+    """The interpreter parses every JSONPath of every state each time it evaluates it, and jsonpath_ng builds its
+    whole LALR parser (ply's yacc tables) for each parse: half the interpreter's time between two states went
+    there. A parsed path is immutable (its `find` is pure), so each text is parsed once per process."""
+    module.parse = functools.lru_cache(maxsize=4096)(module.parse)  # type: ignore[attr-defined]
+
+
+_parse_once(interpreter_json_path)
+_parse_once(interpreter_result_path)
 
 
 def _shared_on_deepcopy(self: InterpreterExecution, memo: dict[int, Any]) -> InterpreterExecution:
