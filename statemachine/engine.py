@@ -65,6 +65,8 @@ def _enter_moto_batch_without_its_models() -> None:
 _enter_moto_batch_without_its_models()
 
 import boto3  # noqa: E402 - after the batch package is entered
+from jsonpath_ng.ext.parser import ExtendedJsonPathParser  # type: ignore[import-untyped]  # noqa: E402
+from jsonpath_ng.parser import JsonPathParser  # type: ignore[import-untyped]  # noqa: E402
 from moto.awslambda_simple.models import LambdaSimpleBackend, lambda_simple_backends  # noqa: E402
 from moto.iam.models import iam_backends  # noqa: E402
 from moto.moto_api._internal.models import moto_api_backend  # noqa: E402
@@ -242,15 +244,24 @@ _ORIGINAL_CLIENT_FOR = lambda_eval_utils.boto_client_for  # type: ignore[attr-de
 lambda_eval_utils.boto_client_for = _reused_client  # type: ignore[attr-defined]
 
 
-def _parse_once(module: types.ModuleType) -> None:
-    """The interpreter parses every JSONPath of every state each time it evaluates it, and jsonpath_ng builds its
+def _parse_once(module: types.ModuleType, parser_class: type[Any]) -> None:
+    """The interpreter parses every JSONPath of every state each time it evaluates it, and jsonpath_ng builds a
     whole LALR parser (ply's yacc tables) for each parse: half the interpreter's time between two states went
-    there. A parsed path is immutable (its `find` is pure), so each text is parsed once per process."""
-    module.parse = functools.lru_cache(maxsize=4096)(module.parse)  # type: ignore[attr-defined]
+    there. Here one parser (built once, used under a lock: its parse keeps state) parses each text once per
+    process; a parsed path is immutable (its `find` is pure)."""
+    parser = parser_class()
+    lock = threading.Lock()
+
+    @functools.lru_cache(maxsize=4096)
+    def parse(text: str) -> Any:
+        with lock:
+            return parser.parse(text)
+
+    module.parse = parse  # type: ignore[attr-defined]
 
 
-_parse_once(interpreter_json_path)
-_parse_once(interpreter_result_path)
+_parse_once(interpreter_json_path, ExtendedJsonPathParser)
+_parse_once(interpreter_result_path, JsonPathParser)
 
 
 def _shared_on_deepcopy(self: InterpreterExecution, memo: dict[int, Any]) -> InterpreterExecution:
