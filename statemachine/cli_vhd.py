@@ -462,6 +462,11 @@ def estimate(path: str, level: int, chunk_size: int, as_json: bool) -> None:
     require_file(path)
     chain = vhdcore.open_chain(path)
     result = chain.estimate(level=level, chunk_size=chunk_size)
+    from functions.imaging.prediction import predict_cli_job
+    from functions.settings import Settings
+
+    store_url = Settings.resolve().store_url
+    job = predict_cli_job(result, store_url)
     if as_json:
         print_json(
             {
@@ -475,6 +480,7 @@ def estimate(path: str, level: int, chunk_size: int, as_json: bool) -> None:
                 "low": result.low,
                 "high": result.high,
                 "predicted_seconds": result.predicted_seconds,
+                "job": {"command": "imaging image create --disk", "store": store_url, **job.to_json()},
                 "threads": result.threads,
                 "sampled_bytes": result.sampled_bytes,
                 "samples": result.samples,
@@ -494,7 +500,13 @@ def estimate(path: str, level: int, chunk_size: int, as_json: bool) -> None:
                 f"{size_with_bytes(result.compressed_bytes)} "
                 f"(range {human_size(result.low)} - {human_size(result.high)})",
             ),
-            ("time", f"about {result.predicted_seconds:.1f} s on {result.threads} threads"),
+            ("compress", f"about {result.predicted_seconds:.1f} s on {result.threads} threads"),
+            (
+                "image job",
+                f"about {job.seconds:.1f} s for `imaging image create --disk` into {store_url} "
+                f"(compress {job.compress_s:.1f} s, write {job.write_s:.1f} s, upload {job.upload_s:.1f} s, "
+                f"start and steps {job.fixed_s + job.estimate_s:.1f} s)",
+            ),
             ("sampled", f"{size_with_bytes(result.sampled_bytes)} in {result.seconds_spent:.3f} s"),
         ]
     )

@@ -18,6 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from functions.storage import FileObjectStore, open_object_store
+from functions.storage.bandwidth import DEFAULT_FLAVOR_CLASS, FLAVOR_CLASS_BANDWIDTH
+
 CLI_FIXED_S = 0.9
 """`imaging image create --disk D --wait` of an empty 64 MiB disk: start, imports, engine, states, manifest."""
 WARM_FIXED_S = 0.3
@@ -73,3 +76,16 @@ def predict_job(
     compress_s = estimate.predicted_seconds
     total = fixed_s + estimate.seconds_spent + max(compress_s, write_s) + upload_s
     return JobTime(total, fixed_s, estimate.seconds_spent, compress_s, write_s, upload_s)
+
+
+def predict_cli_job(estimate: EstimateLike, store_url: str) -> JobTime:
+    """`imaging image create --disk` of the estimated chain into the store at `store_url`, as the CLI runs it:
+    written in place in a file store (at its measured write rate), uploaded at the default flavor's bandwidth to
+    any other."""
+    if store_url.startswith("file:"):
+        store = open_object_store(store_url)
+        rate = store.write_rate() if isinstance(store, FileObjectStore) else None
+        return predict_job(estimate, in_place=True, write_rate=rate, upload_rate=None)
+    return predict_job(
+        estimate, in_place=False, write_rate=None, upload_rate=FLAVOR_CLASS_BANDWIDTH[DEFAULT_FLAVOR_CLASS]
+    )

@@ -6,9 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from functions.state import Job, Status
-from functions.storage.bandwidth import FLAVOR_CLASS_BANDWIDTH
-
-DEFAULT_FLAVOR_CLASS = "standard"
+from functions.storage.bandwidth import DEFAULT_FLAVOR_CLASS, FLAVOR_CLASS_BANDWIDTH
 
 
 def flavor_class(flavor: str | None) -> str:

@@ -12,6 +12,8 @@ FLAVOR_CLASS_BANDWIDTH: dict[str, int | None] = {
     "performance": None,  # 10 Gbit/s and more: the store, not the host, is the limit
 }
 """Sustained bytes per second one imaging job may send from a host of each flavor class (None: unlimited)."""
+DEFAULT_FLAVOR_CLASS = "standard"
+"""The class of a flavor that names none, and of a disk imaged without a server."""
 
 
 class TokenBucket:

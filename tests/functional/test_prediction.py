@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +13,8 @@ import vhdcore
 from functions.imaging.prediction import CLI_FIXED_S, predict_job
 from functions.storage import FileObjectStore
 from tests.statemachine.test_workflow import build_sample_chain
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -50,3 +56,18 @@ def test_a_real_estimate_and_write_rate_give_a_prediction(tmp_path: Path) -> Non
     assert timing.compress_s == estimate.predicted_seconds
     assert timing.write_s == estimate.compressed_bytes / rate
     assert timing.seconds > CLI_FIXED_S
+
+
+def test_vhd_estimate_predicts_the_image_job_into_the_configured_store(tmp_path: Path) -> None:
+    leaf = build_sample_chain(tmp_path / "disks")
+    env = {**os.environ, "IMAGING_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(REPO)}
+    env.pop("IMAGING_STORE", None)
+    argv = [sys.executable, "-m", "statemachine.cli", "vhd", "estimate", str(leaf), "--json"]
+
+    answer = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout)
+
+    job = answer["job"]
+    assert job["store"] == (tmp_path / "data" / "store").as_uri()
+    assert job["compress_s"] == round(answer["predicted_seconds"], 3)
+    assert job["seconds"] >= job["fixed_s"] + job["compress_s"]
+    assert (tmp_path / "data" / "store" / ".imaging-store" / "write-rate.json").is_file()
