@@ -289,3 +289,71 @@ fn compressing_from_inside_a_rayon_pool_of_one_thread_finishes() {
     Chain::open(&vhd, 1).unwrap().read_at(0, &mut flat).unwrap();
     assert!(flat == model);
 }
+
+#[test]
+fn an_image_written_in_place_in_two_runs_is_the_image_written_in_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, _) = sample_chain(dir.path());
+    let chain = Chain::open(&leaf, 30).unwrap();
+    let plan = chain.plan(8 * MIB).unwrap();
+    let whole = dir.path().join("whole.vhd.zst");
+    vhdcore::compress_image(&chain, &plan, 3, &whole, &mut |_, _| true).unwrap();
+
+    // The first run stops after two frames are durable (a crash after its sync point); the second resumes after
+    // them, at an offset that is not a multiple of the direct writes' alignment.
+    let out = dir.path().join("in-place.vhd.zst");
+    let room = vhdcore::head_room(&plan).unwrap();
+    let mut frames: Vec<vhdcore::ChunkFrame> = Vec::new();
+    let mut durable_end = None;
+    let stopped = vhdcore::compress_chunks_into(
+        &chain,
+        &plan,
+        0,
+        plan.chunks.len(),
+        3,
+        ChunkDigest::Image,
+        &out,
+        room,
+        1,
+        &mut |placed| match placed {
+            vhdcore::Placed::Written(frame) => {
+                frames.push(frame);
+                true
+            }
+            vhdcore::Placed::Durable { end } => {
+                durable_end = Some(end);
+                frames.len() < 2
+            }
+        },
+    );
+    assert!(matches!(stopped, Err(vhdcore::VhdError::Interrupted { .. })), "{stopped:?}");
+    frames.truncate(2);
+    let resume_at = durable_end.unwrap();
+    assert_ne!(resume_at % 4096, 0, "the test wants an unaligned resume point");
+    // Bytes past the durable point may be anything: the resumed run overwrites them.
+    std::fs::OpenOptions::new().write(true).open(&out).unwrap().write_all_at(&[0xAB; 8192], resume_at).unwrap();
+    let end = vhdcore::compress_chunks_into(
+        &chain,
+        &plan,
+        2,
+        plan.chunks.len() - 2,
+        3,
+        ChunkDigest::Image,
+        &out,
+        resume_at,
+        u64::MAX,
+        &mut |placed| {
+            if let vhdcore::Placed::Written(frame) = placed {
+                frames.push(frame);
+            }
+            true
+        },
+    )
+    .unwrap();
+    let summary: Vec<(Vec<u64>, u64)> = frames.iter().map(|f| (f.stored_blocks.clone(), f.logical_bytes)).collect();
+    let head = vhdcore::compress_head(&plan, &summary, 3).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
+    file.write_all_at(&vhdcore::head_and_gap(&head.frame, room).unwrap(), 0).unwrap();
+    file.set_len(end).unwrap();
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&whole).unwrap(), "in place differs from compress_image");
+}
