@@ -11,8 +11,11 @@ they run one. Global options: `-v/--verbose` (INFO logs on stderr; WARNING by de
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
+import os
+import sys
 from typing import Any, NamedTuple
 
 import click
@@ -184,8 +187,25 @@ def imaging(ctx: click.Context, verbose: int, log_format: str) -> None:
 
 
 def main() -> None:
-    """Entry point of the `imaging` console script."""
-    imaging.main(prog_name="imaging")
+    """Entry point of the `imaging` console script.
+
+    A command that ran the embedded engine leaves moto's hundreds of thousands of objects and its threads behind;
+    tearing the interpreter down took longer than some whole commands. Once such a command has returned (its
+    stores closed, its output written), the process flushes its streams and ends at once.
+    """
+    try:
+        imaging.main(prog_name="imaging")
+    except SystemExit as done:
+        if "statemachine.engine" not in sys.modules:
+            raise
+        code = done.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+            code = 1
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code or 0)
 
 
 if __name__ == "__main__":
