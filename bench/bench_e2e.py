@@ -64,6 +64,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -542,6 +543,8 @@ class Proc:
     cpu_seconds: float  # user + system of the command and its children
     foreign_cpu_seconds: float  # CPU time the rest of the machine used meanwhile (other sessions, tests, builds)
     returncode: int
+    started_at: float  # time.time() before the fork and after the exit, to place the manifest's history in the run
+    ended_at: float
     stdout: str = field(repr=False)
     stderr: str = field(repr=False)
 
@@ -555,6 +558,7 @@ def run_fresh(argv: list[str], scratch: Path, env: dict[str, str] | None = None,
     usage_path.unlink(missing_ok=True)
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         busy = cpu_busy_seconds()
+        started_at = time.time()
         started = time.perf_counter()
         child = subprocess.Popen(
             [TIME, "-f", "%M %U %S", "-o", str(usage_path), *argv],
@@ -565,6 +569,7 @@ def run_fresh(argv: list[str], scratch: Path, env: dict[str, str] | None = None,
         )
         _, status, _usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - started
+        ended_at = time.time()
         busy = cpu_busy_seconds() - busy
     child.returncode = os.waitstatus_to_exitcode(status)
     # On failure GNU time writes "Command exited with non-zero status N" before the format's line.
@@ -577,6 +582,8 @@ def run_fresh(argv: list[str], scratch: Path, env: dict[str, str] | None = None,
         cpu_seconds=cpu,
         foreign_cpu_seconds=max(0.0, busy - cpu),
         returncode=child.returncode,
+        started_at=started_at,
+        ended_at=ended_at,
         stdout=out_path.read_text(errors="replace"),
         stderr=err_path.read_text(errors="replace"),
     )
@@ -672,6 +679,11 @@ def run_ours(disk: str, data_dir: Path, scratch: Path) -> dict[str, Any]:
         source = "store"
     manifest = record["manifest"]
     image_id = str(record["id"])
+    # The history's first event (QUEUED) and last (ACTIVE) in the process's life: what comes before the first
+    # state (interpreter, imports, engine start) and after the last (engine stop, output, exit).
+    history = [datetime.fromisoformat(e["at"]).timestamp() for e in manifest.get("history", []) if e.get("at")]
+    before_first = history[0] - proc.started_at if history else None
+    after_last = proc.ended_at - history[-1] if history else None
     object_size = None
     object_url = record.get("object_url")
     if isinstance(object_url, str) and object_url.startswith("file://"):
@@ -697,6 +709,8 @@ def run_ours(disk: str, data_dir: Path, scratch: Path) -> dict[str, Any]:
         "compressed_size": record.get("compressed_size") or manifest.get("compressed_size") or object_size,
         "object_size": object_size,
         "timings": manifest.get("timings", {}),
+        "before_first_state_s": before_first,
+        "after_last_state_s": after_last,
         "manifest_predicted_seconds": manifest.get("predicted_seconds"),
         "level": manifest.get("level"),
         "chunk_size": manifest.get("chunk_size"),
@@ -802,6 +816,7 @@ def bench_disk(info: dict[str, Any], workdir: Path, runs: int, idle: Quiet) -> d
     scratch = workdir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {"estimate": [], "ours": [], "naive": [], "compress": []}
+    checkout = checkout_rev()
     for run in range(runs):
         steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("estimate", lambda: run_estimate(disk, data_dir, scratch)),
@@ -829,6 +844,8 @@ def bench_disk(info: dict[str, Any], workdir: Path, runs: int, idle: Quiet) -> d
         "ours_timings": {k: median([float(r["timings"].get(k, 0.0)) for r in ours]) for k in timing_keys},
         "ours_size": median([r["compressed_size"] for r in ours if r["compressed_size"] is not None] or [0]),
         "manifest_predicted_s": _median_or_none([r["manifest_predicted_seconds"] for r in ours]),
+        "before_first_state_s": _median_or_none([r["before_first_state_s"] for r in ours]),
+        "after_last_state_s": _median_or_none([r["after_last_state_s"] for r in ours]),
         "naive_s": median([r["seconds"] for r in results["naive"]]),
         "naive_steps": {k: median([r["steps"][k] for r in results["naive"]]) for k in ("convert", "zstd", "cp")},
         "naive_max_rss": median([r["max_rss"] for r in results["naive"]]),
@@ -849,7 +866,15 @@ def bench_disk(info: dict[str, Any], workdir: Path, runs: int, idle: Quiet) -> d
     summary["virtual_mbps"] = info["virtual_size"] / summary["ours_s"] / MB
     summary["foreign_share_max"] = max(r["foreign_share"] for rs in results.values() for r in rs)
     summary["runs_redone"] = sum(len(r["discarded"]) for rs in results.values() for r in rs)
+    summary["checkout"] = checkout if checkout == checkout_rev() else f"{checkout} → {checkout_rev()}"
     return {"disk": {k: v for k, v in info.items() if k != "params"} | {"name": name}, "summary": summary, **results}
+
+
+def checkout_rev() -> str | None:
+    """The work tree's commit (+ "-dirty"): the project is installed editable, so its Python code is what runs."""
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=repo, capture_output=True, text=True)
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def _median_or_none(values: list[Any]) -> float | None:
@@ -930,8 +955,16 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n < 10 * GiB else f"{n / GiB:.1f} GiB"
 
 
+def _opt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _mib(n: float) -> str:
     return f"{n / MiB:,.0f}"
+
+
+def _checkouts(start: str | None, end: str | None) -> str:
+    return f"{end}" if start in (None, end) else f"{start} at start, {end} at end (others committed meanwhile)"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -940,7 +973,8 @@ def render(report: dict[str, Any]) -> str:
     runs = report["runs"]
     lines.append(
         f"Whole commands in fresh processes, page cache warm, medians of {runs} runs. Machine: {m['nproc']} CPUs, "
-        f"{m['cpu']}, kernel {m['kernel']}, Python {m['python']}, checkout {m['vhdcore']['checkout_rev']} "
+        f"{m['cpu']}, kernel {m['kernel']}, Python {m['python']}, checkout "
+        f"{_checkouts(report.get('checkout_start'), m['vhdcore']['checkout_rev'])} "
         f"(native module built {m['vhdcore']['module_built']}), {m.get('zstd')}, {m.get('qemu_img')}; load average "
         f"{report['loadavg_start']} at start, {m.get('loadavg_end')} at end."
     )
@@ -965,24 +999,26 @@ def render(report: dict[str, Any]) -> str:
             )
         lines.append("")
         lines.append(
-            "Where the time goes (medians, seconds): the job's states from its manifest, the rest of the command "
-            "(process start, imports, engine start/stop, output), the naive steps, and the sizes."
+            "Where the time goes (medians, seconds): from the fork to the job's first state (interpreter, imports, "
+            "engine start), the job's states from its manifest's history, from its last state (ACTIVE) to the exit, "
+            "the naive steps, and the sizes."
         )
         lines.append("")
         lines.append(
-            "| disk | QUEUED | SAVING | UPLOADING | upload_seconds | outside the states | job's own ETA s | "
-            "virtual MB/s | naive convert / zstd / cp | image MB (ours / naive / Chain.compress / estimate) | "
-            "peak RSS MiB naive / Chain.compress | others' CPU (max) |"
+            "| disk | start → QUEUED | QUEUED | SAVING | UPLOADING | upload_seconds | ACTIVE → exit | "
+            "job's own ETA s | virtual MB/s | naive convert / zstd / cp | "
+            "image MB (ours / naive / Chain.compress / estimate) | peak RSS MiB naive / Chain.compress | "
+            "others' CPU (max) |"
         )
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for d in report["disks"]:
             s, t = d["summary"], d["summary"]["ours_timings"]
-            states = sum(t.get(k, 0.0) for k in ("QUEUED", "SAVING", "UPLOADING"))
             eta = s["manifest_predicted_s"]
             steps = s["naive_steps"]
             lines.append(
-                f"| {d['disk']['name']} | {t.get('QUEUED', 0):.2f} | {t.get('SAVING', 0):.2f} | "
-                f"{t.get('UPLOADING', 0):.2f} | {t.get('upload_seconds', 0):.2f} | {s['ours_s'] - states:.2f} | "
+                f"| {d['disk']['name']} | {_opt(s.get('before_first_state_s'))} | {t.get('QUEUED', 0):.2f} | "
+                f"{t.get('SAVING', 0):.2f} | {t.get('UPLOADING', 0):.2f} | {t.get('upload_seconds', 0):.2f} | "
+                f"{_opt(s.get('after_last_state_s'))} | "
                 f"{'-' if eta is None else f'{eta:.2f}'} | {s['virtual_mbps']:,.0f} | "
                 f"{steps['convert']:.2f} / {steps['zstd']:.2f} / {steps['cp']:.2f} | "
                 f"{s['ours_size'] / MB:,.1f} / {s['naive_size'] / MB:,.1f} / {s['compress_size'] / MB:,.1f} / "
@@ -1027,6 +1063,13 @@ def render(report: dict[str, Any]) -> str:
                 if d["summary"]["runs_redone"]
                 else ""
             )
+            + "".join(
+                f"; {kind} run {i + 1} kept with others at {r['foreign_share']:.0%} of the CPUs"
+                for kind in ("estimate", "ours", "naive", "compress")
+                for i, r in enumerate(d[kind])
+                if r["foreign_share"] > report.get("max_foreign", 1.0)
+            )
+            + (f"; checkout {d['summary']['checkout']}" if d["summary"].get("checkout") else "")
         )
     lines.append("")
     lines.append(
@@ -1095,6 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     loadavg_start = _loadavg()
+    checkout_start = checkout_rev()
     started = time.perf_counter()
     pools: list[Pools] = []
 
@@ -1122,7 +1166,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": machine,
         "loadavg_start": loadavg_start,
+        "checkout_start": checkout_start,
         "runs": args.runs,
+        "max_foreign": args.max_foreign,
         "startup_runs": args.startup_runs,
         "commands": {
             "ours": [IMAGING, "image", "create", "--disk", "D", "--wait", "--json"],
