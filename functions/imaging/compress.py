@@ -20,6 +20,8 @@ from functions.imaging.disks import open_disk
 from functions.imaging.errors import DiskCorruptError
 from functions.imaging.jobs import hold_server_lock, record_progress
 from functions.imaging.layout import Layout, StagedFrame, load_layout, load_written, record_written, spool_key
+from functions.imaging.planning import estimate_key
+from functions.imaging.prediction import learn_compress_time
 from functions.imaging.progress import measured_eta, step_started
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import StoreChunkReads, is_store_key
@@ -142,6 +144,7 @@ def _compress_in_place(services: ImagingServices, job: Job, plan_key: str, first
         batch.clear()
 
     remaining = len(chunks) - len(done)
+    started = services.monotonic()
     if remaining:
         try:
             chain.compress_chunks_into(
@@ -158,6 +161,10 @@ def _compress_in_place(services: ImagingServices, job: Job, plan_key: str, first
             )
         except vhdcore.VhdError as error:
             raise DiskCorruptError(str(error)) from error
+    if not done:  # a whole run, not a resumed one: what the estimate's compress time should have been
+        predicted = json.loads(store.get(estimate_key(job.id))).get("estimate_compress_seconds")
+        if predicted is not None:
+            learn_compress_time(store, float(predicted), services.monotonic() - started)
     frames = done + fresh
     return GroupResult(
         compressed=len(fresh),

@@ -15,7 +15,7 @@ from functions.imaging.disks import open_disk
 from functions.imaging.errors import FlavorTooSlowError
 from functions.imaging.jobs import hold_server_lock, set_progress
 from functions.imaging.layout import Layout, choose_layout, record_layout
-from functions.imaging.prediction import JobTime, predict_job
+from functions.imaging.prediction import JobTime, compress_ratio, predict_job
 from functions.imaging.progress import flavor_class
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain
@@ -77,6 +77,7 @@ def predict_job_of(
         write_rate=store.write_rate() if isinstance(store, FileObjectStore) else None,
         upload_rate=FLAVOR_CLASS_BANDWIDTH[flavor_class(flavor)],
         fixed_s=fixed_s,
+        compress_ratio=compress_ratio(store),
     )
 
 
@@ -111,6 +112,7 @@ def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> Stag
                 "high": estimate.high,
                 "predicted_seconds": predicted,
                 "predicted": timing.to_json(),
+                "estimate_compress_seconds": estimate.predicted_seconds,
                 "flavor_class": flavor_class(flavor),
             }
         ).encode(),

@@ -7,7 +7,9 @@ compressor.
   (`CLI_FIXED_S`, measured on the bench's 2-core machine with an empty disk), or only the states when the engine is
   already running (`WARM_FIXED_S`: `imaging serve`, the API's estimate);
 - the estimate, which the job runs again in its Estimate step (its own measured time);
-- compress: the estimate's prediction of the compressor on this machine (vhdcore times a few spans of the data);
+- compress: the estimate's prediction of the compressor on this machine (vhdcore times a few spans of the data),
+  times the ratio of measured to predicted compress time that this machine's earlier jobs showed (a file store
+  remembers it: `COMPRESS_TIME_RATIO`; 1 until a job of at least `LEARN_FROM_S` was measured);
 - write: the compressed bytes at the store's measured write rate (an image written in place goes to the device as
   it is compressed, so the slower of the two sets the pace; staged frames are written, then copied into parts);
 - upload: the compressed bytes at the flavor's bandwidth, when frames are uploaded (staged layout).
@@ -20,6 +22,11 @@ from typing import Protocol
 
 from functions.storage import FileObjectStore, open_object_store
 from functions.storage.bandwidth import DEFAULT_FLAVOR_CLASS, FLAVOR_CLASS_BANDWIDTH
+
+COMPRESS_TIME_RATIO = "compress_time_ratio"
+LEARN_FROM_S = 0.5
+"""Jobs whose compress was predicted shorter than this teach nothing: their time is mostly fixed costs."""
+RATIO_BOUNDS = (0.5, 3.0)
 
 CLI_FIXED_S = 0.9
 """`imaging image create --disk D --wait` of an empty 64 MiB disk: start, imports, engine, states, manifest."""
@@ -65,17 +72,36 @@ def predict_job(
     write_rate: float | None,
     upload_rate: float | None,
     fixed_s: float = CLI_FIXED_S,
+    compress_ratio: float = 1.0,
 ) -> JobTime:
     """The job's time from its estimate: `write_rate` is the store's sustained write rate in bytes per second (None:
-    not a limit), `upload_rate` the flavor's bandwidth for uploads (None: unlimited)."""
+    not a limit), `upload_rate` the flavor's bandwidth for uploads (None: unlimited), `compress_ratio` the measured
+    over predicted compress time of earlier jobs."""
     compressed = estimate.compressed_bytes
     write_s = compressed / write_rate if write_rate else 0.0
     if not in_place:
         write_s *= 2  # staged frames are written, then their bytes copied again into the object's parts
     upload_s = compressed / upload_rate if upload_rate and not in_place else 0.0
-    compress_s = estimate.predicted_seconds
+    compress_s = estimate.predicted_seconds * compress_ratio
     total = fixed_s + estimate.seconds_spent + max(compress_s, write_s) + upload_s
     return JobTime(total, fixed_s, estimate.seconds_spent, compress_s, write_s, upload_s)
+
+
+def compress_ratio(store: object) -> float:
+    """What this machine's jobs taught about the estimate's compress time (1 where nothing was learned)."""
+    learned = store.measurement(COMPRESS_TIME_RATIO) if isinstance(store, FileObjectStore) else None
+    return learned if learned is not None else 1.0
+
+
+def learn_compress_time(store: object, predicted_s: float, measured_s: float) -> None:
+    """Fold one job's measured compress time against the estimate's prediction into the remembered ratio (an
+    average that halves the weight of older jobs), on a file store: its compressor ran on this machine."""
+    if not isinstance(store, FileObjectStore) or predicted_s < LEARN_FROM_S or measured_s <= 0:
+        return
+    low, high = RATIO_BOUNDS
+    ratio = min(high, max(low, measured_s / predicted_s))
+    known = store.measurement(COMPRESS_TIME_RATIO)
+    store.remember(COMPRESS_TIME_RATIO, ratio if known is None else (known + ratio) / 2)
 
 
 def predict_cli_job(estimate: EstimateLike, store_url: str) -> JobTime:
@@ -85,7 +111,9 @@ def predict_cli_job(estimate: EstimateLike, store_url: str) -> JobTime:
     if store_url.startswith("file:"):
         store = open_object_store(store_url)
         rate = store.write_rate() if isinstance(store, FileObjectStore) else None
-        return predict_job(estimate, in_place=True, write_rate=rate, upload_rate=None)
+        return predict_job(
+            estimate, in_place=True, write_rate=rate, upload_rate=None, compress_ratio=compress_ratio(store)
+        )
     return predict_job(
         estimate, in_place=False, write_rate=None, upload_rate=FLAVOR_CLASS_BANDWIDTH[DEFAULT_FLAVOR_CLASS]
     )

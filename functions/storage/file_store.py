@@ -203,17 +203,34 @@ class FileObjectStore:
 
     def write_rate(self) -> float:
         """Sustained bytes per second this store's file system takes to its device, as an image is written in place
-        (direct writes of 8 MiB, then `fdatasync`): measured once by writing WRITE_PROBE_BYTES, then remembered in
-        the store's area (predictions read it; the probe costs about a fifth of a second)."""
-        record = self._area / "write-rate.json"
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            return float(json.loads(record.read_bytes())["bytes_per_second"])
-        rate = _probe_write_rate(self._tmp)
-        with contextlib.suppress(OSError), self._staged_file() as (staged, fd):
-            _write_all(fd, json.dumps({"bytes_per_second": rate}).encode())
-            os.fsync(fd)
-            staged.replace(record)
+        (direct writes of 8 MiB, then `fdatasync`): measured once by writing WRITE_PROBE_BYTES, then remembered
+        (predictions read it; the probe costs about a fifth of a second)."""
+        rate = self.measurement(WRITE_RATE)
+        if rate is None:
+            rate = _probe_write_rate(self._tmp)
+            self.remember(WRITE_RATE, rate)
         return rate
+
+    def measurement(self, name: str) -> float | None:
+        """A figure this machine measured and remembered in the store's area (None if never, or unreadable)."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return float(json.loads((self._area / "measured.json").read_bytes())[name])
+        return None
+
+    def remember(self, name: str, value: float) -> None:
+        """Keep a measured figure for later predictions (best effort: a figure that cannot be kept is measured
+        again)."""
+        record = self._area / "measured.json"
+        with contextlib.suppress(OSError), self._key_lock(f"{STORE_AREA}/measured.json"):
+            try:
+                figures = json.loads(record.read_bytes())
+            except (OSError, ValueError):
+                figures = {}
+            figures[name] = value
+            with self._staged_file() as (staged, fd):
+                _write_all(fd, json.dumps(figures).encode())
+                os.fsync(fd)
+                staged.replace(record)
 
     # -- writing in place (one write of an image: DESIGN §3, issue 13) ------------------------------------------
 
@@ -507,6 +524,7 @@ class FileObjectStore:
             os.close(fd)  # closing releases the flock
 
 
+WRITE_RATE = "write_bytes_per_second"
 WRITE_PROBE_BYTES = 64 * 1024**2
 _PROBE_BLOCK = 8 * 1024**2
 

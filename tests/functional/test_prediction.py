@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import vhdcore
-from functions.imaging.prediction import CLI_FIXED_S, predict_job
+from functions.imaging.prediction import CLI_FIXED_S, compress_ratio, learn_compress_time, predict_job
 from functions.storage import FileObjectStore
 from tests.statemachine.test_workflow import build_sample_chain
 
@@ -70,4 +70,21 @@ def test_vhd_estimate_predicts_the_image_job_into_the_configured_store(tmp_path:
     assert job["store"] == (tmp_path / "data" / "store").as_uri()
     assert job["compress_s"] == round(answer["predicted_seconds"], 3)
     assert job["seconds"] >= job["fixed_s"] + job["compress_s"]
-    assert (tmp_path / "data" / "store" / ".imaging-store" / "write-rate.json").is_file()
+    assert (tmp_path / "data" / "store" / ".imaging-store" / "measured.json").is_file()
+
+
+def test_a_file_store_learns_how_far_the_estimates_compress_time_was_from_the_jobs(tmp_path: Path) -> None:
+    store = FileObjectStore(tmp_path / "store")
+    assert compress_ratio(store) == 1.0
+
+    learn_compress_time(store, predicted_s=2.0, measured_s=3.0)
+    assert compress_ratio(FileObjectStore(tmp_path / "store")) == 1.5  # remembered in the store's area
+    learn_compress_time(store, predicted_s=2.0, measured_s=2.0)
+    assert compress_ratio(store) == 1.25  # older jobs weigh half as much at each new one
+    learn_compress_time(store, predicted_s=0.1, measured_s=5.0)  # mostly fixed costs: nothing learned
+    learn_compress_time(store, predicted_s=1.0, measured_s=100.0)  # bounded
+    assert compress_ratio(store) == (1.25 + 3.0) / 2
+
+    estimate = Measured(compressed_bytes=100, predicted_seconds=2.0, seconds_spent=0.0)
+    timing = predict_job(estimate, in_place=True, write_rate=None, upload_rate=None, compress_ratio=1.25)
+    assert timing.compress_s == 2.5
