@@ -212,6 +212,7 @@ def create(
     with opened(settings) as services:
         if leaf is not None:
             request["disk"] = disk_argument(services.disk_store, leaf)
+        _estimate_while_the_engine_loads(services, request)
         with embedded_workflow(services) as workflow:
             result = follow(workflow, workflow.start(request), services, job_id, mode)
         record = services.state.get_image(image_id) if _exists(services, image_id) else None
@@ -242,6 +243,20 @@ def create(
             ],
         ]
     )
+
+
+def _estimate_while_the_engine_loads(services: ImagingServices, request: dict[str, Any]) -> None:
+    """The chain's estimate, started now on the core the engine's imports leave idle; the job's Estimate step
+    takes it if the chain is still the same then (functions.imaging.planning.estimate_ahead)."""
+    from functions.imaging.planning import estimate_ahead
+
+    disk = request.get("disk")
+    if disk is None:
+        try:
+            disk = services.state.get_server(str(request["server_id"])).disk
+        except NotFoundError:
+            return  # the workflow's Prepare says so, with its code and hint
+    estimate_ahead(services, str(disk))
 
 
 def _exists(services: ImagingServices, image_id: str) -> bool:
