@@ -712,6 +712,7 @@ def run_ours(disk: str, data_dir: Path, scratch: Path) -> dict[str, Any]:
         "before_first_state_s": before_first,
         "after_last_state_s": after_last,
         "manifest_predicted_seconds": manifest.get("predicted_seconds"),
+        "manifest_predicted": {k: v for k, v in manifest.items() if "predict" in k},
         "level": manifest.get("level"),
         "chunk_size": manifest.get("chunk_size"),
         "parts": manifest.get("part_count"),
@@ -726,11 +727,14 @@ def run_estimate(disk: str, data_dir: Path, scratch: Path) -> dict[str, Any]:
     if doc is None:
         raise SystemExit(f"error: no JSON from vhd estimate:\n{proc.stdout[-2000:]}")
     predicted = {k: v for k, v in doc.items() if "predict" in k or (k.endswith("seconds") and k != "seconds_spent")}
+    job = doc.get("job")  # the whole job's prediction (issue 13 item 6), when the CLI gives one
     return {
         "seconds": proc.seconds,
         "max_rss": proc.max_rss,
         **load_of([proc]),
         "predicted_seconds": doc.get("predicted_seconds"),
+        "predicted_job_seconds": job.get("seconds") if isinstance(job, dict) else None,
+        "predicted_job": job,
         "predicted": predicted,
         "compressed_bytes": doc.get("compressed_bytes"),
         "seconds_spent": doc.get("seconds_spent"),
@@ -854,19 +858,34 @@ def bench_disk(info: dict[str, Any], workdir: Path, runs: int, idle: Quiet) -> d
         "compress_process_s": median([r["process_seconds"] for r in results["compress"]]),
         "compress_max_rss": median([r["max_rss"] for r in results["compress"]]),
         "compress_size": median([r["compressed_bytes"] for r in results["compress"]]),
-        "estimate_predicted_s": _median_or_none([r["predicted_seconds"] for r in results["estimate"]]),
+        "estimate_compress_predicted_s": _median_or_none([r["predicted_seconds"] for r in results["estimate"]]),
+        "estimate_job_predicted_s": _median_or_none([r["predicted_job_seconds"] for r in results["estimate"]]),
         "estimate_process_s": median([r["seconds"] for r in results["estimate"]]),
         "estimate_size": median([r["compressed_bytes"] for r in results["estimate"]]),
     }
     summary["speedup"] = summary["naive_s"] / summary["ours_s"]
     summary["orchestration"] = summary["ours_s"] / summary["compress_s"]
     summary["upload_share"] = summary["ours_timings"].get("UPLOADING", 0.0) / summary["ours_s"]
+    # What a user is told the job will take: the whole job's prediction when the CLI gives one, else the compressor's.
+    job_predicted = summary["estimate_job_predicted_s"]
+    summary["estimate_predicted_s"] = (
+        job_predicted if job_predicted is not None else summary["estimate_compress_predicted_s"]
+    )
+    summary["estimate_predicted_kind"] = "job" if job_predicted is not None else "compress"
+    compress_predicted = summary["estimate_compress_predicted_s"]
+    summary["estimate_compress_error"] = (
+        None if compress_predicted is None else compress_predicted / summary["compress_s"] - 1
+    )
     predicted = summary["estimate_predicted_s"]
     summary["estimate_error"] = None if predicted is None else predicted / summary["ours_s"] - 1
     summary["virtual_mbps"] = info["virtual_size"] / summary["ours_s"] / MB
     summary["foreign_share_max"] = max(r["foreign_share"] for rs in results.values() for r in rs)
     summary["runs_redone"] = sum(len(r["discarded"]) for rs in results.values() for r in rs)
     summary["checkout"] = checkout if checkout == checkout_rev() else f"{checkout} → {checkout_rev()}"
+    # What the store has learned about this machine so far (its write rate, measured/predicted compress time).
+    learned = data_dir / "store" / ".imaging-store" / "measured.json"
+    with contextlib.suppress(OSError, ValueError):
+        summary["store_measured"] = json.loads(learned.read_text())
     return {"disk": {k: v for k, v in info.items() if k != "params"} | {"name": name}, "summary": summary, **results}
 
 
@@ -955,6 +974,13 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n < 10 * GiB else f"{n / GiB:.1f} GiB"
 
 
+def _predicted(summary: dict[str, Any], prefix: str) -> str:
+    value, error = summary.get(f"{prefix}_predicted_s"), summary.get(f"{prefix}_error")
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if error is None else f"{value:.2f} ({error:+.0%})"
+
+
 def _opt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -987,11 +1013,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for d in report["disks"]:
             s, info = d["summary"], d["disk"]
-            predicted = (
-                f"{s['estimate_predicted_s']:.2f} ({s['estimate_error']:+.0%})"
-                if s["estimate_predicted_s"] is not None
-                else "-"
-            )
+            predicted = _predicted(s, "estimate")
             lines.append(
                 f"| {info['name']} | {_gib(info['virtual_size'])} | {_gib(info['allocated_bytes'])} | "
                 f"{s['ours_s']:.2f} | {s['naive_s']:.2f} | {s['speedup']:.2f}x | {s['compress_s']:.2f} | "
@@ -1006,11 +1028,12 @@ def render(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             "| disk | start → QUEUED | QUEUED | SAVING | UPLOADING | upload_seconds | ACTIVE → exit | "
-            "job's own ETA s | virtual MB/s | naive convert / zstd / cp | "
+            "job's own ETA s | estimate's compress s (error vs Chain.compress) | virtual MB/s | "
+            "naive convert / zstd / cp | "
             "image MB (ours / naive / Chain.compress / estimate) | peak RSS MiB naive / Chain.compress | "
             "others' CPU (max) |"
         )
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for d in report["disks"]:
             s, t = d["summary"], d["summary"]["ours_timings"]
             eta = s["manifest_predicted_s"]
@@ -1019,7 +1042,8 @@ def render(report: dict[str, Any]) -> str:
                 f"| {d['disk']['name']} | {_opt(s.get('before_first_state_s'))} | {t.get('QUEUED', 0):.2f} | "
                 f"{t.get('SAVING', 0):.2f} | {t.get('UPLOADING', 0):.2f} | {t.get('upload_seconds', 0):.2f} | "
                 f"{_opt(s.get('after_last_state_s'))} | "
-                f"{'-' if eta is None else f'{eta:.2f}'} | {s['virtual_mbps']:,.0f} | "
+                f"{'-' if eta is None else f'{eta:.2f}'} | {_predicted(s, 'estimate_compress')} | "
+                f"{s['virtual_mbps']:,.0f} | "
                 f"{steps['convert']:.2f} / {steps['zstd']:.2f} / {steps['cp']:.2f} | "
                 f"{s['ours_size'] / MB:,.1f} / {s['naive_size'] / MB:,.1f} / {s['compress_size'] / MB:,.1f} / "
                 f"{s['estimate_size'] / MB:,.1f} | {_mib(s['naive_max_rss'])} / {_mib(s['compress_max_rss'])} | "
@@ -1076,7 +1100,9 @@ def render(report: dict[str, Any]) -> str:
         "ours = `imaging image create --disk D --wait --json`; naive = `qemu-img convert -f vpc -O raw` + "
         f"`zstd -q -3 -T{CORES}` + `cp` into a folder; Chain.compress timed in-process around the call; speedup = "
         "naive / ours; orchestration = ours / Chain.compress; upload share = the manifest's UPLOADING / ours; "
-        "predicted = `imaging vhd estimate D --json`'s predicted_seconds (error against ours); others' CPU = CPU "
+        "predicted = what `imaging vhd estimate D --json` (a fresh process before the job) says the job will take: "
+        "its `job.seconds` (the whole command), or its `predicted_seconds` (the compressor) when it gives no job, "
+        "with the error against ours; others' CPU = CPU "
         "time the rest of the machine used during a run, as a share of all its CPUs (from /proc/stat, the command's "
         "own CPU time subtracted): the worst run of the disk. "
         f"Whole run: {report['seconds']:.0f} s."
