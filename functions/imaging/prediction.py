@@ -6,7 +6,8 @@ compressor.
 - fixed costs: starting the command and the embedded engine and running the workflow's states around the data
   (`CLI_FIXED_S`, measured on the bench's 2-core machine with an empty disk), or only the states when the engine is
   already running (`WARM_FIXED_S`: `imaging serve`, the API's estimate);
-- the estimate, which the job runs again in its Estimate step (its own measured time);
+- the estimate, which the job runs again in its Estimate step (its own measured time), unless the command made it
+  while the engine loaded (`imaging image create` does: see functions.imaging.planning.estimate_ahead);
 - compress: the estimate's prediction of the compressor on this machine (vhdcore times a few spans of the data),
   times the ratio of measured to predicted compress time that this machine's earlier jobs showed (a file store
   remembers it: `COMPRESS_TIME_RATIO`; 1 until a job of at least `LEARN_FROM_S` was measured);
@@ -28,8 +29,10 @@ LEARN_FROM_S = 0.5
 """Jobs whose compress was predicted shorter than this teach nothing: their time is mostly fixed costs."""
 RATIO_BOUNDS = (0.5, 3.0)
 
-CLI_FIXED_S = 0.9
-"""`imaging image create --disk D --wait` of an empty 64 MiB disk: start, imports, engine, states, manifest."""
+CLI_FIXED_S = 1.5
+"""`imaging image create --disk D --wait` around its data: from the fork to the first state (interpreter, imports,
+engine start: 1.33-1.42 s on the bench's 1 GiB disks, 2-core machine), the states' own work (0.05 s) and from the
+last state to the exit (0.17 s)."""
 WARM_FIXED_S = 0.3
 """The same job's states and records when the engine is already running."""
 
@@ -73,6 +76,7 @@ def predict_job(
     upload_rate: float | None,
     fixed_s: float = CLI_FIXED_S,
     compress_ratio: float = 1.0,
+    estimate_in_job: bool = True,
 ) -> JobTime:
     """The job's time from its estimate: `write_rate` is the store's sustained write rate in bytes per second (None:
     not a limit), `upload_rate` the flavor's bandwidth for uploads (None: unlimited), `compress_ratio` the measured
@@ -83,8 +87,9 @@ def predict_job(
         write_s *= 2  # staged frames are written, then their bytes copied again into the object's parts
     upload_s = compressed / upload_rate if upload_rate and not in_place else 0.0
     compress_s = estimate.predicted_seconds * compress_ratio
-    total = fixed_s + estimate.seconds_spent + max(compress_s, write_s) + upload_s
-    return JobTime(total, fixed_s, estimate.seconds_spent, compress_s, write_s, upload_s)
+    estimate_s = estimate.seconds_spent if estimate_in_job else 0.0
+    total = fixed_s + estimate_s + max(compress_s, write_s) + upload_s
+    return JobTime(total, fixed_s, estimate_s, compress_s, write_s, upload_s)
 
 
 def compress_ratio(store: object) -> float:
@@ -112,8 +117,17 @@ def predict_cli_job(estimate: EstimateLike, store_url: str) -> JobTime:
         store = open_object_store(store_url)
         rate = store.write_rate() if isinstance(store, FileObjectStore) else None
         return predict_job(
-            estimate, in_place=True, write_rate=rate, upload_rate=None, compress_ratio=compress_ratio(store)
+            estimate,
+            in_place=True,
+            write_rate=rate,
+            upload_rate=None,
+            compress_ratio=compress_ratio(store),
+            estimate_in_job=False,
         )
     return predict_job(
-        estimate, in_place=False, write_rate=None, upload_rate=FLAVOR_CLASS_BANDWIDTH[DEFAULT_FLAVOR_CLASS]
+        estimate,
+        in_place=False,
+        write_rate=None,
+        upload_rate=FLAVOR_CLASS_BANDWIDTH[DEFAULT_FLAVOR_CLASS],
+        estimate_in_job=False,
     )
