@@ -1093,6 +1093,11 @@ def render(report: dict[str, Any]) -> str:
                 for i, r in enumerate(d[kind])
                 if r["foreign_share"] > report.get("max_foreign", 1.0)
             )
+            + "; runs (min-max s): "
+            + ", ".join(
+                f"{label} {min(r['seconds'] for r in d[kind]):.2f}-{max(r['seconds'] for r in d[kind]):.2f}"
+                for kind, label in (("ours", "ours"), ("naive", "naive"), ("compress", "Chain.compress"))
+            )
             + (f"; checkout {d['summary']['checkout']}" if d["summary"].get("checkout") else "")
         )
     lines.append("")
