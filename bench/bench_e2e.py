@@ -42,6 +42,9 @@ grew over time). The machine files the data is sliced from (text, ELF, packed fi
 several times the size of bench_vhd's; log text and database pages are synthesized. Each disk is checked once with
 `qemu-img info` (a valid vpc image of the right virtual size).
 
+The machine may be shared: before each run the script waits (a while) for the rest of the machine to be idle, counts
+the CPU time others used during the run (/proc/stat), and redoes a run they disturbed (--max-foreign, --retries).
+
 Markdown on stdout (progress on stderr), or everything as one JSON document with --json. See bench/README.md.
 """
 
