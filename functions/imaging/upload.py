@@ -231,7 +231,7 @@ def _publish_in_place(services: ImagingServices, job: Job, plan_key: str, starte
     checksum = composite_crc32c([part.crc32c for part in parts])
     key, spool = keys.image_key(job.image_id), spool_key(job.id)
     try:
-        path = store.spool_path(spool)
+        path = store.spool_path(spool, create=False)  # never a new, empty spool over a published image
         with path.open("r+b") as image:
             image.write(region)
             image.truncate(size)

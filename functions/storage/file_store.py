@@ -234,11 +234,16 @@ class FileObjectStore:
 
     # -- writing in place (one write of an image: DESIGN §3, issue 13) ------------------------------------------
 
-    def spool_path(self, key: str) -> Path:
+    def spool_path(self, key: str, *, create: bool = True) -> Path:
         """The file behind `key`, for a writer that fills it in place (vhdcore writes an image's frames where they
         belong) before `publish` moves it under its final key. Only spools are written in place: every other object
-        is replaced whole, as on S3, and a spool is not published until its writer says it is complete."""
+        is replaced whole, as on S3, and a spool is not published until its writer says it is complete. With
+        `create=False`, NotFoundError if there is no such spool (published already, or never begun)."""
         path = self._object_path(key)
+        if not create:
+            if not path.is_file():
+                raise NotFoundError("no such spool", key=key)
+            return path
         self._make_parent(key, path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:

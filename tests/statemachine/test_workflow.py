@@ -386,6 +386,26 @@ def test_a_crash_while_writing_in_place_resumes_after_the_durable_frames(
     assert image_raw(env, "img-job21") == expected
 
 
+def test_an_upload_retried_after_it_published_the_image_in_place_keeps_the_image(env: Env) -> None:
+    from functions.handlers import upload
+
+    leaf = build_sample_chain(env.root / "disks")
+    expected = flatten(leaf)
+    answers: list[Any] = []
+
+    def upload_that_dies_after_publishing(event: Any, context: Any) -> Any:
+        answers.append(upload.handler(event, context))
+        env.store.delete("staging/job22/upload.json")  # the record lost: the retry finds the spool gone
+        answers.append(upload.handler(event, context))
+        return answers[-1]
+
+    result = run(request("job22", disk=leaf), {"UploadFunctionArn": upload_that_dies_after_publishing})
+
+    assert result.succeeded, (result.error, result.cause)
+    assert answers[0] == answers[1]
+    assert image_raw(env, "img-job22") == expected
+
+
 def test_coalesce_past_the_deadline_fails_with_coalesce_timeout(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     leaf = build_sample_chain(env.root / "disks")
     register_server(env, leaf)
