@@ -72,19 +72,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vhd import _fill_pool, _is_text, _loadavg, _walk_files, machine_info
+from bench_vhd import BLOCK, MB, GiB, KiB, MiB, _fill_pool, _is_text, _loadavg, _walk_files, machine_info
 
-try:
-    import vhdcore
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    sys.exit(f"error: cannot import vhdcore ({exc}); install the project first (from the repo root)")
+import vhdcore  # bench_vhd, imported first, says how to install it when it is missing
 
 GENERATOR_VERSION = 1
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-MB = 1_000_000
-BLOCK = 2 * MiB
 PAGE = 8 * KiB  # database page
 WRITE_CHUNK = 4 * MiB
 CORES = len(os.sched_getaffinity(0))

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from functions.storage import FileObjectStore, open_object_store
+from functions.storage import FileObjectStore, ObjectStore, open_object_store
 from functions.storage.bandwidth import DEFAULT_FLAVOR_CLASS, FLAVOR_CLASS_BANDWIDTH
 
 COMPRESS_TIME_RATIO = "compress_time_ratio"
@@ -92,13 +92,13 @@ def predict_job(
     return JobTime(total, fixed_s, estimate_s, compress_s, write_s, upload_s)
 
 
-def compress_ratio(store: object) -> float:
+def compress_ratio(store: ObjectStore) -> float:
     """What this machine's jobs taught about the estimate's compress time (1 where nothing was learned)."""
     learned = store.measurement(COMPRESS_TIME_RATIO) if isinstance(store, FileObjectStore) else None
     return learned if learned is not None else 1.0
 
 
-def learn_compress_time(store: object, predicted_s: float, measured_s: float) -> None:
+def learn_compress_time(store: ObjectStore, predicted_s: float, measured_s: float) -> None:
     """Fold one job's measured compress time against the estimate's prediction into the remembered ratio (an
     average that halves the weight of older jobs), on a file store: its compressor ran on this machine."""
     if not isinstance(store, FileObjectStore) or predicted_s < LEARN_FROM_S or measured_s <= 0:

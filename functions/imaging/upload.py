@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import vhdcore
@@ -221,8 +221,10 @@ def _publish_in_place(services: ImagingServices, job: Job, plan_key: str, starte
     )
     room = plan.head_room
     region = vhdcore.head_region(head.frame, room).ljust(room, b"\0")
+    unplaced = [frame.index for frame in staged if frame.offset is None]
+    if unplaced:
+        raise ImageVerificationError(f"chunks {unplaced[:10]} were written in place without an offset")
     frames = _layout(head, staged)
-    frames = [frames[0], *(_placed(frame, staged[position]) for position, frame in enumerate(frames[1:]))]
     size = frames[-1].offset + frames[-1].compressed_bytes if staged else room
     parts = [StoredPart(1, 0, room, crc32c(region), "", False)]
     for frame in frames[1:]:
@@ -260,13 +262,6 @@ def _publish_in_place(services: ImagingServices, job: Job, plan_key: str, starte
     return result
 
 
-def _placed(frame: ObjectFrame, staged: StagedFrame) -> ObjectFrame:
-    """A frame at the offset its worker wrote it to (after the head's room, not right after the head)."""
-    if staged.offset is None:
-        raise ImageVerificationError(f"chunk {staged.index} was written in place without an offset")
-    return replace(frame, offset=staged.offset)
-
-
 def _object_sha256(services: ImagingServices, job_id: str, head: vhdcore.ChunkFrame, frames: list[ObjectFrame]) -> str:
     digest, retry = hashlib.sha256(head.frame), services.config.retry
     for frame in frames:
@@ -290,9 +285,11 @@ def _staged_frames(services: ImagingServices, job_id: str, plan: vhdcore.ImagePl
 
 
 def _layout(head: vhdcore.ChunkFrame, staged: list[StagedFrame]) -> list[ObjectFrame]:
+    """The head, then each frame at the offset it was written to in place, or right after the one before."""
     frames = [ObjectFrame(None, 0, len(head.frame), head.crc32c, head.sha256, head.logical_bytes, None)]
     offset = len(head.frame)
     for frame in staged:
+        offset = frame.offset if frame.offset is not None else offset
         frames.append(
             ObjectFrame(
                 frame.index,
