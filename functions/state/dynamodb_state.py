@@ -245,6 +245,16 @@ class DynamoDBStateStore:
         items = self._query("gsi1", f"TENANT#{tenant}", "SERVER#")
         return sorted((_parse_item(Server, "server", item) for item in items), key=lambda server: server.id)
 
+    def list_all_servers(self) -> list[Server]:
+        pages = self.client.get_paginator("scan").paginate(
+            TableName=self.table,
+            FilterExpression="#sk = :sk AND begins_with(#pk, :pk)",
+            ExpressionAttributeNames={"#sk": "sk", "#pk": "pk"},
+            ExpressionAttributeValues={":sk": _s("SERVER"), ":pk": _s("SERVER#")},
+        )
+        items = [item for page in pages for item in page.get("Items", [])]
+        return sorted((_parse_item(Server, "server", item) for item in items), key=lambda server: server.id)
+
     def swap_server_disk(self, server_id: str, *, expected_disk: str, new_disk: str) -> Server:
         validate_id("server", server_id)
         server = self.get_server(server_id)

@@ -85,6 +85,10 @@ class SqliteStateStore:
         rows = self._docs("SELECT id, doc FROM servers WHERE tenant = ? ORDER BY id", tenant)
         return [_parse(Server, "server", record_id, doc) for record_id, doc in rows]
 
+    def list_all_servers(self) -> list[Server]:
+        rows = self._docs("SELECT id, doc FROM servers ORDER BY id")
+        return [_parse(Server, "server", record_id, doc) for record_id, doc in rows]
+
     def swap_server_disk(self, server_id: str, *, expected_disk: str, new_disk: str) -> Server:
         validate_id("server", server_id)
         with self.database.write() as db:

@@ -27,6 +27,10 @@ class StateStore(Protocol):
         """The tenant's servers, by id."""
         ...
 
+    def list_all_servers(self) -> list[Server]:
+        """Every tenant's servers, by id (the CLI's write guard protects all registered chains)."""
+        ...
+
     def swap_server_disk(self, server_id: str, *, expected_disk: str, new_disk: str) -> Server:
         """Move the server's active-disk pointer atomically (snapshot); PreconditionFailedError if it moved."""
         ...
