@@ -10,12 +10,23 @@ import json
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import click
 
-from functions.imaging.images import ExportFormat, delete_image, export_image, load_manifest, verify_image
+from functions.imaging.images import (
+    ExportFormat,
+    ImageCorruptError,
+    Progress,
+    delete_image,
+    export_image,
+    export_image_to,
+    load_manifest,
+    verify_image,
+)
 from functions.imaging.services import ImagingServices
 from functions.settings import Settings
 from functions.state import PROGRESS_OF_STATUS, Image, Job, NotFoundError, Status
@@ -379,10 +390,98 @@ def verify(image_id: str, settings: Settings, as_json: bool) -> None:
 @location_options
 @json_option
 def export(image_id: str, out: Path, fmt: ExportFormat, settings: Settings, as_json: bool) -> None:
-    """Write image ID to OUT."""
-    with opened(settings) as services:
-        written = export_image(services, image_id, out, fmt)
+    """Write image ID to OUT (`-`: to stdout, in order, for a pipe), with a progress bar when stderr is a terminal.
+
+    A damaged image (a frame that fails its checksum or does not decompress) ends in one error naming the frame and
+    its offset in the object, and leaves no OUT behind."""
+    if str(out) == "-":
+        _export_to_stdout(image_id, fmt, settings, as_json)
+        return
+    with opened(settings) as services, _image_progress(not as_json) as progress, _corrupt_image_hint(image_id):
+        written = export_image(services, image_id, out, fmt, progress)
     if as_json:
         print_json({"image_id": image_id, "out": str(out), "format": fmt, "bytes": written})
         return
     click.echo(f"exported image {image_id} to {out} ({fmt}, {human_size(written)})")
+
+
+def _export_to_stdout(image_id: str, fmt: ExportFormat, settings: Settings, as_json: bool) -> None:
+    """`image export ID -`: the image in order on stdout (every format is written front to back, none seeks)."""
+    if as_json:
+        raise click.UsageError("--json cannot be used with - as OUT: stdout carries the image")
+    if sys.stdout.isatty():
+        raise UserError("refusing to write a disk image to a terminal", hint="redirect stdout to a file or a pipe")
+    with opened(settings) as services, _image_progress(True) as progress, _corrupt_image_hint(image_id):
+        export_image_to(services, image_id, sys.stdout.buffer, fmt, progress)
+        sys.stdout.buffer.flush()
+
+
+@contextmanager
+def _image_progress(wanted: bool) -> Iterator[Progress | None]:
+    """A byte progress bar on stderr when `wanted` and stderr is a terminal (else None): told (what, done, total)."""
+    if not (wanted and sys.stderr.isatty()):
+        yield None
+        return
+    from statemachine.cli_vhd import byte_progress  # rich, for a bar someone watches
+
+    with byte_progress(True, "reading") as bar:
+        yield None if bar is None else (lambda label, done, total: bar.update(done, total, label))
+
+
+@contextmanager
+def _corrupt_image_hint(image_id: str) -> Iterator[None]:
+    """A damaged image as one error line, with the command that lists all its damage."""
+    try:
+        yield
+    except ImageCorruptError as error:
+        raise UserError(
+            f"{error.code}: {error}", hint=f"run `imaging image verify {image_id}` to list every problem"
+        ) from error
+
+
+@image.command()
+@click.argument("image_id", metavar="ID")
+@click.option("--server", "server_id", required=True, help="The new server's name (it must not exist yet).")
+@click.option(
+    "--disk",
+    "disk",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the server's disk (must not exist). Default: sr/NAME/<uuid>.vhd in the file store.",
+)
+@click.option("--tenant", help="The new server's tenant (default: the image's; an image of another is not found).")
+@click.option("--flavor", default="standard", show_default=True, help="The new server's flavor.")
+@location_options
+@json_option
+def restore(
+    image_id: str,
+    server_id: str,
+    disk: Path | None,
+    tenant: str | None,
+    flavor: str,
+    settings: Settings,
+    as_json: bool,
+) -> None:
+    """Make a new server NAME (--server) whose disk is image ID: a dynamic VHD, checked against the image's content
+    hash before the server is registered. A progress bar shows on stderr when it is a terminal."""
+    from functions.imaging.restore import restore_image
+    from statemachine.write_guard import check_output
+
+    if disk is not None:  # a layer of a chain in use, or not a regular file; restore refuses any existing file itself
+        check_output(disk, force=True, settings=settings)
+    with opened(settings) as services, _image_progress(not as_json) as progress, _corrupt_image_hint(image_id):
+        restored = restore_image(
+            services, image_id, server_id, disk=disk, tenant=tenant, flavor=flavor, progress=progress
+        )
+    if as_json:
+        print_json(restored.to_json())
+        return
+    print_fields(
+        [
+            ("server", restored.server.id),
+            ("tenant", restored.server.tenant),
+            ("disk", restored.disk),
+            ("image", restored.image_id),
+            ("virtual size", human_size(restored.virtual_size)),
+            ("content sha256", f"{restored.content_sha256} (verified)"),
+        ]
+    )
