@@ -48,6 +48,17 @@ def window_start(schedule: Schedule, now: datetime) -> datetime:
     return candidate if candidate <= now else candidate - timedelta(days=7)
 
 
+def period(schedule: Schedule) -> timedelta:
+    """The time between two firings of the schedule."""
+    return timedelta(days=1 if schedule.frequency is ScheduleFrequency.DAILY else 7)
+
+
+def next_run(schedule: Schedule, now: datetime) -> datetime:
+    """The first instant strictly after `now` at which the schedule fires: later today, tomorrow, or (weekly) up to
+    a week ahead: a week ahead when today is its day and its time has come."""
+    return window_start(schedule, now) + period(schedule)
+
+
 def due_image(schedule: Schedule, now: datetime) -> DueImage | None:
     """The image this schedule owes at `now`, if any."""
     window = window_start(schedule, now)

@@ -40,6 +40,7 @@ from functions.state.models import (
     Server,
     Status,
     hash_token,
+    token_id_of,
     validate_id,
 )
 from functions.state.sqlite_state import SqliteStateStore
@@ -103,6 +104,7 @@ __all__ = [
     "modify_job",
     "open_state_store",
     "persistence_layer_for",
+    "token_id_of",
     "validate_id",
 ]
 

@@ -54,6 +54,7 @@ from functions.state.models import (
     Schedule,
     Server,
     Status,
+    token_id_of,
     validate_id,
 )
 
@@ -236,6 +237,10 @@ class DynamoDBStateStore:
     def put_server(self, server: Server) -> None:
         self._put(self._server_item(server))
 
+    def create_server(self, server: Server) -> None:
+        if not self._put(self._server_item(server), "attribute_not_exists(#pk)"):
+            raise AlreadyExistsError("server", server.id)
+
     def get_server(self, server_id: str) -> Server:
         validate_id("server", server_id)
         return self._read(Server, "server", server_id, f"SERVER#{server_id}", "SERVER")[0]
@@ -394,19 +399,63 @@ class DynamoDBStateStore:
         return self._delete(f"SERVER#{server_id}", "SCHEDULE")
 
     # API tokens
+    def _token_item(self, token: ApiToken) -> dict[str, AttributeValueTypeDef]:
+        return {
+            **self._doc_item(f"TOKEN#{token.token_hash}", "TOKEN", "api token", token.token_hash, token),
+            "gsi1pk": _s(f"TENANT#{token.tenant}"),
+            "gsi1sk": _s(f"TOKEN#{token.token_hash}"),
+        }
+
     def put_token(self, token: ApiToken) -> None:
-        self._put(
-            {
-                **self._doc_item(f"TOKEN#{token.token_hash}", "TOKEN", "api token", token.token_hash, token),
-                "gsi1pk": _s(f"TENANT#{token.tenant}"),
-                "gsi1sk": _s(f"TOKEN#{token.token_hash}"),
-            }
-        )
+        self._put(self._token_item(token))
 
     def find_token(self, token_hash: str) -> ApiToken | None:
         validate_id("token hash", token_hash, TOKEN_HASH_PATTERN)
         item = self._get(f"TOKEN#{token_hash}", "TOKEN")
         return None if item is None else _parse(ApiToken, "api token", token_hash, _text(item, "doc"))
+
+    def _scan_tokens(self) -> Iterator[Item]:
+        """Every token item, read consistently: listing and revoking all tokens are rare operator commands, and a
+        token just created must be revocable at once (an index would be eventually consistent)."""
+        pages = self.client.get_paginator("scan").paginate(
+            TableName=self.table,
+            FilterExpression="#sk = :sk",
+            ExpressionAttributeNames={"#sk": "sk"},
+            ExpressionAttributeValues={":sk": _s("TOKEN")},
+            ConsistentRead=True,
+        )
+        for page in pages:
+            yield from page.get("Items", [])
+
+    def list_tokens(self, tenant: str | None = None) -> list[ApiToken]:
+        if tenant is None:
+            items: Iterator[Item] = self._scan_tokens()
+        else:
+            items = self._query("gsi1", f"TENANT#{validate_id('tenant', tenant)}", "TOKEN#")
+        tokens = [_parse_item(ApiToken, "api token", item) for item in items]
+        return sorted(tokens, key=lambda token: (token.created_at, token.id))
+
+    def delete_token(self, token_id: str) -> bool:
+        validate_id("token", token_id)
+        for item in self._scan_tokens():
+            token = _parse_item(ApiToken, "api token", item)
+            if token.id == token_id:
+                return self._delete(f"TOKEN#{token.token_hash}", "TOKEN")
+        return False
+
+    def touch_token(self, token_hash: str, at: datetime) -> None:
+        validate_id("token hash", token_hash, TOKEN_HASH_PATTERN)
+        for _ in range(MAX_CAS_ROUNDS):
+            try:
+                token, old_doc = self._read(ApiToken, "api token", token_hash, f"TOKEN#{token_hash}", "TOKEN")
+            except NotFoundError:
+                return
+            if token.last_used_at is not None and token.last_used_at >= at:
+                return
+            used = ApiToken.model_validate({**token.model_dump(), "last_used_at": at})
+            if self._replace_doc(f"TOKEN#{token_hash}", "TOKEN", old_doc, self._token_item(used)):
+                return
+        raise StateError(f"api token {token_id_of(token_hash)}: use record lost {MAX_CAS_ROUNDS} races in a row")
 
     # Locks
     def acquire_lock(self, server_id: str, owner: str, ttl_seconds: float) -> bool:

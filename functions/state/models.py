@@ -52,6 +52,7 @@ TenantId = Annotated[str, _id_of("tenant")]
 LockOwner = Annotated[str, _id_of("lock owner")]
 Flavor = Annotated[str, _id_of("flavor", FLAVOR_PATTERN)]
 TokenHash = Annotated[str, _id_of("token hash", TOKEN_HASH_PATTERN)]
+TokenId = Annotated[str, _id_of("token")]
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
 DisplayName = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_printable)]
 DiskLocation = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_printable)]
@@ -253,12 +254,37 @@ def hash_token(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def token_id_of(token_hash: str) -> str:
+    """The public id of the token whose hash is `token_hash`: shown by `token list`, named by `token revoke`.
+
+    Derived (a hash of the hash), so records stored before tokens had ids get the same one, and neither the secret
+    nor its stored hash can be recovered from it."""
+    return "tok-" + hashlib.sha256(b"token-id:" + token_hash.encode()).hexdigest()[:16]
+
+
 class ApiToken(_Record):
-    """An API token of a tenant, stored only as its hash."""
+    """An API token of a tenant, stored only as its hash; `id` names it without revealing either."""
 
     token_hash: TokenHash
     tenant: TenantId
     created_at: UtcDatetime
+    id: TokenId = ""
+    """Always `token_id_of(token_hash)` (filled in when not given)."""
+    last_used_at: UtcDatetime | None = None
+    """When the token last authenticated a request (functions.catalog.tokens records it, at a coarse resolution)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _with_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("id") and isinstance(data.get("token_hash"), str):
+            return {**data, "id": token_id_of(data["token_hash"])}
+        return data
+
+    @model_validator(mode="after")
+    def _id_matches(self) -> Self:
+        if self.id != token_id_of(self.token_hash):
+            raise ValueError(f"token id {self.id!r} is not the id of its hash")
+        return self
 
     @classmethod
     def issue(cls, tenant: str, *, at: datetime) -> tuple[str, ApiToken]:

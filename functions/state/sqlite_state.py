@@ -73,6 +73,16 @@ class SqliteStateStore:
                 (server.id, server.tenant, server.model_dump_json()),
             )
 
+    def create_server(self, server: Server) -> None:
+        with self.database.write() as db:
+            try:
+                db.execute(
+                    "INSERT INTO servers (id, tenant, doc) VALUES (?, ?, ?)",
+                    (server.id, server.tenant, server.model_dump_json()),
+                )
+            except sqlite3.IntegrityError as error:
+                raise AlreadyExistsError("server", server.id) from error
+
     def get_server(self, server_id: str) -> Server:
         validate_id("server", server_id)
         row = self._one("SELECT doc FROM servers WHERE id = ?", server_id)
@@ -253,6 +263,37 @@ class SqliteStateStore:
         validate_id("token hash", token_hash, TOKEN_HASH_PATTERN)
         row = self._one("SELECT doc FROM api_tokens WHERE token_hash = ?", token_hash)
         return None if row is None else _parse(ApiToken, "api token", token_hash, str(row[0]))
+
+    def list_tokens(self, tenant: str | None = None) -> list[ApiToken]:
+        if tenant is None:
+            rows = self._docs("SELECT token_hash, doc FROM api_tokens")
+        else:
+            validate_id("tenant", tenant)
+            rows = self._docs("SELECT token_hash, doc FROM api_tokens WHERE tenant = ?", tenant)
+        tokens = [_parse(ApiToken, "api token", token_hash, doc) for token_hash, doc in rows]
+        return sorted(tokens, key=lambda token: (token.created_at, token.id))
+
+    def delete_token(self, token_id: str) -> bool:
+        validate_id("token", token_id)
+        with self.database.write() as db:
+            # The id is derived from the hash (records older than ids do not store it): match it on the parsed rows.
+            for token_hash, doc in db.execute("SELECT token_hash, doc FROM api_tokens").fetchall():
+                if _parse(ApiToken, "api token", token_hash, doc).id == token_id:
+                    db.execute("DELETE FROM api_tokens WHERE token_hash = ?", (token_hash,))
+                    return True
+        return False
+
+    def touch_token(self, token_hash: str, at: datetime) -> None:
+        validate_id("token hash", token_hash, TOKEN_HASH_PATTERN)
+        with self.database.write() as db:
+            row = db.execute("SELECT doc FROM api_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+            if row is None:
+                return
+            token = _parse(ApiToken, "api token", token_hash, row[0])
+            if token.last_used_at is not None and token.last_used_at >= at:
+                return
+            used = ApiToken.model_validate({**token.model_dump(), "last_used_at": at})
+            db.execute("UPDATE api_tokens SET doc = ? WHERE token_hash = ?", (used.model_dump_json(), token_hash))
 
     # Locks
     def acquire_lock(self, server_id: str, owner: str, ttl_seconds: float) -> bool:

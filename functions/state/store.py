@@ -21,6 +21,10 @@ class StateStore(Protocol):
     def put_server(self, server: Server) -> None:
         """Create or replace a server record."""
 
+    def create_server(self, server: Server) -> None:
+        """Store a new server record; AlreadyExistsError if the id is taken (put_server replaces)."""
+        ...
+
     def get_server(self, server_id: str) -> Server: ...
 
     def list_servers(self, tenant: str) -> list[Server]:
@@ -96,6 +100,17 @@ class StateStore(Protocol):
     def put_token(self, token: ApiToken) -> None: ...
 
     def find_token(self, token_hash: str) -> ApiToken | None: ...
+
+    def list_tokens(self, tenant: str | None = None) -> list[ApiToken]:
+        """The tenant's tokens, or every tenant's (None), oldest first."""
+        ...
+
+    def delete_token(self, token_id: str) -> bool:
+        """Revoke the token whose id (not hash) is `token_id`: its bearer is unknown from then on."""
+        ...
+
+    def touch_token(self, token_hash: str, at: datetime) -> None:
+        """Record that the token was used at `at` (a later use than the one recorded; nothing if it is gone)."""
 
     # Per-server imaging lock
     def acquire_lock(self, server_id: str, owner: str, ttl_seconds: float) -> bool:
