@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import click
 
+from functions.imaging import head_start
 from functions.imaging.images import (
     ExportFormat,
     ImageCorruptError,
@@ -223,9 +224,12 @@ def create(
     with opened(settings) as services:
         if leaf is not None:
             request["disk"] = disk_argument(services.disk_store, leaf)
-        _estimate_while_the_engine_loads(services, request)
-        with embedded_workflow(services) as workflow:
-            result = follow(workflow, workflow.start(request), services, job_id, mode)
+        _start_ahead(services, request)
+        try:
+            with embedded_workflow(services) as workflow:
+                result = follow(workflow, workflow.start(request), services, job_id, mode)
+        finally:
+            head_start.end(services)
         record = services.state.get_image(image_id) if _exists(services, image_id) else None
         if not result.succeeded or record is None or record.status is not Status.ACTIVE:
             job = services.state.get_job(job_id) if _job_exists(services, job_id) else None
@@ -256,18 +260,16 @@ def create(
     )
 
 
-def _estimate_while_the_engine_loads(services: ImagingServices, request: dict[str, Any]) -> None:
-    """The chain's estimate, started now on the core the engine's imports leave idle; the job's Estimate step
-    takes it if the chain is still the same then (functions.imaging.planning.estimate_ahead)."""
-    from functions.imaging.planning import estimate_ahead
-
+def _start_ahead(services: ImagingServices, request: dict[str, Any]) -> None:
+    """Estimate (and where the image is written in place, compress) the chain now, on the core the engine's imports
+    leave idle; the job's steps take that work if it is exactly theirs (functions.imaging.head_start)."""
     disk = request.get("disk")
     if disk is None:
         try:
             disk = services.state.get_server(str(request["server_id"])).disk
         except NotFoundError:
             return  # the workflow's Prepare says so, with its code and hint
-    estimate_ahead(services, str(disk))
+    head_start.begin(services, str(request["job_id"]), str(disk))
 
 
 def _exists(services: ImagingServices, image_id: str) -> bool:

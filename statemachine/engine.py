@@ -1,16 +1,20 @@
 """The embedded engine: runs an Amazon States Language file in-process, unchanged from what AWS Step Functions runs.
 
-It starts moto's server on a loopback port with its Step Functions interpreter switched on (moto ≥ 5.2, the
-interpreter taken from LocalStack) and registers each Python handler as a Lambda function there. A Task state whose
-`Resource` is such a function's ARN calls the handler in this process: the invoke goes from the interpreter to the
-server, whose simple (docker-less) Lambda backend is patched, in this one module, to dispatch to the registered
-callable. A handler that raises answers like Lambda does (`FunctionError: Unhandled`, a payload with `errorType` and
-`errorMessage`), so the ASL's `Retry` and `Catch` match the exception's class name exactly as on AWS.
+It runs moto's Step Functions interpreter (moto ≥ 5.2, taken from LocalStack) in this process and registers each
+Python handler as a Lambda function of the engine. A Task state whose `Resource` is such a function's ARN calls the
+handler in this process: the interpreter's Lambda client is replaced, in this one module, by one that dispatches
+registered functions to their callables, with no HTTP between them. A handler that raises answers like Lambda does
+(`FunctionError: Unhandled`, a payload with `errorType` and `errorMessage`), so the ASL's `Retry` and `Catch` match
+the exception's class name exactly as on AWS.
+
+moto's server (its HTTP front, Lambda, IAM, CloudFormation ...) starts only when something asks for the engine's
+`endpoint` or a `client()` (e.g. a test that deploys the SAM template into moto): an imaging run needs none of it,
+and not importing it is a third of the engine's start-up. A function the engine does not know (one a stack created
+and nobody bound) is invoked through that server, as moto would.
 
 The engine is generic: it knows ASL, Lambda and moto, and nothing of what the state machine does. Not supported by
 the interpreter (see DESIGN §3): JSONata and `Assign`, `startExecution.sync`, EXPRESS child workflows; state
-machine creation does not check `Next` targets (lint the ASL separately); a Task's payload must be a JSON object
-(moto's Lambda parses it as one).
+machine creation does not check `Next` targets (lint the ASL separately); a Task's payload must be a JSON object.
 
 The handlers' own boto3 calls are not intercepted: they go wherever their clients point (real files, a real S3 or
 a separate moto server), which is why this does not use `moto.mock_aws`.
@@ -18,7 +22,6 @@ a separate moto server), which is why this does not use `moto.mock_aws`.
 
 from __future__ import annotations
 
-import base64
 import functools
 import gc
 import importlib.util
@@ -35,8 +38,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any, Protocol
-from zipfile import ZipFile
+from typing import TYPE_CHECKING, Any, Protocol
 
 
 def _enter_moto_batch_without_its_models() -> None:
@@ -67,10 +69,7 @@ _enter_moto_batch_without_its_models()
 import boto3  # noqa: E402 - after the batch package is entered
 from jsonpath_ng.ext.parser import ExtendedJsonPathParser  # type: ignore[import-untyped]  # noqa: E402
 from jsonpath_ng.parser import JsonPathParser  # type: ignore[import-untyped]  # noqa: E402
-from moto.awslambda_simple.models import LambdaSimpleBackend, lambda_simple_backends  # noqa: E402
-from moto.iam.models import iam_backends  # noqa: E402
 from moto.moto_api._internal.models import moto_api_backend  # noqa: E402
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app  # noqa: E402
 from moto.stepfunctions.models import StepFunctionBackend  # noqa: E402
 from moto.stepfunctions.parser.asl.component.common.path import (  # noqa: E402
     result_path as interpreter_result_path,
@@ -79,25 +78,15 @@ from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda
 from moto.stepfunctions.parser.asl.utils import json_path as interpreter_json_path  # noqa: E402
 from moto.stepfunctions.parser.backend.execution import Execution as InterpreterExecution  # noqa: E402
 from moto.stepfunctions.parser.models import stepfunctions_parser_backends  # noqa: E402
-from werkzeug.serving import BaseWSGIServer, make_server  # noqa: E402
+
+if TYPE_CHECKING:
+    from moto.awslambda_simple.models import LambdaSimpleBackend
+    from werkzeug.serving import BaseWSGIServer
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
-# moto's Lambda wants the functions' role to exist in its IAM; nothing checks what the role allows.
-EXECUTION_ROLE_NAME = "local-engine"
-EXECUTION_ROLE = f"arn:aws:iam::{ACCOUNT}:role/{EXECUTION_ROLE_NAME}"
-_TRUST_POLICY = json.dumps(
-    {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Principal": {"Service": ["lambda.amazonaws.com", "states.amazonaws.com"]},
-                "Action": "sts:AssumeRole",
-            }
-        ],
-    }
-)
+# The state machine's role: nothing in the embedded engine checks what it allows.
+EXECUTION_ROLE = f"arn:aws:iam::{ACCOUNT}:role/local-engine"
 DEFAULT_FUNCTION_TIMEOUT_S = 900
 SERVER_POLL_S = 0.02
 """How often the server's loop looks for a shutdown request: stopping the engine waits at most this long."""
@@ -179,10 +168,9 @@ class ExecutionResult:
         return names
 
 
-# Function ARN -> handler, for every engine of this process. The patched invoke reads it.
+# Function ARN -> handler, for every engine of this process.
 _REGISTRY: dict[str, _Registered] = {}
 _REGISTRY_LOCK = threading.Lock()
-_ORIGINAL_INVOKE = LambdaSimpleBackend.invoke
 _ACTIVE_ENGINE: LocalEngine | None = None
 
 
@@ -195,54 +183,76 @@ def _lambda_error_payload(error: BaseException) -> bytes:
     return json.dumps(payload).encode()
 
 
-def _invoke_registered(
-    self: LambdaSimpleBackend,
-    function_name: str,
-    qualifier: str | None,
-    body: Any,
-    headers: Any,
-    response_headers: Any,
-) -> str | bytes | None:
-    """moto's simple Lambda backend, dispatching registered functions to their Python handlers."""
-    arn = function_name if function_name.startswith("arn:") else _arn_of(function_name)
-    with _REGISTRY_LOCK:
-        registered = _REGISTRY.get(arn)
-    if registered is None:
-        return _ORIGINAL_INVOKE(self, function_name, qualifier, body, headers, response_headers)
-    text = body.decode() if isinstance(body, bytes) else body
-    event = json.loads(text) if text else {}
-    name = arn.rsplit(":", 1)[-1]
-    context = LocalLambdaContext(function_name=name, invoked_function_arn=arn, timeout_s=registered.timeout_s)
-    try:
-        result = registered.handler(event, context)
-    except Exception as error:  # every handler failure becomes a Lambda function error, as on AWS
-        response_headers["x-amz-function-error"] = "Unhandled"
-        return _lambda_error_payload(error)
-    return json.dumps(result).encode()
-
-
 def _arn_of(function_name: str) -> str:
     return f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{function_name}"
 
 
-LambdaSimpleBackend.invoke = _invoke_registered  # type: ignore[method-assign]
+def _registered(function_name: str) -> _Registered | None:
+    arn = function_name if function_name.startswith("arn:") else _arn_of(function_name)
+    with _REGISTRY_LOCK:
+        return _REGISTRY.get(arn)
 
 
-_task_clients: dict[tuple[str, str, str | None], Any] = {}
+def _run_registered(registered: _Registered, payload: bytes | str | None) -> tuple[bytes, bool]:
+    """Invoke a registered function as Lambda would: its response payload, and whether that is a function error
+    (every exception of the handler is one, as on AWS)."""
+    text = payload.decode() if isinstance(payload, bytes) else payload
+    event = json.loads(text) if text else {}
+    name = registered.arn.rsplit(":", 1)[-1]
+    context = LocalLambdaContext(
+        function_name=name, invoked_function_arn=registered.arn, timeout_s=registered.timeout_s
+    )
+    try:
+        result = registered.handler(event, context)
+    except Exception as error:
+        return _lambda_error_payload(error), True
+    return json.dumps(result).encode(), False
 
 
-def _reused_client(region: str, service: str, state_credentials: Any = None) -> Any:
-    """The interpreter's boto3 client for a Task's service, made once per (region, service, server port) instead
-    of once per Task (each new client cost 20-50 ms between two states); boto3 clients are safe across threads."""
+class _InProcessLambda:
+    """The interpreter's Lambda client: a registered function runs in this process (its answer shaped as boto3's
+    `invoke` returns it); any other is invoked through moto's server."""
+
+    def __init__(self, region: str, state_credentials: Any) -> None:
+        self._region = region
+        self._credentials = state_credentials
+
+    def invoke(self, **parameters: Any) -> dict[str, Any]:
+        registered = _registered(str(parameters["FunctionName"]))
+        if registered is None:
+            return _server_client(self._region, "lambda", self._credentials).invoke(**parameters)  # type: ignore[no-any-return]
+        payload, failed = _run_registered(registered, parameters.get("Payload"))
+        response: dict[str, Any] = {"StatusCode": 200, "ExecutedVersion": "$LATEST", "Payload": BytesIO(payload)}
+        if failed:
+            response["FunctionError"] = "Unhandled"
+        return response
+
+
+_server_clients: dict[tuple[str, str, str | None], Any] = {}
+
+
+def _server_client(region: str, service: str, state_credentials: Any = None) -> Any:
+    """The interpreter's boto3 client for a service of moto's server (started on first need), made once per
+    (region, service, server port) instead of once per Task; boto3 clients are safe across threads."""
+    engine = _ACTIVE_ENGINE
+    if engine is None:
+        raise EngineError(f"a Task calls {service} while no engine runs")
+    engine.endpoint  # noqa: B018 - starts the server (and sets MOTO_PORT) if it is not running yet
     key = (region, service, os.environ.get("MOTO_PORT"))
-    client = _task_clients.get(key)
+    client = _server_clients.get(key)
     if client is None:
-        client = _task_clients[key] = _ORIGINAL_CLIENT_FOR(region, service, state_credentials)
+        client = _server_clients[key] = _ORIGINAL_CLIENT_FOR(region, service, state_credentials)
     return client
 
 
+def _task_client(region: str, service: str, state_credentials: Any = None) -> Any:
+    if service == "lambda":
+        return _InProcessLambda(region, state_credentials)
+    return _server_client(region, service, state_credentials)
+
+
 _ORIGINAL_CLIENT_FOR = lambda_eval_utils.boto_client_for  # type: ignore[attr-defined]
-lambda_eval_utils.boto_client_for = _reused_client  # type: ignore[attr-defined]
+lambda_eval_utils.boto_client_for = _task_client  # type: ignore[attr-defined]
 
 
 def _parse_once(module: types.ModuleType, parser_class: type[Any]) -> None:
@@ -275,18 +285,6 @@ def _shared_on_deepcopy(self: InterpreterExecution, memo: dict[int, Any]) -> Int
 InterpreterExecution.__deepcopy__ = _shared_on_deepcopy  # type: ignore[attr-defined]
 
 
-def _function_zip() -> str:
-    """A placeholder deployment package (base64, as the API takes it): the code that runs is the registered
-    handler."""
-    buffer = BytesIO()
-    with ZipFile(buffer, "w") as archive:
-        archive.writestr("handler.py", "# runs in-process through statemachine.engine\n")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-_FUNCTION_ZIP = _function_zip()
-
-
 def substitute(definition: str, substitutions: Mapping[str, str]) -> str:
     """Replace every `${Name}` in an ASL text, as CloudFormation's DefinitionSubstitutions do; unknown names fail."""
     out = definition
@@ -299,11 +297,45 @@ def substitute(definition: str, substitutions: Mapping[str, str]) -> str:
     return out
 
 
+def _dispatch_registered_over_http() -> None:
+    """Patch moto's simple Lambda backend (imported with the server, once) so that an invoke that reaches the server
+    for a function bound here (e.g. one a CloudFormation stack created) runs its handler in this process."""
+    from moto.awslambda_simple.models import LambdaSimpleBackend
+
+    original = LambdaSimpleBackend.invoke
+    if getattr(original, "dispatches_registered", False):
+        return
+
+    def invoke(
+        self: LambdaSimpleBackend,
+        function_name: str,
+        qualifier: str | None,
+        body: Any,
+        headers: Any,
+        response_headers: Any,
+    ) -> str | bytes | None:
+        registered = _registered(function_name)
+        if registered is None:
+            return original(self, function_name, qualifier, body, headers, response_headers)
+        payload, failed = _run_registered(registered, body)
+        if failed:
+            response_headers["x-amz-function-error"] = "Unhandled"
+        return payload
+
+    invoke.dispatches_registered = True  # type: ignore[attr-defined]
+    LambdaSimpleBackend.invoke = invoke  # type: ignore[method-assign]
+
+
 class _Server:
     """moto's server app on a loopback port, in a thread, stopped within SERVER_POLL_S (moto's ThreadedMotoServer
     polls every 0.5 s, which every command paid on exit)."""
 
     def __init__(self, host: str, port: int) -> None:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        _dispatch_registered_over_http()
+        moto_api_backend.set_config({"lambda": {"use_docker": False}})
         self._wsgi: BaseWSGIServer = make_server(host, port, DomainDispatcherApplication(create_backend_app), True)
         self._thread = threading.Thread(
             target=self._wsgi.serve_forever, kwargs={"poll_interval": SERVER_POLL_S}, name="engine", daemon=True
@@ -319,10 +351,10 @@ class _Server:
 class LocalEngine:
     """Runs ASL state machines in this process on moto's Step Functions interpreter.
 
-    Use as a context manager; one engine runs per process at a time (the interpreter finds the server through
-    the `MOTO_PORT` environment variable). What the engine itself does to moto (its configuration, the functions,
-    the state machines, the executions' status) it does through moto's backends in this process; the interpreter
-    calls the functions through the server, as it would call AWS.
+    Use as a context manager; one engine runs per process at a time. What the engine itself does to moto (its
+    configuration, the state machines, the executions' status) it does through moto's backends in this process;
+    the interpreter calls registered functions in this process too. moto's server starts on first use of
+    `endpoint` or `client()` (the interpreter then finds it through the `MOTO_PORT` environment variable).
     """
 
     def __init__(self, *, quiet: bool = True, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -331,6 +363,8 @@ class LocalEngine:
         self._quiet = quiet
         self._server: _Server | None = None
         self._endpoint = ""
+        self._running = False
+        self._server_lock = threading.Lock()
         self._arns: list[str] = []
         self._previous_port: str | None = None
 
@@ -353,15 +387,8 @@ class LocalEngine:
                 # The interpreter logs every failed state as an exception; the execution history says it better.
                 for name in ("moto", "werkzeug"):
                     logging.getLogger(name).setLevel(logging.CRITICAL)
-            port = self._port or _free_port(self._host)
-            self._server = _Server(self._host, port)
-            self._endpoint = f"http://{self._host}:{port}"
-            self._previous_port = os.environ.get("MOTO_PORT")
-            os.environ["MOTO_PORT"] = str(port)
-            moto_api_backend.set_config(
-                {"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}
-            )
-            _ensure_execution_role()
+            moto_api_backend.set_config({"stepfunctions": {"execute_state_machine": True}})
+            self._running = True
             # moto and botocore leave hundreds of thousands of long-lived objects; freezing them keeps the full
             # collections that the executions' allocations trigger from scanning them again (measured: ~5% of an
             # imaging run's CPU went to the collector).
@@ -378,6 +405,11 @@ class LocalEngine:
             self._arns.clear()
             if _ACTIVE_ENGINE is self:
                 _ACTIVE_ENGINE = None
+        self._running = False
+        with self._server_lock:
+            self._stop_server()
+
+    def _stop_server(self) -> None:
         if self._server is not None:
             self._server.stop()
             self._server = None
@@ -385,19 +417,29 @@ class LocalEngine:
                 os.environ.pop("MOTO_PORT", None)
             else:
                 os.environ["MOTO_PORT"] = self._previous_port
+            self._endpoint = ""
 
     @property
     def endpoint(self) -> str:
-        return self._endpoint
+        """The URL of moto's server, started now if it is not running yet."""
+        with self._server_lock:
+            if not self._running:
+                raise EngineError("the engine is not running")
+            if self._server is None:
+                port = self._port or _free_port(self._host)
+                self._server = _Server(self._host, port)
+                self._endpoint = f"http://{self._host}:{port}"
+                self._previous_port = os.environ.get("MOTO_PORT")
+                os.environ["MOTO_PORT"] = str(port)
+            return self._endpoint
 
     def client(self, service: str) -> Any:
-        """A boto3 client for the engine's own server (stepfunctions, lambda, iam)."""
-        if not self._endpoint:
-            raise EngineError("the engine is not running")
+        """A boto3 client for the engine's own server (e.g. s3, cloudformation, stepfunctions), started if need be."""
+        endpoint = self.endpoint
         make_client: Any = boto3.client  # the stubs type each service's client; this one is generic
         return make_client(
             service,
-            endpoint_url=self._endpoint,
+            endpoint_url=endpoint,
             region_name=REGION,
             aws_access_key_id="local",
             aws_secret_access_key="local",
@@ -405,29 +447,14 @@ class LocalEngine:
 
     # --- deployment --------------------------------------------------------------------------------------------
     def register_function(self, name: str, handler: Handler, *, timeout_s: float = DEFAULT_FUNCTION_TIMEOUT_S) -> str:
-        """Create a Lambda function `name` whose invocations run `handler(event, context)` here; returns its ARN."""
+        """A Lambda function `name` whose invocations (by the interpreter) run `handler(event, context)` here;
+        returns its ARN."""
         arn = _arn_of(name)
         with _REGISTRY_LOCK:
             if arn in _REGISTRY:
                 raise EngineError(f"a function named {name!r} is already registered")
-        if not self._endpoint:
+        if not self._running:
             raise EngineError("the engine is not running")
-        functions = lambda_simple_backends[ACCOUNT][REGION]
-        spec = {
-            "FunctionName": name,
-            "Runtime": "python3.12",
-            "Role": EXECUTION_ROLE,
-            "Handler": "handler.handler",
-            "Code": {"ZipFile": _FUNCTION_ZIP},
-            "Timeout": int(timeout_s),
-        }
-        # Left by an earlier engine of this process (moto's backends outlive it): replaced; the registry decides
-        # what runs.
-        if any(function.function_name == name for function in functions.list_functions()):
-            functions.delete_function(name, None)
-        created = functions.create_function(spec)
-        if created.function_arn != arn:
-            raise EngineError(f"unexpected ARN {created.function_arn} for function {name}")
         with _REGISTRY_LOCK:
             _REGISTRY[arn] = _Registered(handler=handler, timeout_s=timeout_s, arn=arn)
             self._arns.append(arn)
@@ -501,13 +528,6 @@ class LocalEngine:
     def history(self, execution_arn: str) -> Iterator[dict[str, Any]]:
         events: list[dict[str, Any]] = _machines().get_execution_history(execution_arn)["events"]
         yield from events
-
-
-def _ensure_execution_role() -> None:
-    """The functions' role in moto's IAM (its backends outlive an engine: a later engine finds it there)."""
-    roles = iam_backends[ACCOUNT]["global"]
-    if not any(role.name == EXECUTION_ROLE_NAME for role in roles.get_roles()):
-        roles.create_role(EXECUTION_ROLE_NAME, _TRUST_POLICY, "/", None, "", [], None)
 
 
 def _machines() -> Any:

@@ -25,5 +25,14 @@ def handler(event: CompressEvent, context: LambdaContext) -> dict[str, Any]:
     if result.compressed_bytes:
         ratio = result.virtual_bytes / result.compressed_bytes
         metrics.add_metric(name="CompressionRatio", unit=MetricUnit.NoUnit, value=ratio)
-    logger.info("group compressed", extra={"job_id": job.id, "first": event.group.first, "count": event.group.count})
+    logger.info(
+        "group compressed",
+        extra={
+            "job_id": job.id,
+            "first": event.group.first,
+            "count": event.group.count,
+            "compressed": result.compressed,
+            "reused": result.reused,
+        },
+    )
     return {"compressed": result.compressed, "reused": result.reused, "compressed_bytes": result.compressed_bytes}

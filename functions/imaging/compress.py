@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import vhdcore
-from functions.imaging import keys
+from functions.imaging import head_start, keys
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import DiskCorruptError
 from functions.imaging.jobs import hold_server_lock, record_progress
@@ -128,6 +128,9 @@ def _compress_in_place(services: ImagingServices, job: Job, plan_key: str, first
     chain = _open_planned_chain(services, plan)
     if not isinstance(chain, vhdcore.Chain):
         raise RuntimeError("an image is written in place only from a chain of local files")
+    ahead = head_start.take_frames(services, job.id, plan, chain)  # written before the engine was up, if any
+    if ahead:
+        _count_progress(services, job, plan, sum(frame.virtual_bytes for frame in ahead))
     done = load_written(services, job.id)
     offset = done[-1].offset + done[-1].compressed_bytes if done and done[-1].offset is not None else plan.head_room
     batch: list[StagedFrame] = []

@@ -7,12 +7,10 @@ indices, so the execution's payload stays small whatever the disk's size.
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import vhdcore
-from functions.imaging import keys
+from functions.imaging import head_start, keys
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import FlavorTooSlowError
 from functions.imaging.jobs import hold_server_lock, set_progress
@@ -21,7 +19,6 @@ from functions.imaging.prediction import JobTime, compress_ratio, predict_job
 from functions.imaging.progress import flavor_class
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain
-from functions.imaging.store_chains import is_store_key
 from functions.state import Job
 from functions.storage import FileObjectStore
 from functions.storage.bandwidth import FLAVOR_CLASS_BANDWIDTH
@@ -84,70 +81,11 @@ def predict_job_of(
     )
 
 
-@dataclass
-class _AheadSlot:
-    """The one estimate made ahead of its Estimate step in this process (see estimate_ahead)."""
-
-    done: threading.Event
-    fingerprint: tuple[object, ...] | None = None
-    estimate: vhdcore.Estimate | None = None
-
-
-_ahead: _AheadSlot | None = None
-_ahead_lock = threading.Lock()
-
-
-def chain_fingerprint(chain: vhdcore.Chain, level: int, chunk_size: int) -> tuple[object, ...] | None:
-    """What an estimate of a chain of local files depends on: each layer's path, UUID, size and modification time,
-    and the estimate's parameters (None for a chain that is not all local files)."""
-    layers: list[object] = []
-    for layer in chain.layers:
-        try:
-            info = Path(layer.path).stat()
-        except OSError:
-            return None
-        layers.append((layer.path, layer.uuid, info.st_size, info.st_mtime_ns))
-    return (tuple(layers), level, chunk_size)
-
-
-def estimate_ahead(services: ImagingServices, leaf: str) -> None:
-    """Start estimating the chain of the local file `leaf` on a thread of its own, for the Estimate step of a job
-    about to run in this process: a command starts it before it imports the embedded engine, whose imports keep
-    one core busy and leave the other idle (vhdcore releases the GIL). The step uses it only if the chain is still
-    the one estimated (see chain_fingerprint); any failure here is left for the step to meet and report."""
-    global _ahead
-    if is_store_key(leaf):
-        return
-    config = services.config
-    slot = _AheadSlot(threading.Event())
-
-    def run() -> None:
-        try:
-            chain = vhdcore.open_chain(leaf)
-            slot.fingerprint = chain_fingerprint(chain, config.level, config.chunk_size)
-            if slot.fingerprint is not None:
-                slot.estimate = chain.estimate(level=config.level, chunk_size=config.chunk_size)
-        except Exception:
-            slot.estimate = None
-        finally:
-            slot.done.set()
-
-    with _ahead_lock:
-        _ahead = slot
-    threading.Thread(target=run, name="estimate-ahead", daemon=True).start()
-
-
 def _estimate(chain: vhdcore.Chain, level: int, chunk_size: int) -> vhdcore.Estimate:
-    """The chain's estimate: the one made ahead if it is of this very chain, else made now."""
-    global _ahead
-    with _ahead_lock:
-        slot, _ahead = _ahead, None
-    if slot is not None:
-        slot.done.wait()
-        fingerprint = chain_fingerprint(chain, level, chunk_size)
-        if slot.estimate is not None and fingerprint is not None and slot.fingerprint == fingerprint:
-            return slot.estimate
-    return chain.estimate(level=level, chunk_size=chunk_size)
+    """The chain's estimate: the head start's if it is of this very chain (functions.imaging.head_start), else
+    made now."""
+    ahead = head_start.estimate_for(chain, level, chunk_size)
+    return ahead if ahead is not None else chain.estimate(level=level, chunk_size=chunk_size)
 
 
 def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> StagedPlan:
@@ -156,7 +94,7 @@ def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> Stag
     config = services.config
     chain = open_disk(services.disk_store, frozen.leaf, frozen.layers)
     estimate = _estimate(chain, config.level, config.chunk_size)
-    plan = chain.plan(config.chunk_size)
+    plan = head_start.plan_for(job.id, chain, config.level, config.chunk_size) or chain.plan(config.chunk_size)
     flavor = services.state.get_server(job.server_id).flavor if job.server_id is not None else None
     layout = choose_layout(services, frozen.leaf)
     timing = predict_job_of(services, estimate, layout, flavor, fixed_s=0.0)

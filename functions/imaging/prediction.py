@@ -7,7 +7,7 @@ compressor.
   (`CLI_FIXED_S`, measured on the bench's 2-core machine with an empty disk), or only the states when the engine is
   already running (`WARM_FIXED_S`: `imaging serve`, the API's estimate);
 - the estimate, which the job runs again in its Estimate step (its own measured time), unless the command made it
-  while the engine loaded (`imaging image create` does: see functions.imaging.planning.estimate_ahead);
+  while the engine loaded (`imaging image create` does: see functions.imaging.head_start);
 - compress: the estimate's prediction of the compressor on this machine (vhdcore times a few spans of the data),
   times the ratio of measured to predicted compress time that this machine's earlier jobs showed (a file store
   remembers it: `COMPRESS_TIME_RATIO`; 1 until a job of at least `LEARN_FROM_S` was measured);

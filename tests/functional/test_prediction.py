@@ -10,10 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import vhdcore
-from functions.imaging import planning
 from functions.imaging.prediction import CLI_FIXED_S, compress_ratio, learn_compress_time, predict_job
-from functions.imaging.services import ImagingServices
-from functions.state import SqliteStateStore
 from functions.storage import FileObjectStore
 from tests.statemachine.test_workflow import build_sample_chain
 
@@ -92,22 +89,3 @@ def test_a_file_store_learns_how_far_the_estimates_compress_time_was_from_the_jo
     estimate = Measured(compressed_bytes=100, predicted_seconds=2.0, seconds_spent=0.0)
     timing = predict_job(estimate, in_place=True, write_rate=None, upload_rate=None, compress_ratio=1.25)
     assert timing.compress_s == 2.5
-
-
-def test_an_estimate_made_ahead_serves_only_the_chain_it_was_made_of(tmp_path: Path) -> None:
-    leaf = build_sample_chain(tmp_path / "disks")
-    services = ImagingServices(store=FileObjectStore(tmp_path / "store"), state=SqliteStateStore(tmp_path / "s.db"))
-    level, chunk_size = services.config.level, services.config.chunk_size
-
-    planning.estimate_ahead(services, str(leaf))
-    ahead = planning._ahead
-    assert ahead is not None and ahead.done.wait(60)
-    assert planning._estimate(vhdcore.open_chain(str(leaf)), level, chunk_size) is ahead.estimate
-
-    planning.estimate_ahead(services, str(leaf))
-    stale = planning._ahead
-    assert stale is not None and stale.done.wait(60)
-    vhdcore.write(str(leaf), 0, b"written after the estimate" * 100)  # the chain changed meanwhile
-    fresh = planning._estimate(vhdcore.open_chain(str(leaf)), level, chunk_size)
-    assert fresh is not stale.estimate
-    assert planning._ahead is None  # taken once, whatever it held
