@@ -162,3 +162,8 @@ def _place(temp: Path, target: Path) -> None:
         if target.exists():
             raise DiskExistsError(f"{target} already exists") from error
         temp.rename(target)
+    folder = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the new name is durable before a server record points at it
+    finally:
+        os.close(folder)
