@@ -443,7 +443,9 @@ def _corrupt_image_hint(image_id: str) -> Iterator[None]:
 
 @image.command()
 @click.argument("image_id", metavar="ID")
-@click.option("--server", "server_id", required=True, help="The new server's name (it must not exist yet).")
+@click.option(
+    "--server", "server_id", metavar="NAME", required=True, help="The new server's name (it must not exist yet)."
+)
 @click.option(
     "--disk",
     "disk",
