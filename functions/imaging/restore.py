@@ -29,7 +29,7 @@ from functions.imaging.images import (
     write_image_vhd,
 )
 from functions.imaging.services import ImagingServices
-from functions.state import NotFoundError, Server, validate_id
+from functions.state import AlreadyExistsError, NotFoundError, Server, validate_id
 
 
 class ServerExistsError(ImagingError):
@@ -119,17 +119,19 @@ def restore_image(
         _place(temp, target)
     finally:
         temp.unlink(missing_ok=True)
+    server = Server(
+        id=server_id,
+        tenant=record.tenant if tenant is None else tenant,
+        name=server_id,
+        disk=str(target),
+        flavor=flavor,
+        created_at=services.now(),
+    )
     try:
-        _refuse_existing_server(services, server_id)  # the write took a while: a server of that name may exist now
-        server = Server(
-            id=server_id,
-            tenant=record.tenant if tenant is None else tenant,
-            name=server_id,
-            disk=str(target),
-            flavor=flavor,
-            created_at=services.now(),
-        )
-        services.state.put_server(server)
+        services.state.create_server(server)  # conditional: a server of that name made meanwhile is not replaced
+    except AlreadyExistsError as error:
+        target.unlink(missing_ok=True)
+        raise ServerExistsError(f"server {server_id} already exists") from error
     except BaseException:
         target.unlink(missing_ok=True)
         raise
