@@ -317,6 +317,60 @@ def list_images(server_id: str | None, tenant: str, settings: Settings, as_json:
     print_table(["ID", "SERVER", "STATUS", "SIZE", "CREATED", "NAME"], rows, right=(3,))
 
 
+def active_summary(record: Image) -> dict[str, Any] | None:
+    """An ACTIVE image's sizes, its compression ratio against the live data (the non-zero bytes of the disk) and
+    against the virtual size, and the content hash (sha256 of the logical disk, by the manifest's method)."""
+    if record.status is not Status.ACTIVE:
+        return None
+    manifest = record.manifest
+
+    def size(name: str) -> int | None:
+        value = manifest.get(name)
+        return value if isinstance(value, int) else None
+
+    virtual = record.virtual_size if record.virtual_size is not None else size("virtual_size")
+    compressed = record.compressed_size if record.compressed_size is not None else size("compressed_size")
+    live = size("nonzero_bytes")
+    return {
+        "sizes": {
+            "virtual": virtual,
+            "allocated": size("allocated_bytes"),
+            "live": live,
+            "image_vhd": size("vhd_physical_size"),
+            "compressed": compressed,
+        },
+        "ratio": {
+            "compressed_to_live": compressed / live if compressed is not None and live else None,
+            "compressed_to_virtual": compressed / virtual if compressed is not None and virtual else None,
+        },
+        "content_sha256": manifest.get("content_sha256"),
+        "content_hash_method": manifest.get("content_hash"),
+    }
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    sizes, ratio = summary["sizes"], summary["ratio"]
+
+    def text(n: int | None) -> str:
+        return "-" if n is None else f"{human_size(n)} ({n} bytes)"
+
+    def percent(r: float | None, of: str) -> str:
+        return "-" if r is None else f"{r:.1%} of the {of}"
+
+    return [
+        ("virtual size", text(sizes["virtual"])),
+        ("allocated", text(sizes["allocated"])),
+        ("live data", f"{text(sizes['live'])} (non-zero bytes)"),
+        ("compressed", text(sizes["compressed"])),
+        (
+            "ratio",
+            f"{percent(ratio['compressed_to_live'], 'live data')}, "
+            f"{percent(ratio['compressed_to_virtual'], 'virtual size')}",
+        ),
+        ("content sha256", f"{summary['content_sha256'] or '-'} ({summary['content_hash_method'] or '-'})"),
+    ]
+
+
 @image.command()
 @click.argument("image_id", metavar="ID")
 @location_options
@@ -326,13 +380,18 @@ def show(image_id: str, settings: Settings, as_json: bool) -> None:
     with opened(settings) as services:
         record = services.state.get_image(image_id)
         job = services.state.get_job(record.job_id) if record.job_id and _job_exists(services, record.job_id) else None
+    summary = active_summary(record)
     if as_json:
         data = image_json(record)
         data["job"] = job.model_dump(mode="json") if job is not None else None
+        if summary is not None:
+            data.update(summary)
         print_json(data)
         return
     rows = [("image", record.id), ("name", record.name), ("status", record.status.value)]
     rows.append(("object", record.object_url or "-"))
+    if summary is not None:
+        rows += summary_rows(summary)
     if job is not None:
         rows += [("job", job.id), ("progress", f"{job.progress}%"), ("bytes", bytes_text(job) or "-")]
         rows.append(("eta", eta_text(job)))
@@ -389,9 +448,10 @@ def verify(image_id: str, settings: Settings, as_json: bool) -> None:
     show_default=True,
     help="vhd.zst: as stored; vhd: decompressed dynamic VHD; raw: the flattened disk.",
 )
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (never a layer of a registered server's chain).")
 @location_options
 @json_option
-def export(image_id: str, out: Path, fmt: ExportFormat, settings: Settings, as_json: bool) -> None:
+def export(image_id: str, out: Path, fmt: ExportFormat, force: bool, settings: Settings, as_json: bool) -> None:
     """Write image ID to OUT (`-`: to stdout, in order, for a pipe), with a progress bar when stderr is a terminal.
 
     A damaged image (a frame that fails its checksum or does not decompress) ends in one error naming the frame and
@@ -399,6 +459,9 @@ def export(image_id: str, out: Path, fmt: ExportFormat, settings: Settings, as_j
     if str(out) == "-":
         _export_to_stdout(image_id, fmt, settings, as_json)
         return
+    from statemachine.write_guard import check_output
+
+    check_output(out, force=force, settings=settings)
     with opened(settings) as services, _image_progress(not as_json) as progress, _corrupt_image_hint(image_id):
         written = export_image(services, image_id, out, fmt, progress)
     if as_json:

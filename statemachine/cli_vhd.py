@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from typing import IO, Any, Literal
 import click
 
 import vhdcore
+from functions.settings import Settings
 from statemachine.cli_common import (
     SIZE,
     UserError,
@@ -23,6 +25,7 @@ from statemachine.cli_common import (
     require_file,
     size_with_bytes,
 )
+from statemachine.write_guard import check_layer_write, check_output, replacing
 
 WRITE_CHUNK = 16 * 1024 * 1024
 
@@ -202,7 +205,8 @@ def map_(path: str, as_json: bool) -> None:
 def diff_(old: str, new: str, as_json: bool) -> None:
     """Print the byte ranges (sector granularity) where the flattened contents of OLD and NEW differ, and the total.
 
-    Base layers that both chains share are skipped without reading. The exit code is 0 whether or not they differ.
+    Base layers that both chains share are skipped without reading. Exit code (as `qemu-img compare`): 0 when the
+    contents are identical, 1 when they differ (the same with --json), 1 with an `error:` line for a bad input.
     """
     require_file(old)
     require_file(new)
@@ -217,7 +221,7 @@ def diff_(old: str, new: str, as_json: bool) -> None:
                 "shared_layers": result.shared_layers,
             }
         )
-        return
+        raise SystemExit(1 if result.ranges else 0)
     if result.ranges:
         rows = [[str(start), str(length), human_size(length)] for start, length in result.ranges]
         print_table(["start", "length", ""], rows, right=[0, 1, 2])
@@ -228,13 +232,7 @@ def diff_(old: str, new: str, as_json: bool) -> None:
         click.echo(f"identical: no differing bytes ({shared})")
     else:
         click.echo(f"total: {size_with_bytes(result.total)} in {count} range{'s' if count != 1 else ''} ({shared})")
-
-
-def same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False
+        raise SystemExit(1)
 
 
 ProgressUpdate = Callable[[int, int], None]
@@ -281,6 +279,23 @@ def byte_progress(enabled: bool, label: str) -> Iterator[ByteProgress | None]:
     progress = ByteProgress(label)
     with progress.bar:
         yield progress
+
+
+def check_chunk_size(chain: vhdcore.Chain, chunk_size: int) -> None:
+    """Refuse a `--chunk-size` that is not a whole number of blocks: of the image's blocks (2 MiB) and of every
+    layer's (the chunks would otherwise be silently rounded up)."""
+    unit = vhdcore.DEFAULT_BLOCK_SIZE
+    for layer in chain.layers:
+        if layer.block_size:
+            unit = math.lcm(unit, layer.block_size)
+    if chunk_size <= 0 or chunk_size % unit:
+        below = max(unit, chunk_size // unit * unit)
+        above = (chunk_size // unit + 1) * unit
+        choices = human_size(below) if below == above else f"{human_size(below)} or {human_size(above)}"
+        raise UserError(
+            f"--chunk-size {chunk_size} is not a multiple of the block size, {size_with_bytes(unit)}",
+            hint=f"a chunk holds whole blocks: use a multiple of {human_size(unit)}, e.g. {choices}",
+        )
 
 
 @contextmanager
@@ -336,25 +351,15 @@ def export(
     """Flatten the chain of PATH into OUT: a raw disk, a dynamic VHD, or the compressed image (vhd.zst)."""
     require_file(path)
     chain = vhdcore.open_chain(path)
-    out_path = Path(out)
-    if out_path.exists() or out_path.is_symlink():
-        if any(same_file(out_path, Path(layer.path)) for layer in chain.layers):
-            raise UserError(f"{out}: is a layer of the chain being exported", hint="choose another output file")
-        if not out_path.is_file():
-            raise UserError(f"{out}: exists and is not a regular file", hint="export writes a new regular file")
-        if not force:
-            raise UserError(f"{out}: already exists", hint="pass --force to replace it")
-        out_path.unlink()
+    if fmt == "vhd.zst":
+        check_chunk_size(chain, chunk_size)
+    check_output(Path(out), force=force, settings=Settings.resolve(), reading=[Path(path)])
     show = progress if progress is not None else (sys.stderr.isatty() and not as_json)
     if fmt == "vhd.zst":
         compress_image(chain, path, out, level, chunk_size, show, as_json)
         return
-    try:
-        with export_progress(show) as callback:
-            stats = chain.export(out, format=fmt, progress=callback)
-    except BaseException:
-        out_path.unlink(missing_ok=True)
-        raise
+    with replacing(Path(out)) as temporary, export_progress(show) as callback:
+        stats = chain.export(str(temporary), format=fmt, progress=callback)
     seconds = stats.seconds
     speed = f"{human_size(int(stats.virtual_size / seconds))}/s" if seconds > 0 else "-"
     if as_json:
@@ -388,12 +393,8 @@ def compress_image(
     chain: vhdcore.Chain, path: str, out: str, level: int, chunk_size: int, show: bool, as_json: bool
 ) -> None:
     """`export --format vhd.zst`: the image format of DESIGN §5, written to a local file."""
-    try:
-        with export_progress(show) as callback:
-            stats = chain.compress(out, level=level, chunk_size=chunk_size, progress=callback)
-    except BaseException:
-        Path(out).unlink(missing_ok=True)
-        raise
+    with replacing(Path(out)) as temporary, export_progress(show) as callback:
+        stats = chain.compress(str(temporary), level=level, chunk_size=chunk_size, progress=callback)
     seconds = stats.seconds
     ratio = stats.compressed_bytes / stats.virtual_size if stats.virtual_size else 0.0
     if as_json:
@@ -461,9 +462,9 @@ def estimate(path: str, level: int, chunk_size: int, as_json: bool) -> None:
     """
     require_file(path)
     chain = vhdcore.open_chain(path)
+    check_chunk_size(chain, chunk_size)
     result = chain.estimate(level=level, chunk_size=chunk_size)
     from functions.imaging.prediction import predict_cli_job
-    from functions.settings import Settings
 
     store_url = Settings.resolve().store_url
     job = predict_cli_job(result, store_url)
@@ -543,7 +544,8 @@ def create(path: str, size: int, disk_type: Literal["dynamic", "fixed"], block_s
     """Create an empty VHD of SIZE bytes at PATH (e.g. 10G, 512M, 1048576; rounded up to 512 bytes)."""
     if block_size is not None and disk_type == "fixed":
         raise click.UsageError("--block-size applies to dynamic disks only")
-    if Path(path).exists():
+    check_output(Path(path), force=True, settings=Settings.resolve())
+    if Path(path).exists() or Path(path).is_symlink():
         raise UserError(f"{path}: already exists", hint="creating a disk never overwrites a file")
     layer = vhdcore.create(path, size, disk_type, block_size if block_size is not None else vhdcore.DEFAULT_BLOCK_SIZE)
     if as_json:
@@ -560,7 +562,8 @@ def create(path: str, size: int, disk_type: Literal["dynamic", "fixed"], block_s
 def snapshot(path: str, new: str, as_json: bool) -> None:
     """Create NEW, an empty differencing child of PATH: PATH becomes read-only, writes go to NEW."""
     require_file(path)
-    if Path(new).exists():
+    check_output(Path(new), force=True, settings=Settings.resolve(), reading=[Path(path)])
+    if Path(new).exists() or Path(new).is_symlink():
         raise UserError(f"{new}: already exists", hint="a snapshot never overwrites a file")
     layer = vhdcore.snapshot(path, new)
     if as_json:
@@ -575,20 +578,42 @@ def source_chunks(source: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
+def layer_children(path: str) -> list[str]:
+    """The differencing children of the layer at `path` among the files of its folder (as coalesce finds them)."""
+    return vhdcore.children(path, sibling_files(path))
+
+
 @vhd.command()
 @click.argument("path")
 @click.argument("offset", type=SIZE)
 @click.argument("source")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write even into a layer that has children (their content changes with it; `vhd check` of a child then "
+    "reports it). Never into a layer of a registered server's chain.",
+)
 @json_option
-def write(path: str, offset: int, source: str, as_json: bool) -> None:
+def write(path: str, offset: int, source: str, force: bool, as_json: bool) -> None:
     """Write the bytes of the file SOURCE (`-` for stdin) into the disk PATH at byte OFFSET.
 
     For a differencing disk the data goes into PATH itself; partial sectors are completed from the chain below.
+    A layer that has children (differencing disks beside it whose parent it is) is refused without --force, and a
+    layer of a registered server's chain always.
     """
     require_file(path)
     if source != "-":
         require_file(source)
     virtual_size = vhdcore.open_chain(path).virtual_size
+    check_layer_write(Path(path), settings=Settings.resolve())
+    children = layer_children(path)
+    if children and not force:
+        count = len(children)
+        raise UserError(
+            f"{path}: has {count} child{'ren' if count != 1 else ''} ({', '.join(children)}); "
+            "writing into it would change their content",
+            hint="write into the leaf instead, or pass --force to change the children too",
+        )
 
     def past_end(end: int, written: int = 0) -> UserError:
         done = f"; {written} bytes from the start of the input were written" if written else ""
@@ -607,6 +632,8 @@ def write(path: str, offset: int, source: str, as_json: bool) -> None:
                 raise past_end(offset + written + len(chunk), written)
             vhdcore.write(path, offset + written, chunk)
             written += len(chunk)
+    if children and written:
+        vhdcore.restamp(path)  # so that `vhd check` of a child tells that its parent changed after it
     if as_json:
         print_json({"path": path, "offset": offset, "bytes": written})
     else:
@@ -702,7 +729,10 @@ def coalesce(
             )
             steps += 1
             merges.extend(step.merges)
-            recovered |= step.recovered
+            if steps == 1:
+                # Only the first step can find an earlier run's journal; later ones resume this run's own
+                # paused merge (each step is bounded), which is no recovery.
+                recovered = step.recovered
             if bar is not None and step.pending is not None:
                 pending = step.pending
                 label = f"merging {Path(pending.layer).name} into {Path(pending.parent).name}"

@@ -13,7 +13,8 @@ compressor.
   remembers it: `COMPRESS_TIME_RATIO`; 1 until a job of at least `LEARN_FROM_S` was measured);
 - write: the compressed bytes at the store's measured write rate (an image written in place goes to the device as
   it is compressed, so the slower of the two sets the pace; staged frames are written, then copied into parts);
-- upload: the compressed bytes at the flavor's bandwidth, when frames are uploaded (staged layout).
+- upload: the compressed bytes at the flavor's bandwidth, when frames are uploaded (staged layout);
+- less what a command's head start compresses while the engine starts (`HEAD_START_SHARE` of the fixed cost).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ to the first state (interpreter, imports, engine start, with the estimate made m
 own work (0.05 s) and from the last state to the exit (0.10-0.23 s)."""
 WARM_FIXED_S = 0.3
 """The same job's states and records when the engine is already running."""
+HEAD_START_SHARE = 0.5
+"""How much of the fixed cost a head start turns into compression (functions.imaging.head_start): while the command
+imports and starts the engine on one core, the compressor runs on the rest, at about this fraction of its own speed
+on a 2-core machine (measured by bench_e2e)."""
 
 
 class EstimateLike(Protocol):
@@ -77,10 +82,11 @@ def predict_job(
     fixed_s: float = CLI_FIXED_S,
     compress_ratio: float = 1.0,
     estimate_in_job: bool = True,
+    head_start: bool = False,
 ) -> JobTime:
     """The job's time from its estimate: `write_rate` is the store's sustained write rate in bytes per second (None:
     not a limit), `upload_rate` the flavor's bandwidth for uploads (None: unlimited), `compress_ratio` the measured
-    over predicted compress time of earlier jobs."""
+    over predicted compress time of earlier jobs; `head_start`: the command compresses while the engine starts."""
     compressed = estimate.compressed_bytes
     write_s = compressed / write_rate if write_rate else 0.0
     if not in_place:
@@ -88,7 +94,9 @@ def predict_job(
     upload_s = compressed / upload_rate if upload_rate and not in_place else 0.0
     compress_s = estimate.predicted_seconds * compress_ratio
     estimate_s = estimate.seconds_spent if estimate_in_job else 0.0
-    total = fixed_s + estimate_s + max(compress_s, write_s) + upload_s
+    data_s = max(compress_s, write_s)
+    ahead_s = min(data_s, fixed_s * HEAD_START_SHARE) if head_start and in_place else 0.0
+    total = fixed_s + estimate_s + data_s - ahead_s + upload_s
     return JobTime(total, fixed_s, estimate_s, compress_s, write_s, upload_s)
 
 
@@ -123,6 +131,7 @@ def predict_cli_job(estimate: EstimateLike, store_url: str) -> JobTime:
             upload_rate=None,
             compress_ratio=compress_ratio(store),
             estimate_in_job=False,
+            head_start=True,
         )
     return predict_job(
         estimate,

@@ -297,7 +297,9 @@ def test_map_human_output(run_imaging: RunImaging, chain3: DiskModel) -> None:
 
 def test_diff_json_agrees_with_vhdcore_and_model(run_imaging: RunImaging, chain3: DiskModel) -> None:
     base, leaf = chain3.layers[0], chain3.leaf
-    result = ok_json(run_imaging("vhd", "diff", base, leaf, "--json"))
+    differ = run_imaging("vhd", "diff", base, leaf, "--json")
+    assert differ.returncode == 1, differ.stderr  # they differ (as `qemu-img compare`)
+    result = json.loads(differ.stdout)
     expected = vhdcore.diff(str(base), str(leaf))
     assert [(r["start"], r["length"]) for r in result["ranges"]] == expected.ranges
     assert result["total"] == expected.total == sum(r["length"] for r in result["ranges"])
@@ -318,8 +320,10 @@ def test_diff_json_agrees_with_vhdcore_and_model(run_imaging: RunImaging, chain3
 def test_diff_identical_and_human(run_imaging: RunImaging, chain3: DiskModel) -> None:
     same = ok_json(run_imaging("vhd", "diff", chain3.leaf, chain3.leaf, "--json"))
     assert same["ranges"] == [] and same["total"] == 0
+    assert run_imaging("vhd", "diff", chain3.leaf, chain3.leaf).returncode == 0
     human = run_imaging("vhd", "diff", chain3.layers[0], chain3.leaf)
-    assert human.returncode == 0, human.stderr
+    assert human.returncode == 1, human.stderr  # they differ
+    assert "Traceback" not in human.stderr
     assert "total:" in human.stdout and "bytes)" in human.stdout
 
 

@@ -9,8 +9,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 import vhdcore
-from functions.imaging.prediction import CLI_FIXED_S, compress_ratio, learn_compress_time, predict_job
+from functions.imaging.prediction import CLI_FIXED_S, HEAD_START_SHARE, compress_ratio, learn_compress_time, predict_job
 from functions.storage import FileObjectStore
 from tests.statemachine.test_workflow import build_sample_chain
 
@@ -69,7 +71,9 @@ def test_vhd_estimate_predicts_the_image_job_into_the_configured_store(tmp_path:
     job = answer["job"]
     assert job["store"] == (tmp_path / "data" / "store").as_uri()
     assert job["compress_s"] == round(answer["predicted_seconds"], 3)
-    assert job["seconds"] >= job["fixed_s"] + job["compress_s"]
+    data_s = max(job["compress_s"], job["write_s"])
+    ahead_s = min(data_s, job["fixed_s"] * HEAD_START_SHARE)  # compressed while the engine starts
+    assert job["seconds"] == pytest.approx(job["fixed_s"] + data_s - ahead_s, abs=0.002)
     assert job["estimate_s"] == 0  # image create estimates while the engine loads
     assert (tmp_path / "data" / "store" / ".imaging-store" / "measured.json").is_file()
 
@@ -89,3 +93,16 @@ def test_a_file_store_learns_how_far_the_estimates_compress_time_was_from_the_jo
     estimate = Measured(compressed_bytes=100, predicted_seconds=2.0, seconds_spent=0.0)
     timing = predict_job(estimate, in_place=True, write_rate=None, upload_rate=None, compress_ratio=1.25)
     assert timing.compress_s == 2.5
+
+
+def test_a_head_start_saves_part_of_the_fixed_cost_where_the_image_is_written_in_place() -> None:
+    big = Measured(compressed_bytes=100, predicted_seconds=5.0, seconds_spent=0.0)
+    small = Measured(compressed_bytes=100, predicted_seconds=0.1, seconds_spent=0.0)
+
+    ahead = predict_job(big, in_place=True, write_rate=None, upload_rate=None, head_start=True)
+    staged = predict_job(big, in_place=False, write_rate=None, upload_rate=None, head_start=True)
+    tiny = predict_job(small, in_place=True, write_rate=None, upload_rate=None, head_start=True)
+
+    assert ahead.seconds == CLI_FIXED_S + 5.0 - CLI_FIXED_S * HEAD_START_SHARE
+    assert staged.seconds == CLI_FIXED_S + 5.0  # frames uploaded: the CLI starts none
+    assert tiny.seconds == CLI_FIXED_S  # no more is saved than there is to compress

@@ -55,6 +55,7 @@ from vhdcore._vhdcore import (  # noqa: E402 (after the protocol the stub refers
     VhdFormatError,
     VhdIoError,
     check,
+    children,
     coalesce,
     coalesce_step,
     compress_fetched_chunk,
@@ -64,6 +65,7 @@ from vhdcore._vhdcore import (  # noqa: E402 (after the protocol the stub refers
     head_region,
     open_chain,
     open_chain_from,
+    restamp,
     snapshot,
     write,
 )
@@ -109,6 +111,7 @@ __all__ = [
     "VhdFormatError",
     "VhdIoError",
     "check",
+    "children",
     "coalesce",
     "coalesce_step",
     "compress_fetched_chunk",
@@ -118,6 +121,7 @@ __all__ = [
     "head_region",
     "open_chain",
     "open_chain_from",
+    "restamp",
     "snapshot",
     "write",
 ]

@@ -911,6 +911,17 @@ fn snapshot(py: Python<'_>, parent: PathBuf, child: PathBuf) -> PyResult<Layer> 
 }
 
 #[pyfunction]
+fn restamp(py: Python<'_>, path: PathBuf) -> PyResult<u32> {
+    py.allow_threads(|| vhdcore::restamp(&path)).or_raise(py)
+}
+
+#[pyfunction]
+fn children(py: Python<'_>, path: PathBuf, candidates: Vec<PathBuf>) -> PyResult<Vec<String>> {
+    let found = py.allow_threads(|| vhdcore::children(&path, &candidates)).or_raise(py)?;
+    Ok(found.iter().map(|p| p.display().to_string()).collect())
+}
+
+#[pyfunction]
 fn write(py: Python<'_>, path: PathBuf, offset: u64, data: &[u8]) -> PyResult<()> {
     let owned = data.to_vec();
     py.allow_threads(|| vhdcore::write(Path::new(&path), offset, &owned)).or_raise(py)
@@ -1103,6 +1114,8 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(create, m)?)?;
     m.add_function(wrap_pyfunction!(snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(write, m)?)?;
+    m.add_function(wrap_pyfunction!(restamp, m)?)?;
+    m.add_function(wrap_pyfunction!(children, m)?)?;
     m.add_function(wrap_pyfunction!(coalesce_step, m)?)?;
     m.add_function(wrap_pyfunction!(coalesce, m)?)?;
     Ok(())

@@ -257,7 +257,10 @@ pub fn coalesce(leaf: &Path, siblings: &[PathBuf], step_bytes: Option<u64>) -> R
     loop {
         let step = coalesce_step_with(leaf, siblings, budget, &|| start.elapsed(), &faults)?;
         report.steps += 1;
-        report.recovered |= step.recovered;
+        // Only the first step can find an earlier run's journal: later ones resume this run's own paused merge.
+        if report.steps == 1 {
+            report.recovered = step.recovered;
+        }
         report.merges.extend(step.merges);
         report.depth = step.depth;
         if step.done {

@@ -108,6 +108,22 @@ fn read_source(source: &dyn ReadAt, path: &Path, buf: &mut [u8], offset: u64) ->
     source.read_at(buf, offset).map_err(|e| read_error(path, buf, offset, e))
 }
 
+/// What a file without a VHD footer is, from its first bytes, and how to make a VHD of it.
+fn not_a_vhd_note(file: &dyn ReadAt, file_size: u64) -> String {
+    let mut head = [0u8; 32];
+    let length = usize::try_from(file_size).map_or(head.len(), |size| size.min(head.len()));
+    let read = head.get_mut(..length).is_some_and(|buf| file.read_at(buf, 0).is_ok());
+    let format = if read { head.get(..length).and_then(crate::format::foreign_format) } else { None };
+    let convert = "convert it with `qemu-img convert -O vpc FILE OUT.vhd`";
+    match format {
+        Some(name) => format!("; this is a {name} image, not a VHD: {convert}"),
+        None => format!(
+            "; not a VHD: no known disk image signature (a raw disk or other data?); if it is a raw disk, {convert} \
+             (with -f raw)"
+        ),
+    }
+}
+
 fn cookie_text(bytes: &[u8]) -> String {
     if bytes.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
         String::from_utf8_lossy(bytes).into_owned()
@@ -360,6 +376,7 @@ fn read_footer(file: &dyn ReadAt, path: &Path, file_size: u64) -> Result<(Footer
             offset,
             expected: "conectix".into(),
             found: cookie_text(&footer.cookie),
+            note: not_a_vhd_note(file, file_size).into_boxed_str(),
         });
     }
     let computed = footer.computed_checksum();
@@ -413,6 +430,7 @@ fn read_sparse(disk: &Disk, v: &mut Validator) -> Result<Sparse> {
             offset: header_offset,
             expected: "cxsparse".into(),
             found: cookie_text(&header.cookie),
+            note: "".into(),
         });
     }
     let computed = header.computed_checksum();

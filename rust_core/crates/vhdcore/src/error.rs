@@ -61,8 +61,9 @@ pub enum VhdError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: {field} at offset {offset}: expected cookie {expected:?}, found {found:?}", path.display())]
-    BadCookie { path: PathBuf, field: String, offset: u64, expected: String, found: String },
+    /// `note`: what the file is instead, when it can be told (empty, or starting with "; ").
+    #[error("{}: {field} at offset {offset}: expected cookie {expected:?}, found {found:?}{note}", path.display())]
+    BadCookie { path: PathBuf, field: String, offset: u64, expected: String, found: String, note: Box<str> },
     #[error("{}: {field} at offset {offset}: expected checksum {expected:#010x}, found {found:#010x}", path.display())]
     Checksum { path: PathBuf, field: String, offset: u64, expected: u32, found: u32 },
     #[error("{}: {field} at offset {offset} needs {needed} bytes but the file has {file_size}", path.display())]

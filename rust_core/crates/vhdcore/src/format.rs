@@ -209,6 +209,19 @@ pub fn bitmap_size(block_size: u32) -> u64 {
     sectors.div_ceil(8).div_ceil(SECTOR_SIZE) * SECTOR_SIZE
 }
 
+/// The format of another disk image, named from its first bytes (its magic), or None for anything else (a raw
+/// disk, or not a disk image).
+pub fn foreign_format(head: &[u8]) -> Option<&'static str> {
+    const MAGICS: [(&[u8], &str); 5] = [
+        (b"QFI\xfb", "qcow2"),
+        (b"KDMV", "VMDK"),
+        (b"# Disk DescriptorFile", "VMDK (descriptor)"),
+        (b"COWD", "VMDK (ESX sparse)"),
+        (b"vhdxfile", "VHDX"),
+    ];
+    MAGICS.iter().find(|(magic, _)| head.starts_with(magic)).map(|(_, name)| *name)
+}
+
 pub fn uuid_string(bytes: &[u8; 16]) -> String {
     uuid::Uuid::from_bytes(*bytes).hyphenated().to_string()
 }

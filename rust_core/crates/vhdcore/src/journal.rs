@@ -135,6 +135,7 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<Journal> {
             offset: 0,
             expected: MAGIC.into(),
             found: String::from_utf8_lossy(&magic[..magic.len().min(40)]).into_owned(),
+            note: "".into(),
         });
     }
     let crc_line = lines.next().unwrap_or_default();

@@ -45,4 +45,4 @@ pub use merge_copy::{merge_layout, merged_block, MergeLayout, MergeSegment};
 pub use plan::{ChunkPlan, FetchedChunk, ImagePlan, PlanLayer, SourceRead, DEFAULT_CHUNK_SIZE, IMAGE_BLOCK_SIZE};
 pub use resolve::{LayerGeometry, LayerSource, Run};
 pub use source::{LayerStore, MemoryStore, ReadAt};
-pub use writer::{create, snapshot, snapshot_bytes, write};
+pub use writer::{children, create, restamp, snapshot, snapshot_bytes, write};

@@ -237,6 +237,40 @@ pub fn snapshot_bytes(parent: &Disk, relative_parent: &str) -> Result<Vec<u8>> {
 }
 
 /// Writes `data` at byte `offset` of the disk at `path` (the leaf of its chain).
+/// Marks the layer at `path` as changed: its footer's timestamp becomes now, and always later than before, so a
+/// child made before the change can tell (its header's parent timestamp no longer matches; `check` reports it).
+/// Returns the new timestamp. Both copies of a sparse disk's footer are rewritten.
+pub fn restamp(path: &Path) -> Result<u32> {
+    let disk = Disk::open_writable(path)?;
+    let old = disk.footer.timestamp.get();
+    let stamp = now_vhd_timestamp().max(old.checked_add(1).unwrap_or(old));
+    let mut footer = disk.footer.clone();
+    footer.timestamp.set(stamp);
+    footer.seal();
+    let bytes = footer.as_bytes();
+    let file = disk.file()?;
+    let trailing = if disk.legacy_footer { &bytes[..511] } else { bytes };
+    if disk.sparse.is_some() {
+        write_all_at(file, path, trailing, 0)?;
+    }
+    write_all_at(file, path, trailing, disk.footer_offset)?;
+    file.sync_all().map_err(|e| VhdError::io(path, "sync", e))?;
+    Ok(stamp)
+}
+
+/// The files among `candidates` that are differencing children of the layer at `path` (their header names its
+/// UUID as their parent's), as coalesce finds other children; unreadable candidates and `path` itself are skipped.
+pub fn children(path: &Path, candidates: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let layer = Disk::open(path)?;
+    let own = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    Ok(candidates
+        .iter()
+        .filter(|c| std::fs::canonicalize(c).unwrap_or_else(|_| c.to_path_buf()) != own)
+        .filter(|c| Disk::open(c).ok().and_then(|d| d.parent_uuid()) == Some(layer.uuid()))
+        .cloned()
+        .collect())
+}
+
 pub fn write(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
     let disk = Disk::open_writable(path)?;
     let len = u64::try_from(data.len()).unwrap_or(u64::MAX);

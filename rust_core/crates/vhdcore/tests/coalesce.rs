@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use vhdcore::coalesce::{coalesce_step_with, Faults};
 use vhdcore::rng::SplitMix;
-use vhdcore::{Budget, Chain, DiskType, ErrorKind, StepReport};
+use vhdcore::{coalesce_step, Budget, Chain, DiskType, ErrorKind, StepReport};
 
 mod common;
 
@@ -262,5 +262,27 @@ fn a_parent_that_gains_a_child_mid_merge_stops_the_merge() {
     let err = vhdcore::coalesce(leaf, &siblings(dir.path()), None).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.to_string().contains("became a child of"), "{err}");
+    assert!(flatten(leaf) == model);
+}
+
+/// A whole coalesce in small steps picks up its own paused merges from one step to the next: that is not a
+/// recovery. Only a journal left by an earlier run is.
+#[test]
+fn a_coalesce_in_steps_reports_a_recovery_only_for_an_earlier_runs_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, model) = build_chain(dir.path(), 4, 41, DiskType::Dynamic);
+    let leaf = paths.last().unwrap();
+    let report = vhdcore::coalesce(leaf, &siblings(dir.path()), Some(1)).unwrap();
+    assert!(report.steps > 2, "one block per step should take several steps, took {}", report.steps);
+    assert!(!report.recovered, "a fresh chain's coalesce said it recovered an earlier run");
+    assert!(flatten(leaf) == model);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, model) = build_chain(dir.path(), 4, 42, DiskType::Dynamic);
+    let leaf = paths.last().unwrap();
+    let paused = coalesce_step(leaf, &siblings(dir.path()), Budget { bytes: Some(1), time: None }).unwrap();
+    assert!(paused.pending.is_some() && !paused.recovered);
+    let report = vhdcore::coalesce(leaf, &siblings(dir.path()), Some(1)).unwrap();
+    assert!(report.recovered, "the earlier run's paused merge was finished");
     assert!(flatten(leaf) == model);
 }
