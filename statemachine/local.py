@@ -7,11 +7,16 @@ given to `LocalImaging(services=...)` while it runs, else those the environment 
 Powertools' tracing and metrics output are switched off in this process: there is no X-Ray daemon or CloudWatch
 agent here, and metrics (EMF JSON printed on stdout) would mix with a CLI's result. The handlers' logs go to stderr,
 at WARNING unless POWERTOOLS_LOG_LEVEL says otherwise or the caller sets a level (`log_level=`, the CLI's `-v`).
+
+While executions it started run, a pump thread writes their jobs' heartbeats every HEARTBEAT_INTERVAL_S (DESIGN §3,
+"Jobs outlive their runners"): a job whose process dies stops beating, and the next recovery finds it. The steps
+beat too (at their start and with every frame or part), which is all a job has on Lambda.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -36,6 +41,9 @@ from functions.handlers import (  # noqa: E402 - the Powertools settings above m
     upload,
 )
 from functions.handlers.runtime import LogFormat, configure_logging, use_services  # noqa: E402
+from functions.handlers.runtime import services as current_services  # noqa: E402
+from functions.imaging.jobs import HEARTBEAT_INTERVAL_S, beat_quietly  # noqa: E402
+from statemachine.engine import TERMINAL_STATUSES  # noqa: E402
 
 if TYPE_CHECKING:
     from functions.imaging.services import ImagingServices
@@ -78,6 +86,11 @@ class LocalImaging:
         self._engine = LocalEngine()
         self._machine = ""
         self._installed = ExitStack()
+        self._running: dict[str, str] = {}
+        """Execution ARN -> job id, of the executions started here and not seen ended."""
+        self._running_lock = threading.Lock()
+        self._pump_stop = threading.Event()
+        self._pump: threading.Thread | None = None
 
     def __enter__(self) -> LocalImaging:
         configure_logging(self._log_level, self._log_format)
@@ -105,14 +118,44 @@ class LocalImaging:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
+        self._pump_stop.set()
         try:
             self._engine.stop()
         finally:
             self._installed.close()
 
-    def start(self, request: Mapping[str, Any]) -> str:
-        """Start imaging `request` (job_id, image_id, tenant, name, server_id or disk); the job id names the run."""
-        return self._engine.start_execution(self._machine, dict(request), name=str(request["job_id"]))
+    def start(self, request: Mapping[str, Any], name: str | None = None) -> str:
+        """Start imaging `request` (job_id, image_id, tenant, name, server_id or disk); the job id names the run
+        unless `name` is given (a resumed job's new execution)."""
+        job_id = str(request["job_id"])
+        arn = self._engine.start_execution(self._machine, dict(request), name=name or job_id)
+        with self._running_lock:
+            self._running[arn] = job_id
+            if self._pump is None:
+                self._pump = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
+                self._pump.start()
+        return arn
+
+    def running_jobs(self) -> list[str]:
+        """The jobs of the executions started here that are still running (to hand over when stopping)."""
+        with self._running_lock:
+            running = list(self._running.items())
+        return [job for arn, job in running if self.status(arn) not in TERMINAL_STATUSES]
+
+    def _beat(self) -> None:
+        """The pump: every HEARTBEAT_INTERVAL_S, each running job's heartbeat (one small write per job)."""
+        while not self._pump_stop.wait(HEARTBEAT_INTERVAL_S):
+            with self._running_lock:
+                running = list(self._running.items())
+            target = self._services or current_services()
+            for arn, job_id in running:
+                try:
+                    alive = self.status(arn) not in TERMINAL_STATUSES and beat_quietly(target, job_id)
+                except Exception:  # a heartbeat lost to a busy store is retried at the next beat
+                    continue
+                if not alive:
+                    with self._running_lock:
+                        self._running.pop(arn, None)
 
     def status(self, execution_arn: str) -> str:
         return self._engine.status(execution_arn)

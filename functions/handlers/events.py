@@ -35,6 +35,8 @@ class JobRef(_Event):
     image_id: str
     server_id: str | None = None
     coalesce_deadline: datetime
+    resumed: bool = False
+    """A job run again after its runner died past its snapshot: it goes on from its stored snapshot and plan."""
 
 
 class JobEvent(_Event):

@@ -18,7 +18,7 @@ import vhdcore
 from functions.imaging import head_start, keys
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import DiskCorruptError
-from functions.imaging.jobs import hold_server_lock, record_progress
+from functions.imaging.jobs import check_still_wanted, hold_server_lock, record_progress
 from functions.imaging.layout import Layout, StagedFrame, load_layout, load_written, record_written, spool_key
 from functions.imaging.planning import estimate_key
 from functions.imaging.prediction import learn_compress_time
@@ -106,10 +106,14 @@ def _checked_group(plan: vhdcore.ImagePlan, first: int, count: int) -> list[vhdc
 
 
 def _count_progress(services: ImagingServices, job: Job, plan: vhdcore.ImagePlan, length: int) -> None:
-    """`length` more virtual bytes compressed, with the ETA measured since the step began."""
+    """`length` more virtual bytes compressed, with the ETA measured since the step began (also the job's heartbeat,
+    and where it sees a cancel). A resumed job already uploading only looks for a cancel."""
     started = step_started(job, Status.SAVING) or services.now()
     elapsed = (services.now() - started).total_seconds()
     current = services.state.get_job(job.id)
+    if current.status is not Status.SAVING:
+        check_still_wanted(current)
+        return
     eta = measured_eta(current.bytes_done + length, plan.virtual_size, elapsed, current.eta_seconds)
     record_progress(services, job.id, add_bytes=length, total=plan.virtual_size, eta_seconds=eta)
 
@@ -164,7 +168,7 @@ def _compress_in_place(services: ImagingServices, job: Job, plan_key: str, first
             )
         except vhdcore.VhdError as error:
             raise DiskCorruptError(str(error)) from error
-    if not done:  # a whole run, not a resumed one: what the estimate's compress time should have been
+    if not done and job.runs == 1:  # a whole run, not a resumed one: what the estimate's compress time should have been
         predicted = json.loads(store.get(estimate_key(job.id))).get("estimate_compress_seconds")
         if predicted is not None:
             learn_compress_time(store, float(predicted), services.monotonic() - started)

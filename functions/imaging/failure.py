@@ -9,7 +9,7 @@ from functions.imaging import keys
 from functions.imaging.compress import recorded_worker_failure
 from functions.imaging.errors import MAP_FAILURE_NAMES, Failure, failure_for
 from functions.imaging.finalize import delete_staging
-from functions.imaging.jobs import release_server_lock, revise_job
+from functions.imaging.jobs import OWN_FAILURES, release_server_lock, revise_job
 from functions.imaging.services import ImagingServices
 from functions.state import Job, NotFoundError, Status
 from functions.state.models import TERMINAL_STATUSES
@@ -28,7 +28,7 @@ def fail_job(services: ImagingServices, job_id: str, error_name: str, cause: str
         recorded = recorded_worker_failure(services, job_id)
         if recorded is not None:
             error_name, cause = recorded
-    failure = failure_for(error_name)
+    failure = job_failure(error_name)
     at = services.now()
     cause = error_message(cause)
 
@@ -45,6 +45,12 @@ def fail_job(services: ImagingServices, job_id: str, error_name: str, cause: str
     delete_staging(services, job.id)
     release_server_lock(services, job)
     return failure
+
+
+def job_failure(error_name: str) -> Failure:
+    """The code and hint of a failure of the job's work (errors.failure_for) or of its life (cancel, interruption)."""
+    own = OWN_FAILURES.get(error_name)
+    return Failure(own.code, own.hint) if own is not None else failure_for(error_name)
 
 
 def error_message(cause: str) -> str:

@@ -3,10 +3,12 @@ ERROR with a code and hint, its bytes and ETA updated as work completes, and the
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
-from functions.imaging.errors import InvalidRequestError, ServerBusyError
+from functions.imaging.errors import ImagingError, InvalidRequestError, ServerBusyError
 from functions.imaging.services import ImagingServices
 from functions.state import (
     AlreadyExistsError,
@@ -19,9 +21,50 @@ from functions.state import (
     VersionConflictError,
     validate_id,
 )
+from functions.state.models import TERMINAL_STATUSES
 
 MAX_UPDATE_ATTEMPTS = 50
 """Map workers update one job concurrently; each lost race re-reads and re-applies (bounded, never a livelock)."""
+HEARTBEAT_INTERVAL_S = 10.0
+"""How often a runner says its job is alive (a write at most this often per job and process)."""
+STALE_AFTER_S = 45.0
+"""A job not finished whose last sign of life is older than this has lost its runner (functions.imaging.recovery):
+more than four missed heartbeats, so a busy machine never has a live job taken from it."""
+_STEP_ORDER = {Status.QUEUED: 0, Status.SAVING: 1, Status.UPLOADING: 2, Status.ACTIVE: 3}
+
+
+class JobCancelledError(ImagingError):
+    """`imaging image cancel` asked the job to stop: raised where its runner next looks (the ASL's Catch then runs
+    the failure path)."""
+
+    code = "CANCELLED"
+    hint = "the job was cancelled on request: image the server again when an image is wanted"
+
+
+class JobInterruptedError(ImagingError):
+    """The job's runner stopped before the job ended (process killed, server restarted) and it was not resumed."""
+
+    code = "INTERRUPTED"
+    hint = (
+        "the job's runner stopped before it finished (process killed or restarted): image the server again; "
+        "a job resumed by the next `imaging image create` or `imaging serve` keeps what it had stored"
+    )
+
+
+OWN_FAILURES: dict[str, type[ImagingError]] = {
+    JobCancelledError.__name__: JobCancelledError,
+    JobInterruptedError.__name__: JobInterruptedError,
+}
+"""The failures of a job's life (not of its work), by the error names the failure path is given."""
+
+
+def check_still_wanted(job: Job) -> None:
+    """JobCancelledError if a cancel was requested; JobInterruptedError if the job ended meanwhile (recovery took
+    it from a runner it believed dead): either way this runner must stop working on it."""
+    if job.cancel_requested_at is not None:
+        raise JobCancelledError(f"job {job.id} was cancelled at {job.cancel_requested_at:%Y-%m-%d %H:%M:%S} UTC")
+    if job.status in TERMINAL_STATUSES:
+        raise JobInterruptedError(f"job {job.id} already ended {job.status.value} ({job.error_code or 'done'})")
 
 
 @dataclass(frozen=True)
@@ -59,8 +102,14 @@ def start_job(services: ImagingServices, request: ImagingRequest) -> Job:
     except NotFoundError:
         existing = None
     if existing is not None:
+        # A retried Prepare, or a resumed job's new execution: the same job, its lock taken again.
         if existing.image_id != request.image_id:
             raise InvalidRequestError(f"job {request.job_id} exists for another image")
+        check_still_wanted(existing)
+        if existing.server_id is not None and not state.acquire_lock(
+            existing.server_id, existing.id, services.config.lock_ttl_s
+        ):
+            raise ServerBusyError(f"server {existing.server_id} is being imaged by another job")
         return existing
     if request.server_id is not None:
         try:
@@ -80,6 +129,7 @@ def start_job(services: ImagingServices, request: ImagingRequest) -> Job:
         disk=request.disk,
         image_id=request.image_id,
         execution_name=request.job_id,
+        heartbeat_at=now,
     )
     image = Image(
         id=request.image_id,
@@ -119,8 +169,12 @@ def advance_job(
     at = services.now()
 
     def change(job: Job) -> Job | None:
-        if job.status is status:
-            return None
+        if job.status is status or (
+            status in _STEP_ORDER
+            and job.status not in TERMINAL_STATUSES
+            and _STEP_ORDER[job.status] > _STEP_ORDER[status]
+        ):
+            return None  # there already (a retried step), or past it (a resumed job going through its steps again)
         moved = job.transition(status, at=at, detail=detail)
         if status is Status.ACTIVE:  # the last step's bytes stay, all done
             total = job.bytes_total if job.bytes_total is not None else job.bytes_done
@@ -136,27 +190,82 @@ def advance_job(
 def record_progress(
     services: ImagingServices, job_id: str, *, add_bytes: int, total: int, eta_seconds: float | None
 ) -> Job:
-    """Count `add_bytes` more bytes done of `total` in the job's current step, with a new ETA."""
+    """Count `add_bytes` more bytes done of `total` in the job's current step, with a new ETA. The write is also the
+    job's heartbeat, and the read before it is where a running job sees a cancel (check_still_wanted)."""
+    at = services.now()
 
     def change(job: Job) -> Job:
+        check_still_wanted(job)
         done = min(total, job.bytes_done + add_bytes)
-        return job.revised(bytes_done=done, bytes_total=total, eta_seconds=eta_seconds)
+        return job.revised(bytes_done=done, bytes_total=total, eta_seconds=eta_seconds, heartbeat_at=at)
 
     return revise_job(services, job_id, change)
 
 
 def set_progress(services: ImagingServices, job_id: str, *, done: int, total: int, eta_seconds: float | None) -> Job:
-    return revise_job(
-        services,
-        job_id,
-        lambda job: job.revised(bytes_done=min(done, total), bytes_total=total, eta_seconds=eta_seconds),
-    )
+    at = services.now()
+
+    def change(job: Job) -> Job:
+        check_still_wanted(job)
+        return job.revised(bytes_done=min(done, total), bytes_total=total, eta_seconds=eta_seconds, heartbeat_at=at)
+
+    return revise_job(services, job_id, change)
+
+
+_beats: dict[str, float] = {}
+"""Job id -> when (monotonic) this process last wrote its heartbeat."""
+_beats_lock = threading.Lock()
+
+
+def heartbeat(services: ImagingServices, job_id: str, *, force: bool = False) -> Job | None:
+    """Say the job's runner is alive: `heartbeat_at` written, at most once per HEARTBEAT_INTERVAL_S per job in this
+    process unless `force`d (None when nothing was written). Raises what check_still_wanted raises."""
+    moment = services.monotonic()
+    with _beats_lock:
+        last = _beats.get(job_id)
+        if not force and last is not None and moment - last < HEARTBEAT_INTERVAL_S:
+            return None
+        _beats[job_id] = moment
+    at = services.now()
+
+    def change(job: Job) -> Job:
+        check_still_wanted(job)
+        return job.revised(heartbeat_at=at)
+
+    return revise_job(services, job_id, change)
+
+
+def beat_quietly(services: ImagingServices, job_id: str) -> bool:
+    """A heartbeat from outside the job's steps (the embedded engine's pump): written unless the job has ended or was
+    asked to stop (its steps see that themselves). False once there is nothing left to beat for."""
+    at = services.now()
+
+    def change(job: Job) -> Job | None:
+        if job.status in TERMINAL_STATUSES or job.cancel_requested_at is not None:
+            return None
+        return job.revised(heartbeat_at=at)
+
+    try:
+        job = revise_job(services, job_id, change)
+    except NotFoundError:
+        return True  # Prepare has not recorded it yet
+    return job.status not in TERMINAL_STATUSES
+
+
+def is_stale(job: Job, now: datetime, stale_after_s: float = STALE_AFTER_S) -> bool:
+    """Whether the job lost its runner: not finished, and handed over (abandoned) or silent for too long."""
+    if job.status in TERMINAL_STATUSES:
+        return False
+    return job.abandoned_at is not None or (now - job.last_sign_of_life).total_seconds() > stale_after_s
 
 
 def hold_server_lock(services: ImagingServices, job: Job) -> None:
     """Renew the job's lock on its server for another TTL, at the start of each step: a job may run longer than one
     TTL (the lock's expiry only frees the server of a job that died). ServerBusyError if the lock expired meanwhile
-    and another job took the server (this one must not go on imaging it)."""
+    and another job took the server (this one must not go on imaging it). Also the step's heartbeat, and where it
+    sees a cancel (check_still_wanted on the job the step just read)."""
+    check_still_wanted(job)
+    heartbeat(services, job.id)
     if job.server_id is None:
         return
     if not services.state.acquire_lock(job.server_id, job.id, services.config.lock_ttl_s):

@@ -20,7 +20,7 @@ from functions.imaging.progress import flavor_class
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain
 from functions.state import Job
-from functions.storage import FileObjectStore
+from functions.storage import FileObjectStore, NotFoundError
 from functions.storage.bandwidth import FLAVOR_CLASS_BANDWIDTH
 
 
@@ -50,6 +50,20 @@ class StagedPlan:
 
 def estimate_key(job_id: str) -> str:
     return f"{keys.staging_prefix(job_id)}estimate.json"
+
+
+def staged_plan_key(job_id: str) -> str:
+    """The Estimate step's result, written last: a resumed (or retried) job finds its plan there and keeps it."""
+    return f"{keys.staging_prefix(job_id)}staged-plan.json"
+
+
+def load_staged_plan(services: ImagingServices, job_id: str) -> StagedPlan | None:
+    try:
+        raw = json.loads(services.store.get(staged_plan_key(job_id)))
+    except NotFoundError:
+        return None
+    raw["groups"] = [ChunkGroup(**group) for group in raw["groups"]]
+    return StagedPlan(**raw)
 
 
 def group_chunks(lengths: list[int], group_bytes: int) -> list[ChunkGroup]:
@@ -89,8 +103,12 @@ def _estimate(chain: vhdcore.Chain, level: int, chunk_size: int) -> vhdcore.Esti
 
 
 def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> StagedPlan:
-    """Estimate the image, stage its chunk plan, and set the job's ETA; FlavorTooSlowError if it cannot finish."""
+    """Estimate the image, stage its chunk plan, and set the job's ETA; FlavorTooSlowError if it cannot finish.
+    A job planned already (resumed or retried) keeps its plan: the frames it stored were cut by it."""
     hold_server_lock(services, job)
+    planned = load_staged_plan(services, job.id)
+    if planned is not None:
+        return planned
     config = services.config
     chain = open_disk(services.disk_store, frozen.leaf, frozen.layers)
     estimate = _estimate(chain, config.level, config.chunk_size)
@@ -129,7 +147,7 @@ def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> Stag
     group_bytes = plan.virtual_size if layout is Layout.IN_PLACE else config.group_bytes
     groups = group_chunks([chunk.length for chunk in plan.chunks], max(1, group_bytes))
     set_progress(services, job.id, done=0, total=plan.virtual_size, eta_seconds=predicted)
-    return StagedPlan(
+    staged = StagedPlan(
         plan_key=key,
         groups=groups,
         concurrency=config.map_concurrency,
@@ -140,3 +158,5 @@ def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> Stag
         estimated_high=estimate.high,
         predicted_seconds=predicted,
     )
+    services.store.put(staged_plan_key(job.id), json.dumps(staged.to_json()).encode())
+    return staged

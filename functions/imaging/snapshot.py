@@ -1,8 +1,10 @@
-"""Freezing the chain to image (DESIGN §1, 25%): a registered server continues on a new empty differencing leaf
-under the store's `sr/<server>/`, its active-disk pointer moved atomically; an unregistered disk is imaged as it is.
+"""Freezing the chain to image (DESIGN §1, 25%): a registered server continues on a new empty differencing leaf,
+its active-disk pointer moved atomically; an unregistered disk is imaged as it is.
 
-A server whose chain is a local file gets its new leaf as a file under the (file) store; a server whose chain lives
-in the store (its disk a key) gets it as a new object, written only if absent, so both work on S3 and files alike."""
+Where the new leaf goes (issue 14, item 7): a server whose chain is local files gets it beside its chain, in the
+folder of its active disk (`server add` keeps a disk where it is, and so does imaging: the chain's files never move
+into the data directory), named `<uuid>.vhd` after the job; a server whose chain lives in the store (its disk a key)
+gets it as a new object under `sr/<server>/`, written only if absent, so both work on S3 and files alike."""
 
 from __future__ import annotations
 
@@ -67,11 +69,17 @@ def new_leaf_uuid(job_id: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"cloud-imaging:snapshot:{job_id}"))
 
 
+def beside_chain(disk: str, job_id: str) -> Path:
+    """The new leaf of a server whose active disk is the local file `disk`: in the same folder. A server already
+    running on a leaf that this job made keeps that folder (a retried Snapshot finds it)."""
+    return Path(disk).parent / f"{new_leaf_uuid(job_id)}.vhd"
+
+
 def _freeze_server(services: ImagingServices, job: Job, server_id: str) -> FrozenChain:
     server = services.state.get_server(server_id)
     new_key = keys.server_disk_key(server_id, new_leaf_uuid(job.id))
     store_chain = is_store_key(server.disk)
-    new_location = new_key if store_chain else str(services.local_path(new_key))
+    new_location = new_key if store_chain else str(beside_chain(server.disk, job.id))
     chain = open_disk(services.disk_store, server.disk, server.chain)
     if server.disk == new_location:  # an earlier attempt moved the server already: the frozen chain is below
         layers = [layer.path for layer in chain.layers][1:]

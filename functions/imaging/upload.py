@@ -38,6 +38,7 @@ from functions.storage.checksums import composite_crc32c, crc32c, md5_etag, mult
 from functions.storage.objects import MIN_PART_SIZE, ObjectInfo, PartInfo
 from functions.storage.parts import PartPlan, plan_frame_parts
 from functions.storage.retry import call_with_retries
+from functions.storage.upload import find_resumable_upload
 
 UPLOAD_CONCURRENCY = 4
 
@@ -65,6 +66,8 @@ class StoredPart:
     crc32c: int
     etag: str
     copied: bool
+    kept: bool = False
+    """Found stored by an earlier attempt of the job (resumed), not sent again."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class UploadedImage:
     """Of the bytes sent, frame by frame; the store vouches for what it keeps by the parts' CRC32C. None for an
     image written in place: no step reads its bytes again (the parts' CRC32C, from the workers, vouch for it)."""
     layout: str = Layout.STAGED.value
+    parts_kept: int = 0
+    """Parts an earlier attempt of the job had stored (a resumed upload sends only the others)."""
 
 
 def upload_record_key(job_id: str) -> str:
@@ -120,7 +125,8 @@ def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | No
     size = sum(frame.compressed_bytes for frame in frames)
     key = keys.image_key(job.image_id)
 
-    upload_id = job.upload_id
+    # The upload recorded on the job, or one its first attempt opened and died before recording: resumed.
+    upload_id = job.upload_id or find_resumable_upload(store, key)
     stored: dict[int, PartInfo] = {}
     if upload_id is not None:
         resumed = upload_id
@@ -130,19 +136,21 @@ def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | No
             upload_id = None  # gone (aborted or expired): start again
     if upload_id is None:
         upload_id = call_with_retries(lambda: store.create_multipart(key), retry)
-        new_id = upload_id
-        revise_job(services, job.id, lambda current: current.revised(upload_id=new_id))
+    if upload_id != job.upload_id:
+        recorded = upload_id
+        revise_job(services, job.id, lambda current: current.revised(upload_id=recorded))
 
     bucket = bucket_for_flavor_class(flavor_class(flavor)) if flavor is not None else None
 
     def send(part: PartPlan) -> StoredPart:
         members = _frames_in(part, frames)
         copy_index = members[0].index if len(members) == 1 and members[0].compressed_bytes >= MIN_PART_SIZE else None
+        kept = False
         if copy_index is not None:
             expected_crc = members[0].crc32c
             have = stored.get(part.number)
-            if have is not None and have.size == part.length and have.crc32c == expected_crc:
-                info = have
+            if have is not None and _is_copy_of(services, have, part.length, expected_crc, job.id, copy_index):
+                info, kept = have, True
             else:
                 source = keys.frame_key(job.id, copy_index)
                 info = call_with_retries(
@@ -161,7 +169,7 @@ def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | No
                 and have.size == len(data)
                 and (have.crc32c == expected_crc or have.etag == md5_etag(data))
             ):
-                info = have
+                info, kept = have, True
             else:
                 if bucket is not None:
                     bucket.acquire(len(data))
@@ -177,7 +185,7 @@ def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | No
         current = services.state.get_job(job.id)
         eta = measured_eta(current.bytes_done + part.length, size, elapsed, None)
         record_progress(services, job.id, add_bytes=part.length, total=size, eta_seconds=eta)
-        return StoredPart(part.number, part.offset, part.length, expected_crc, info.etag, copied)
+        return StoredPart(part.number, part.offset, part.length, expected_crc, info.etag, copied, kept)
 
     # The object's sha256 is taken from the staged frames, in order, while the parts go and the store assembles
     # them: a second read of the finished object would only add its time (hashlib releases the GIL).
@@ -200,9 +208,28 @@ def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | No
         parts_copied=sum(part.copied for part in sent),
         seconds=services.monotonic() - started,
         object_sha256=object_sha256,
+        parts_kept=sum(part.kept for part in sent),
     )
     store.put(upload_record_key(job.id), json.dumps(asdict(result)).encode())
     return result
+
+
+def _is_copy_of(services: ImagingServices, have: PartInfo, length: int, crc: int, job_id: str, index: int) -> bool:
+    """Whether a stored part is the copy of a staged frame: its size, and its CRC32C where the store lists one, else
+    its ETag against the frame object's (a part copied from a whole object carries that object's MD5 ETag)."""
+    if have.size != length:
+        return False
+    if have.crc32c is not None:
+        return have.crc32c == crc
+    try:
+        return (
+            have.etag
+            == call_with_retries(
+                partial(services.store.head, keys.frame_key(job_id, index)), services.config.retry
+            ).etag
+        )
+    except NotFoundError:
+        return False
 
 
 def _publish_in_place(services: ImagingServices, job: Job, plan_key: str, started: float) -> UploadedImage:

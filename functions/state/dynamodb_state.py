@@ -46,6 +46,7 @@ from functions.state.errors import (
     VersionConflictError,
 )
 from functions.state.models import (
+    TERMINAL_STATUSES,
     TOKEN_HASH_PATTERN,
     ApiToken,
     Image,
@@ -288,6 +289,8 @@ class DynamoDBStateStore:
     # Jobs
     def _job_item(self, job: Job) -> dict[str, AttributeValueTypeDef]:
         item = {**self._doc_item(f"JOB#{job.id}", "JOB", "job", job.id, job), "version": _n(job.version)}
+        if job.status not in TERMINAL_STATUSES:
+            item["unfinished"] = _s(job.status.value)  # what recovery scans for (absent once the job has ended)
         if job.server_id is not None:
             item |= {"gsi1pk": _s(f"SERVER#{job.server_id}"), "gsi1sk": _s(f"JOB#{_sortable(job.created_at)}#{job.id}")}
         return item
@@ -314,6 +317,20 @@ class DynamoDBStateStore:
         validate_id("server", server_id)
         jobs = [_parse_item(Job, "job", item) for item in self._query("gsi1", f"SERVER#{server_id}", "JOB#")]
         return sorted(jobs, key=lambda job: (job.created_at, job.id))
+
+    def list_unfinished_jobs(self) -> list[Job]:
+        # A scan (recovery runs at a server's start and on the CLI's calls, not per request), reading only the items
+        # that carry `unfinished`; every job record is read back consistently before it is trusted.
+        pages = self.client.get_paginator("scan").paginate(
+            TableName=self.table,
+            FilterExpression="#sk = :sk AND attribute_exists(#unfinished)",
+            ExpressionAttributeNames={"#sk": "sk", "#unfinished": "unfinished"},
+            ExpressionAttributeValues={":sk": _s("JOB")},
+            ConsistentRead=True,
+        )
+        jobs = [_parse_item(Job, "job", item) for page in pages for item in page.get("Items", [])]
+        unfinished = [job for job in jobs if job.status not in TERMINAL_STATUSES]
+        return sorted(unfinished, key=lambda job: (job.created_at, job.id))
 
     # Images
     def _image_item(self, image: Image) -> dict[str, AttributeValueTypeDef]:

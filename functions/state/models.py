@@ -147,6 +147,16 @@ class Job(_Record):
     created_at: UtcDatetime
     updated_at: UtcDatetime
     version: Annotated[int, Field(ge=0)] = 0
+    heartbeat_at: UtcDatetime | None = None
+    """When the job's runner last said it is alive (DESIGN §3, "Jobs outlive their runners"): a job not finished
+    whose heartbeat is older than the recovery threshold has lost its runner."""
+    cancel_requested_at: UtcDatetime | None = None
+    """When `imaging image cancel` asked the job to stop: its runner fails it CANCELLED at its next heartbeat."""
+    abandoned_at: UtcDatetime | None = None
+    """When its runner gave it up on purpose (a server shutting down, a command interrupted): recovered at once,
+    without waiting for the heartbeat to go stale."""
+    runs: Annotated[int, Field(ge=1)] = 1
+    """Executions started for the job: a resumed job runs again under its own id (bounded)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -201,6 +211,11 @@ class Job(_Record):
     def revised(self, **changes: Any) -> Job:
         """A copy with `changes` applied and validated (model_copy alone would skip validation)."""
         return Job.model_validate({**self.model_dump(), **changes})
+
+    @property
+    def last_sign_of_life(self) -> datetime:
+        """The latest of its heartbeat and its last update (a job that never beat is judged by its updates)."""
+        return max(self.heartbeat_at or self.updated_at, self.updated_at)
 
 
 class ImageOrigin(StrEnum):

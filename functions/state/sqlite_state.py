@@ -169,6 +169,14 @@ class SqliteStateStore:
         rows = self._docs("SELECT id, doc FROM jobs WHERE server_id = ? ORDER BY created_at, id", server_id)
         return [_parse(Job, "job", record_id, doc) for record_id, doc in rows]
 
+    def list_unfinished_jobs(self) -> list[Job]:
+        rows = self._docs(
+            "SELECT id, doc FROM jobs WHERE json_extract(doc, '$.status') NOT IN (?, ?) ORDER BY created_at, id",
+            Status.ACTIVE.value,
+            Status.ERROR.value,
+        )
+        return [_parse(Job, "job", record_id, doc) for record_id, doc in rows]
+
     # Images
     def put_image(self, image: Image) -> None:
         with self.database.write() as db:

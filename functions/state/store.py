@@ -64,6 +64,10 @@ class StateStore(Protocol):
         """The server's jobs, oldest first."""
         ...
 
+    def list_unfinished_jobs(self) -> list[Job]:
+        """Every job not yet ACTIVE or ERROR, of any server or disk, oldest first (recovery looks for dead ones)."""
+        ...
+
     # Images
     def put_image(self, image: Image) -> None:
         """Create or replace an image record."""

@@ -14,8 +14,10 @@ CRC32C; a multipart object's ETag is S3's MD5-of-part-ETags `-N`. ETag and CRC32
 (`user.imaging.*`) of the file, so they move with it atomically; a file placed by hand without them gets both
 computed on `head`. Objects are never written in place (a new version is a new file renamed over the key), so a
 part copied from a whole object is a hard link to it: no byte is copied twice.
-Known leftovers: temp files of a killed process stay in `tmp/` (never visible as objects), and empty directories
-stay after deletes (never listed).
+Nothing is left behind by a finished operation: a key's lock file is removed by its last holder (a waiter that
+finds its file unlinked opens the new one), and a delete removes the folders it leaves empty up to the root (a
+writer that finds its folder removed meanwhile makes it again). A killed process may leave temp files in `tmp/`
+(never visible as objects): `sweep_leftovers` removes those not touched for a while.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from functions.storage.checksums import (
     composite_crc32c,
@@ -69,6 +72,8 @@ _CRC32C_ATTR = "user.imaging.crc32c"
 _COPY_BLOCK = 8 * 1024**2
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 _PART_FILE = re.compile(r"part-(\d{5})")
+_PLACE_ATTEMPTS = 8
+T = TypeVar("T")
 
 
 class FileObjectStore:
@@ -149,14 +154,13 @@ class FileObjectStore:
                         raise PreconditionFailedError("if-match: the object does not exist", key=key) from None
                     if current != unquote_etag(if_match):
                         raise PreconditionFailedError(f"if-match: the ETag is {current}, not {if_match}", key=key)
-                self._make_parent(key, path)
                 if if_none_match:
                     try:
-                        os.link(staged, path)
+                        self._into_folder(key, path, lambda: os.link(staged, path))
                     except FileExistsError:
                         raise PreconditionFailedError("if-none-match: the object already exists", key=key) from None
                 else:
-                    _replace(staged, path, key)
+                    self._into_folder(key, path, lambda: _replace(staged, path, key))
                 _fsync_dir(path.parent)
         return ObjectInfo(key=key, size=len(data), etag=etag, checksum_crc32c=checksum)
 
@@ -186,6 +190,7 @@ class FileObjectStore:
             except IsADirectoryError:
                 return  # a "folder" of other keys, not an object: nothing to delete, as on S3
             _fsync_dir(path.parent)
+        self._prune(path.parent)
 
     def delete_many(self, keys: Sequence[str]) -> None:
         """Each key removed as by `delete`, each folder made durable once at the end, not once per key."""
@@ -199,7 +204,40 @@ class FileObjectStore:
                     continue
             folders.add(path.parent)
         for folder in folders:
-            _fsync_dir(folder)
+            with contextlib.suppress(FileNotFoundError):  # pruned with a deeper one
+                _fsync_dir(folder)
+        for folder in sorted(folders, key=lambda item: len(item.parts), reverse=True):
+            self._prune(folder)
+
+    def sweep_leftovers(self, older_than_s: float = 900.0) -> int:
+        """Remove what killed processes left in the store's area: temp files and folders not modified for
+        `older_than_s` (a live writer keeps touching its file), and lock files nobody holds. Returns how many."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for entry in list(self._tmp.iterdir()):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.lstat().st_mtime >= cutoff:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink()
+                removed += 1
+        for entry in list(self._locks.iterdir()):
+            try:
+                fd = os.open(entry, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.path.samestat(os.fstat(fd), entry.stat()):
+                    entry.unlink()  # while held, as a holder removes it (see _key_lock)
+                    removed += 1
+            except (BlockingIOError, FileNotFoundError):
+                pass  # held right now, or removed by its holder
+            finally:
+                os.close(fd)
+        return removed
 
     def write_rate(self) -> float:
         """Sustained bytes per second this store's file system takes to its device, as an image is written in place
@@ -244,8 +282,7 @@ class FileObjectStore:
             if not path.is_file():
                 raise NotFoundError("no such spool", key=key)
             return path
-        self._make_parent(key, path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._into_folder(key, path, lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
         try:
             if _get_attr(fd, _ETAG_ATTR) is None:
                 # Listed like any object meanwhile (staging is listed to be deleted): placeholder metadata spares
@@ -271,10 +308,11 @@ class FileObjectStore:
         finally:
             os.close(fd)
         with self._key_lock(key):
-            self._make_parent(key, path)
-            _replace(spool, path, key)
+            self._into_folder(key, path, lambda: _replace(spool, path, key))
             _fsync_dir(path.parent)
-        _fsync_dir(spool.parent)
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_dir(spool.parent)
+        self._prune(spool.parent)
         return ObjectInfo(key=key, size=size, etag=etag, checksum_crc32c=checksum_crc32c)
 
     # -- multipart --------------------------------------------------------------------------------------------
@@ -413,8 +451,7 @@ class FileObjectStore:
             with self._key_lock(key):
                 if not folder.is_dir():
                     raise UploadNotFoundError(f"multipart upload {upload_id} was aborted meanwhile", key=key)
-                self._make_parent(key, path)
-                _replace(staged, path, key)
+                self._into_folder(key, path, lambda: _replace(staged, path, key))
                 _fsync_dir(path.parent)
         self._discard_upload(folder)
         return ObjectInfo(key=key, size=size, etag=etag, checksum_crc32c=checksum)
@@ -491,6 +528,25 @@ class FileObjectStore:
             return
         shutil.rmtree(graveyard, ignore_errors=True)
 
+    def _into_folder(self, key: str, path: Path, place: Callable[[], T]) -> T:
+        """`place()` (a rename, link or create at `path`) after making its folder, again if a delete's prune removed
+        the folder in between (it removes only empty folders, so a few attempts always win)."""
+        for _ in range(_PLACE_ATTEMPTS - 1):
+            self._make_parent(key, path)
+            with contextlib.suppress(FileNotFoundError):
+                return place()
+        self._make_parent(key, path)
+        return place()
+
+    def _prune(self, folder: Path) -> None:
+        """Remove `folder` and its parents while they are empty, up to the root (never the root or the store's area)."""
+        while folder != self.root and folder.is_relative_to(self.root) and folder != self._area:
+            try:
+                folder.rmdir()
+            except OSError:
+                return  # not empty (or gone): its parents are not empty either
+            folder = folder.parent
+
     def _make_parent(self, key: str, path: Path) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -520,12 +576,29 @@ class FileObjectStore:
 
     @contextlib.contextmanager
     def _key_lock(self, key: str) -> Iterator[None]:
-        name = hashlib.sha256(key.encode()).hexdigest()
-        fd = os.open(self._locks / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """An exclusive flock of the key's lock file, removed by its holder on release: a waiter that then holds an
+        unlinked file sees that the path names another file (or none) and locks again, so at most one holds the
+        file the path names, and no lock file outlives its use."""
+        path = self._locks / hashlib.sha256(key.encode()).hexdigest()
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                current = path.stat()
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            if os.path.samestat(os.fstat(fd), current):
+                break
+            os.close(fd)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
             os.close(fd)  # closing releases the flock
 
 

@@ -141,7 +141,7 @@ def test_a_disk_becomes_a_verified_image_through_staged_frames_and_a_multipart_u
     result = run(request("job1", disk=leaf))
 
     assert result.succeeded, (result.error, result.cause)
-    assert result.states_entered()[:5] == ["Prepare", "Coalesce", "Coalesced?", "Snapshot", "Estimate"]
+    assert result.states_entered()[:5] == ["Prepare", "Resuming?", "Coalesce", "Coalesced?", "Snapshot"]
     assert result.output["plan"]["groups"] == [
         {"first": 0, "count": 2},
         {"first": 2, "count": 2},
@@ -184,7 +184,8 @@ def test_a_registered_server_is_snapshotted_and_keeps_running_on_a_new_leaf(env:
     assert image_raw(env, "img-job2") == expected
     server = env.state.get_server("web1")
     new_leaf = Path(server.disk)
-    assert new_leaf.parent == env.store.root / "sr" / "web1"
+    assert new_leaf.parent == leaf.parent, "the new leaf goes beside the chain, which stays where it was registered"
+    assert not (env.store.root / "sr").exists(), "nothing of the server's chain moves into the data directory"
     chain = vhdcore.open_chain(str(new_leaf))
     assert Path(chain.layers[1].path).resolve() == leaf.resolve()
     assert chain.layers[0].allocated_blocks == 0
