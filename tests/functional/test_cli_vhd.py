@@ -261,7 +261,7 @@ def test_info_human_output(run_imaging: RunImaging, cli_chain: DiskModel) -> Non
 
 def test_snapshot_refuses_existing_child(run_imaging: RunImaging, cli_chain: DiskModel) -> None:
     before = cli_chain.layers[1].read_bytes()
-    assert_user_error(run_imaging("vhd", "snapshot", cli_chain.leaf, cli_chain.layers[1]), "already exists")
+    assert_user_error(run_imaging("vhd", "snapshot", cli_chain.leaf, cli_chain.layers[1]), "is a layer of the chain")
     assert cli_chain.layers[1].read_bytes() == before
 
 
