@@ -1,5 +1,5 @@
-"""`imaging image create|list|show|delete|verify|export`: images of servers or disks, made by the imaging workflow
-(statemachine/imaging.asl.json) on the embedded engine in this process.
+"""`imaging image create|list|show|delete|cancel|verify|export`: images of servers or disks, made by the imaging
+workflow (statemachine/imaging.asl.json) on the embedded engine in this process.
 
 The embedded engine (and with it moto, boto3 and Powertools) is imported by `image create` only, when it runs one.
 """
@@ -31,6 +31,8 @@ from functions.imaging.images import (
 from functions.imaging.services import ImagingServices
 from functions.settings import Settings
 from functions.state import PROGRESS_OF_STATUS, Image, Job, NotFoundError, Status
+from functions.state.models import TERMINAL_STATUSES
+from statemachine import cli_jobs
 from statemachine.cli_common import UserError, human_size, json_option, print_fields, print_json, print_table
 from statemachine.cli_server import DEFAULT_TENANT
 from statemachine.cli_services import disk_argument, embedded_workflow, location_options, opened
@@ -148,10 +150,13 @@ def follow(
     """Wait for the execution, showing the job's progress (step, %, bytes, ETA) on stderr as `mode` says."""
     from statemachine.engine import TERMINAL_STATUSES
 
-    idle = threading.Event()  # never set: its timed wait paces the polling
+    interrupts = cli_jobs.current_interrupts()
+    idle = interrupts.wake if interrupts is not None else threading.Event()  # set by Ctrl-C, else paces polling
     view = ProgressView(mode, job_id)
     try:
         while True:
+            if interrupts is not None and interrupts.count:
+                cli_jobs.stop_on_interrupt(services, interrupts, view.close)
             status = workflow.status(execution_arn)
             try:
                 job = services.state.get_job(job_id)
@@ -221,13 +226,17 @@ def create(
     }
     if server_id is not None:
         request["server_id"] = server_id
-    with opened(settings) as services:
+    with opened(settings) as services, cli_jobs.interrupts_handled():
         if leaf is not None:
             request["disk"] = disk_argument(services.disk_store, leaf)
-        _start_ahead(services, request)
+        adopted = cli_jobs.adoptable(services, request)  # an interrupted job of this server or disk: resumed
+        if adopted is None:
+            _start_ahead(services, request)
         try:
             with embedded_workflow(services) as workflow:
-                result = follow(workflow, workflow.start(request), services, job_id, mode)
+                execution = cli_jobs.start_or_resume(services, workflow, request, adopted)
+                job_id, image_id = str(request["job_id"]), str(request["image_id"])
+                result = follow(workflow, execution, services, job_id, mode)
         finally:
             head_start.end(services)
         record = services.state.get_image(image_id) if _exists(services, image_id) else None
@@ -239,8 +248,9 @@ def create(
                 hint=result.cause,
             )
         manifest = load_manifest(services, image_id)
+        server_disk = services.state.get_server(record.server_id).disk if record.server_id is not None else None
     if as_json:
-        print_json(image_json(record, manifest))
+        print_json({**image_json(record, manifest), "server_disk": server_disk})
         return
     timings = manifest.get("timings", {})
     print_fields(
@@ -251,6 +261,7 @@ def create(
             ("virtual size", human_size(manifest["virtual_size"])),
             ("compressed", f"{human_size(manifest['compressed_size'])} ({manifest['compression_ratio']:.1f}x)"),
             ("content sha256", manifest["content_sha256"]),
+            *([("server disk", f"{server_disk} (the server's active disk now)")] if server_disk else []),
             *[
                 (f"{STEP_LABEL[step]} took", f"{seconds:.2f} s")
                 for step, seconds in timings.items()
@@ -294,8 +305,9 @@ def _job_exists(services: ImagingServices, job_id: str) -> bool:
 @location_options
 @json_option
 def list_images(server_id: str | None, tenant: str, settings: Settings, as_json: bool) -> None:
-    """List images, oldest first."""
+    """List images, oldest first (jobs whose runner died are failed INTERRUPTED first: see `image cancel`)."""
     with opened(settings) as services:
+        cli_jobs.recover_without_engine(services)
         if server_id is not None:
             images = services.state.list_images(server_id=server_id)
         else:
@@ -407,11 +419,51 @@ def show(image_id: str, settings: Settings, as_json: bool) -> None:
 def delete(image_id: str, settings: Settings, as_json: bool) -> None:
     """Delete a finished image: its object, manifest and record."""
     with opened(settings) as services:
+        cli_jobs.recover_without_engine(services, which=lambda job: job.image_id == image_id)  # a dead job's image
         record = delete_image(services, image_id)
     if as_json:
         print_json({"deleted": record.id})
         return
     click.echo(f"deleted image {record.id}")
+
+
+@image.command()
+@click.argument("image_id", metavar="ID")
+@click.option(
+    "--wait-seconds",
+    type=click.FloatRange(0, 3600),
+    default=cli_jobs.CANCEL_WAIT_S,
+    show_default=True,
+    help="How long to wait for a running job to stop.",
+)
+@location_options
+@json_option
+def cancel(image_id: str, wait_seconds: float, settings: Settings, as_json: bool) -> None:
+    """Stop the job making image ID: the job ends ERROR CANCELLED, its upload aborted, its staging removed and its
+    server's lock released.
+
+    A job whose runner is alive (an `image create` or `imaging serve` running it) stops at its next frame, part or
+    step; a job whose runner died is stopped here. Exit code 1 if the image had already ended.
+    """
+    with opened(settings) as services:
+        outcome = cli_jobs.cancel(services, image_id, wait_seconds)
+    if not outcome.requested:
+        raise UserError(
+            f"image {image_id} is {outcome.status.value}: there is no running job to cancel",
+            hint="an image that ended is deleted with `imaging image delete`",
+        )
+    if as_json:
+        print_json(outcome.to_json())
+    elif outcome.cancelled:
+        by = "by its runner" if outcome.stopped_by == "runner" else "here (its runner had stopped)"
+        click.echo(f"cancelled job {outcome.job_id} of image {image_id}: ERROR CANCELLED, stopped {by}")
+    elif outcome.status in TERMINAL_STATUSES:
+        click.echo(f"job {outcome.job_id} of image {image_id} ended {outcome.status.value} before it stopped")
+    else:
+        click.echo(
+            f"asked job {outcome.job_id} of image {image_id} to stop; it is still {outcome.status.value}: it stops at "
+            f"its next step (`imaging image show {image_id}` follows it)"
+        )
 
 
 @image.command()

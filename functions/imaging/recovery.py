@@ -19,6 +19,7 @@ Claiming a job is a conditional write of its record (its version): of several re
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -35,10 +36,13 @@ from functions.imaging.jobs import (
 from functions.imaging.services import ImagingServices
 from functions.state import InvalidIdError, Job, NotFoundError, VersionConflictError
 from functions.state.models import TERMINAL_STATUSES
+from functions.storage import FileObjectStore
 from functions.storage.upload import abort_upload
 
 MAX_RUNS = 3
 """Executions a job may have: its first and two resumes."""
+ORPHAN_AFTER_S = 900.0
+"""Staging of a job that was never recorded is an orphan once nothing wrote to it for this long."""
 
 Resume = Callable[[ImagingRequest, str], None]
 """Starts a new execution of a recorded job: its request and the execution's name."""
@@ -132,6 +136,21 @@ def recover_job(services: ImagingServices, job: Job, *, resume: Resume | None = 
     return Recovered(job.id, job.image_id, job.server_id, "failed", failure.code)
 
 
+def resumable_job_of(services: ImagingServices, *, server_id: str | None = None, disk: str | None = None) -> Job | None:
+    """The newest job of this server (or of this disk) that lost its runner and may be resumed, if any: what an
+    `imaging image create` of the same server or disk runs again instead of starting anew."""
+    now = services.now()
+    candidates = [
+        job
+        for job in services.state.list_unfinished_jobs()
+        if is_stale(job, now)
+        and job.cancel_requested_at is None
+        and job.runs < MAX_RUNS
+        and ((server_id is not None and job.server_id == server_id) or (disk is not None and job.disk == disk))
+    ]
+    return candidates[-1] if candidates else None
+
+
 def hand_over(services: ImagingServices, job_ids: list[str]) -> list[str]:
     """Mark jobs whose runner is stopping on purpose (a server shutting down, an interrupted command) so that the
     next recovery takes them at once rather than after STALE_AFTER_S; returns the ids of those marked."""
@@ -149,9 +168,11 @@ def hand_over(services: ImagingServices, job_ids: list[str]) -> list[str]:
     return marked
 
 
-def remove_orphans(services: ImagingServices) -> int:
-    """Staging of jobs that ended or were never recorded, and multipart uploads of images whose job ended, left by
-    runners that died during their failure path; returns how many staging folders and uploads were removed."""
+def remove_orphans(services: ImagingServices, *, unrecorded_after_s: float = ORPHAN_AFTER_S) -> int:
+    """Staging of jobs that ended, and multipart uploads of images that ended, left by runners that died during
+    their failure path; staging of a job never recorded only once untouched for `unrecorded_after_s` on a file
+    store (a command's head start writes a job's frames before its job is recorded). Returns how many staging
+    folders and uploads were removed."""
     removed = 0
     jobs: set[str] = set()
     for info in services.store.list_objects("staging/"):
@@ -163,7 +184,9 @@ def remove_orphans(services: ImagingServices) -> int:
             job = None
         except InvalidIdError:
             continue  # not a job id: not ours
-        if job is None or job.status in TERMINAL_STATUSES:
+        if (job is not None and job.status in TERMINAL_STATUSES) or (
+            job is None and _untouched_for(services, f"staging/{job_id}/", unrecorded_after_s)
+        ):
             delete_staging(services, job_id)
             removed += 1
     for upload in services.store.list_multipart_uploads("images/"):
@@ -177,4 +200,20 @@ def remove_orphans(services: ImagingServices) -> int:
         if image is None or image.status in TERMINAL_STATUSES:
             abort_upload(services.store, upload.key, upload.upload_id, services.config.retry)
             removed += 1
+    if isinstance(services.store, FileObjectStore):
+        removed += services.store.sweep_leftovers()  # a killed writer's temp files, locks nobody holds
     return removed
+
+
+def _untouched_for(services: ImagingServices, prefix: str, seconds: float) -> bool:
+    """Whether nothing under `prefix` of a file store was modified for `seconds` (False on other stores: they
+    keep no such time that we read, and their staging of unrecorded jobs is left to a bucket lifecycle rule)."""
+    store = services.store
+    if not isinstance(store, FileObjectStore):
+        return False
+    cutoff = time.time() - seconds
+    folder = store.root / prefix
+    try:
+        return all(path.stat().st_mtime < cutoff for path in folder.rglob("*") if path.is_file())
+    except FileNotFoundError:
+        return True
