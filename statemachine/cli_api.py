@@ -186,12 +186,19 @@ def schedule_run_due(settings: Settings, as_json: bool) -> None:
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@click.option(
+    "--client-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(1, 3600),
+    help="Seconds a connection may stay idle, or take to send one request, before it is closed.",
+)
 @location_options
-def serve(host: str, port: int, settings: Settings) -> None:
-    """Serve the HTTP API (the same code as on API Gateway); images run in this process.
+def serve(host: str, port: int, client_timeout: float, settings: Settings) -> None:
+    """Serve the HTTP API (the same code as on API Gateway) on waitress; images run in this process.
 
     Prints its address as one JSON line on stdout, then nothing else there; `imaging -v serve` logs each request
-    on stderr.
+    on stderr. SIGTERM or Ctrl-C stops accepting, finishes the requests being answered and exits (status 0).
     """
     from functions.api.app import ApiDependencies, build_app
     from statemachine.serve import make_server
@@ -207,13 +214,13 @@ def serve(host: str, port: int, settings: Settings) -> None:
             launch=launcher,
             idempotency=persistence_layer_for(settings.state_url, endpoint_url=settings.endpoint_url),
         )
-        server = make_server(lambda: build_app(dependencies).resolve, host, port)
-        bound_host, bound_port = server.server_address[:2]
+        server = make_server(lambda: build_app(dependencies).resolve, host, port, client_timeout_s=client_timeout)
+        bound_host, bound_port = server.address
         # One machine-readable line first: scripts (and the tests) read the address from it.
-        click.echo(json.dumps({"listening": f"http://{bound_host!s}:{bound_port}", "openapi": "/v1/openapi.json"}))
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
+        click.echo(
+            json.dumps(
+                {"listening": f"http://{bound_host}:{bound_port}", "openapi": "/v1/openapi.json", "docs": "/docs"}
+            )
+        )
+        # on_start / on_shutdown: where jobs left running by an earlier `serve`, and this one's, are to be recovered.
+        server.serve(on_start=None, on_shutdown=None)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from functions.catalog.estimates import ServerEstimate
 from functions.catalog.schedules import WEEKDAYS
-from functions.state import Image, Job, Schedule, ScheduleFrequency, Status
+from functions.state import Image, Job, Schedule, ScheduleFrequency, Server, Status
 
 
 class _Body(BaseModel):
@@ -68,7 +68,34 @@ class ImageView(BaseModel):
 
 
 class ImageList(BaseModel):
+    """One page of a server's images, oldest first; `next_cursor` asks for the next page (null: the last one)."""
+
     images: list[ImageView]
+    next_cursor: str | None = None
+
+
+class ServerView(BaseModel):
+    """A server of the tenant. Servers are the platform's: an operator registers them (`imaging server add`)."""
+
+    id: str
+    name: str
+    flavor: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, server: Server) -> ServerView:
+        return cls(id=server.id, name=server.name, flavor=server.flavor, created_at=server.created_at)
+
+
+class ServerList(BaseModel):
+    """One page of the tenant's servers, by id; `next_cursor` asks for the next page (null: the last one)."""
+
+    servers: list[ServerView]
+    next_cursor: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
 
 
 class EstimateView(ServerEstimate):
@@ -111,10 +138,24 @@ class ScheduleView(BaseModel):
         )
 
 
+class ValidationIssue(BaseModel):
+    """One thing wrong with a request's parameters or body: where (`loc`), what (`msg`), its kind (`type`)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
 class ErrorBody(BaseModel):
-    """Every error answer: a stable code, what was wrong, and what to do."""
+    """Every error answer: a stable code, what was wrong, and what to do.
+
+    `detail` lists what was invalid (INVALID_REQUEST, 422); `job_id` and `image_id` name the running job and its
+    image when a server is busy (SERVER_BUSY, 409): `GET /v1/images/{image_id}` follows it.
+    """
 
     error: str
     message: str
     hint: str | None = None
+    detail: list[ValidationIssue] | None = None
     job_id: str | None = None
+    image_id: str | None = None

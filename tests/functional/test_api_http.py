@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import vhdcore
-from functions.state import Server, open_state_store
+from functions.state import open_state_store
+from tests.support.api_server import MIB, imaging, make_chain, new_token, register, serving
 
 pytestmark = pytest.mark.functional
-
-MIB = 1024**2
 
 
 @dataclass
@@ -31,6 +27,11 @@ class Reply:
     status: int
     body: Any
     headers: dict[str, str]
+    """Names in lower case (HTTP header names are case-insensitive)."""
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {str(name).lower(): str(value) for name, value in headers.items()}
 
 
 @dataclass
@@ -60,73 +61,42 @@ class Api:
             request.add_header(name, value)
         try:
             with urllib.request.urlopen(request, timeout=120) as answer:
-                status, text, got = answer.status, answer.read().decode(), dict(answer.headers)
+                status, text, got = answer.status, answer.read().decode(), _lower(answer.headers)
         except urllib.error.HTTPError as error:
-            status, text, got = error.code, error.read().decode(), dict(error.headers)
+            status, text, got = error.code, error.read().decode(), _lower(error.headers)
         return Reply(status, json.loads(text) if text else None, got)
 
+    def server_free(self, server_id: str) -> bool:
+        """Whether the server's imaging lock is free (Finalize stores the image ACTIVE a moment before it releases
+        the lock: a create sent at once could still get 409)."""
+        state = open_state_store(f"sqlite:///{self.data_dir / 'state.sqlite3'}")
+        try:
+            return state.get_lock(server_id) is None
+        finally:
+            state.close()
+
     def wait_image(self, image_id: str, tenant: str = "alpha", timeout_s: float = 300) -> dict[str, Any]:
-        """Poll the image (as a client would) until it is ACTIVE or ERROR."""
+        """Poll the image (as a client would) until it is ACTIVE or ERROR and its server free again."""
         deadline = time.monotonic() + timeout_s
         while True:
             reply = self.call("GET", f"/v1/images/{image_id}", tenant=tenant)
             assert reply.status == 200, reply.body
-            if reply.body["status"] in ("ACTIVE", "ERROR"):
+            if reply.body["status"] in ("ACTIVE", "ERROR") and self.server_free(reply.body["server_id"]):
                 return dict(reply.body)
             assert time.monotonic() < deadline, f"image {image_id} still {reply.body['status']}"
             time.sleep(0.1)
-
-
-def make_chain(folder: Path, seed: int) -> Path:
-    """A depth-2 chain of 32 MiB with text, random and zero data, written by our writer."""
-    folder.mkdir(parents=True)
-    base, leaf = folder / "base.vhd", folder / "leaf.vhd"
-    vhdcore.create(str(base), 32 * MIB)
-    rng = __import__("random").Random(seed)
-    vhdcore.write(str(base), 0, bytes(rng.getrandbits(8) for _ in range(256 * 1024)))
-    vhdcore.write(str(base), 4 * MIB, b"cloud imaging " * 150_000)
-    vhdcore.snapshot(str(base), str(leaf))
-    vhdcore.write(str(leaf), 5 * MIB + 123, b"changed in the leaf " * 10_000)
-    return leaf
-
-
-def imaging(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "IMAGING_DATA_DIR": str(data_dir)}
-    return subprocess.run(
-        [sys.executable, "-m", "statemachine.cli", *args], capture_output=True, text=True, env=env, timeout=120
-    )
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     root = tmp_path_factory.mktemp("api")
     data_dir = root / "data"
-    tokens = {}
-    for tenant in ("alpha", "beta"):
-        created = imaging(data_dir, "token", "create", tenant, "--json")
-        assert created.returncode == 0, created.stderr
-        tokens[tenant] = json.loads(created.stdout)["token"]
+    tokens = {tenant: new_token(data_dir, tenant) for tenant in ("alpha", "beta")}
     servers = {"web": make_chain(root / "disks" / "web", 1), "db": make_chain(root / "disks" / "db", 2)}
-    state = open_state_store(f"sqlite:///{data_dir / 'state.sqlite3'}")
-    now = datetime.now(UTC)
-    state.put_server(Server(id="web", tenant="alpha", name="web 1", disk=str(servers["web"]), created_at=now))
-    state.put_server(Server(id="db", tenant="beta", name="db 1", disk=str(servers["db"]), created_at=now))
-    env = {**os.environ, "IMAGING_DATA_DIR": str(data_dir)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "statemachine.cli", "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        assert server.stdout is not None
-        first = server.stdout.readline()  # blocks until the server listens (or exits)
-        assert first, server.stderr.read() if server.stderr else "serve exited"
-        yield Api(json.loads(first)["listening"], data_dir, tokens, servers)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    register(data_dir, "web", "alpha", servers["web"])
+    register(data_dir, "db", "beta", servers["db"])
+    with serving(data_dir) as served:
+        yield Api(served.url, data_dir, tokens, servers)
 
 
 def test_requests_without_a_known_bearer_token_are_refused(api: Api) -> None:
@@ -134,7 +104,7 @@ def test_requests_without_a_known_bearer_token_are_refused(api: Api) -> None:
         reply = api.call("GET", "/v1/servers/web/images", tenant=None, headers=headers)
         assert reply.status == 401
         assert reply.body["error"] == "UNAUTHORIZED" and "imaging token create" in reply.body["hint"]
-        assert reply.headers.get("WWW-Authenticate") == "Bearer"
+        assert reply.headers.get("www-authenticate") == "Bearer"
 
 
 def test_an_image_goes_to_active_and_holds_the_flattened_disk(api: Api, tmp_path: Path, qemu_img: str) -> None:
@@ -193,7 +163,7 @@ def test_another_tenants_resources_answer_404(api: Api) -> None:
     assert api.call("GET", "/v1/images/img-nonexistent").body == {
         "error": "NOT_FOUND",
         "message": "no image 'img-nonexistent'",
-        "hint": "list your images to see their ids",
+        "hint": "GET /v1/servers/{server_id}/images lists a server's images",
     }
     assert api.call("GET", f"/v1/images/{mine.body['id']}", tenant="beta").status == 200
 
@@ -293,27 +263,13 @@ def test_openapi_is_served_and_describes_every_route(api: Api) -> None:
     reply = api.call("GET", "/v1/openapi.json", tenant=None)
     assert reply.status == 200
     paths = reply.body["paths"]
-    assert set(paths) == {
+    assert set(paths) >= {
+        "/v1/servers",
+        "/v1/servers/{server_id}",
+        "/v1/health",
         "/v1/servers/{server_id}/images",
         "/v1/images/{image_id}",
         "/v1/servers/{server_id}/image-estimate",
         "/v1/servers/{server_id}/image-schedule",
     }
     assert set(paths["/v1/servers/{server_id}/image-schedule"]) == {"put", "get", "delete"}
-
-
-def test_generated_requests_never_get_a_5xx_or_break_the_schema(api: Api) -> None:
-    """schemathesis sends >= 1,000 requests generated from the served OpenAPI document (counted in its HAR log)."""
-    har = api.data_dir.parent / "schemathesis.har"
-    command = [
-        sys.executable, "-m", "schemathesis.cli", "run", f"{api.url}/v1/openapi.json",
-        "--checks", "not_a_server_error,response_schema_conformance",
-        "--max-examples", "150", "--seed", "1", "--workers", "2",
-        "--header", f"Authorization: Bearer {api.tokens['alpha']}",
-        "--report", "har", "--report-har-path", str(har),
-        "--suppress-health-check", "all",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    sent = len(json.loads(har.read_text())["log"]["entries"])
-    assert sent >= 1000, f"only {sent} requests were generated"
