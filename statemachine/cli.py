@@ -44,7 +44,12 @@ HINTS: list[tuple[type[vhdcore.VhdError], str]] = [
 ]
 
 
+NOT_A_VHD_HINT = "imaging reads VHD disks and chains (fixed, dynamic, differencing): convert others to one first"
+
+
 def hint_for(err: vhdcore.VhdError) -> str | None:
+    if err.field == "footer.cookie":  # not a VHD at all: the message names the format found
+        return NOT_A_VHD_HINT
     for cls, hint in HINTS:
         if isinstance(err, cls):
             return hint

@@ -202,7 +202,9 @@ def test_a_foreign_image_is_named(cli: Cli, qemu_img: str, tmp_path: Path, fmt: 
     subprocess.run([qemu_img, "create", "-q", "-f", fmt, str(path), "64M"], check=True, timeout=60)
     checked = cli("vhd", "check", path)
     assert checked.returncode == 1 and "not a VHD" in checked.stdout, (checked.stdout, checked.stderr)
-    for line in (refused(cli("vhd", "info", path), "not a VHD"), checked.stdout):
+    info = cli("vhd", "info", path)
+    assert "hint: imaging reads VHD disks and chains" in info.stderr  # not "run vhd check": it is no VHD at all
+    for line in (refused(info, "not a VHD"), checked.stdout):
         if name is not None:
             assert f"this is a {name} image" in line
         else:
