@@ -60,7 +60,8 @@ def imaging_exe() -> str:
 
 @pytest.fixture
 def run_imaging(imaging_exe: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """Run `imaging ARGS...` in tmp_path (away from the repository), capturing text output.
+    """Run `imaging ARGS...` in tmp_path (away from the repository, its data directory there unless the environment
+    names one), capturing text output.
 
     `input` may be str or bytes; with bytes the output is still decoded as text.
     """
@@ -68,6 +69,8 @@ def run_imaging(imaging_exe: str, tmp_path: Path) -> Callable[..., subprocess.Co
     def run(*args: str | os.PathLike[str], input: str | bytes | None = None) -> subprocess.CompletedProcess[str]:
         argv = [imaging_exe, *map(str, args)]
         env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+        # Never the user's own data directory (the vhd commands read it for registered servers' layers).
+        env.setdefault("IMAGING_DATA_DIR", str(tmp_path / "imaging-data"))
         if isinstance(input, bytes):
             raw = subprocess.run(argv, input=input, capture_output=True, cwd=tmp_path, env=env, timeout=300)
             return subprocess.CompletedProcess(
