@@ -11,12 +11,20 @@ import click
 
 from functions.catalog.launch import execution_input
 from functions.catalog.requests import Launcher
-from functions.catalog.schedules import WEEKDAYS, run_due, scheduled_starter
-from functions.catalog.tokens import issue_token
+from functions.catalog.schedules import WEEKDAYS, due_image, next_run, run_due, scheduled_starter
+from functions.catalog.tokens import issue_token, revoke_token, token_view
 from functions.imaging.jobs import ImagingRequest
 from functions.settings import Settings
-from functions.state import InvalidIdError, NotFoundError, Schedule, ScheduleFrequency, persistence_layer_for
-from statemachine.cli_common import UserError, json_option, print_json
+from functions.state import (
+    InvalidIdError,
+    NotFoundError,
+    Schedule,
+    ScheduleFrequency,
+    hash_token,
+    persistence_layer_for,
+    token_id_of,
+)
+from statemachine.cli_common import UserError, json_option, print_json, print_table
 from statemachine.cli_services import embedded_workflow, location_options, opened
 
 
@@ -37,13 +45,59 @@ def token_create(tenant: str, settings: Settings, as_json: bool) -> None:
             secret = issue_token(services.state, tenant, services.now())
         except InvalidIdError as error:
             raise UserError(str(error), hint="tenant ids are 1-80 letters, digits, - and _") from error
+    token_id = token_id_of(hash_token(secret))
     if as_json:
-        print_json({"tenant": tenant, "token": secret})
+        print_json({"id": token_id, "tenant": tenant, "token": secret})
     else:
         click.echo(secret)
         click.echo(
-            f"(token for tenant {tenant}: send it as 'Authorization: Bearer TOKEN'; it is not shown again)", err=True
+            f"(token {token_id} for tenant {tenant}: send it as 'Authorization: Bearer TOKEN'; it is not shown again)",
+            err=True,
         )
+
+
+@token.command("list")
+@click.option("--tenant", help="Only this tenant's tokens (default: every tenant's).")
+@location_options
+@json_option
+def token_list(tenant: str | None, settings: Settings, as_json: bool) -> None:
+    """List API tokens: id, tenant, created, last used (never the token itself: it is not stored)."""
+    with opened(settings) as services:
+        try:
+            tokens = services.state.list_tokens(tenant)
+        except InvalidIdError as error:
+            raise UserError(str(error), hint="tenant ids are 1-80 letters, digits, - and _") from error
+    views = [token_view(item) for item in tokens]
+    if as_json:
+        print_json(views)
+        return
+    print_table(
+        ["ID", "TENANT", "CREATED", "LAST USED"],
+        [[v["id"], v["tenant"], _minute(v["created_at"]), _minute(v["last_used_at"]) or "never"] for v in views],
+    )
+
+
+def _minute(iso: str | None) -> str:
+    return "" if iso is None else datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M UTC")
+
+
+@token.command("revoke")
+@click.argument("token_id", metavar="ID")
+@location_options
+@json_option
+def token_revoke(token_id: str, settings: Settings, as_json: bool) -> None:
+    """Revoke the token ID (as `imaging token list` shows it): requests bearing it are refused (401) from now on."""
+    with opened(settings) as services:
+        try:
+            revoked = revoke_token(services.state, token_id)
+        except (NotFoundError, InvalidIdError) as error:
+            raise UserError(
+                f"no token {token_id!r}", hint="`imaging token list` shows the tokens' ids (tok-...)"
+            ) from error
+    if as_json:
+        print_json({"revoked": revoked.id, "tenant": revoked.tenant})
+    else:
+        click.echo(f"revoked token {revoked.id} of tenant {revoked.tenant}")
 
 
 # --- schedules -----------------------------------------------------------------------------------------------------
@@ -52,8 +106,9 @@ def schedule() -> None:
     """Image servers on a schedule (daily or weekly, in UTC) and keep the newest N scheduled images."""
 
 
-def _schedule_dict(item: Schedule) -> dict[str, Any]:
-    return {
+def _schedule_dict(item: Schedule, now: datetime | None = None) -> dict[str, Any]:
+    """The schedule as JSON; with `now`, also when it next fires and whether a window is owed (due) already."""
+    shown: dict[str, Any] = {
         "server_id": item.server_id,
         "frequency": item.frequency.value,
         "at": item.at.strftime("%H:%M"),
@@ -61,6 +116,10 @@ def _schedule_dict(item: Schedule) -> dict[str, Any]:
         "retention": item.retention,
         "last_window_started": item.last_window_started.isoformat() if item.last_window_started else None,
     }
+    if now is not None:
+        shown["next_run"] = next_run(item, now).isoformat()
+        shown["due"] = due_image(item, now) is not None
+    return shown
 
 
 def _parse_hhmm(text: str) -> time_of_day:
@@ -133,8 +192,12 @@ def schedule_set(
 @location_options
 @json_option
 def schedule_show(server: str | None, settings: Settings, as_json: bool) -> None:
-    """Show SERVER's schedule, or every schedule."""
+    """Show SERVER's schedule, or every schedule, with the next time each fires (UTC, ISO 8601).
+
+    `due` means a window has passed and not been started yet: the next `imaging schedule run-due` starts it.
+    """
     with opened(settings) as services:
+        now = services.now()
         if server is None:
             items = services.state.list_schedules()
         else:
@@ -145,13 +208,36 @@ def schedule_show(server: str | None, settings: Settings, as_json: bool) -> None
                     f"server {server!r} has no schedule", hint="set one with `imaging schedule set`"
                 ) from error
     if as_json:
-        print_json([_schedule_dict(item) for item in items])
+        print_json([_schedule_dict(item, now) for item in items])
         return
     for item in items:
-        data = _schedule_dict(item)
+        data = _schedule_dict(item, now)
         when = f"weekly on {data['weekday']}" if data["weekday"] else "daily"
         last = data["last_window_started"] or "never"
-        click.echo(f"{item.server_id}: {when} at {data['at']} UTC, keep {item.retention}, last window {last}")
+        due = " (a window is due now: `imaging schedule run-due`)" if data["due"] else ""
+        click.echo(
+            f"{item.server_id}: {when} at {data['at']} UTC, keep {item.retention}, last window {last}, "
+            f"next run {data['next_run']}{due}"
+        )
+
+
+@schedule.command("delete")
+@click.argument("server")
+@location_options
+@json_option
+def schedule_delete(server: str, settings: Settings, as_json: bool) -> None:
+    """Stop imaging SERVER on a schedule (its scheduled images are kept)."""
+    with opened(settings) as services:
+        try:
+            deleted = services.state.delete_schedule(server)
+        except InvalidIdError as error:
+            raise UserError(str(error), hint="server ids are letters, digits, '-' and '_'") from error
+    if not deleted:
+        raise UserError(f"server {server!r} has no schedule", hint="`imaging schedule show` lists the schedules")
+    if as_json:
+        print_json({"deleted": server})
+    else:
+        click.echo(f"{server}: no longer imaged on a schedule (its scheduled images are kept)")
 
 
 @schedule.command("run-due")

@@ -113,12 +113,19 @@ def test_every_json_command_prints_one_document_and_nothing_else(cli: Run, leaf:
     json.loads(differ.stdout)
 
     assert one_json(cli("server", "add", "web1", "--disk", leaf, "--json"))["id"] == "web1"
+    assert one_json(cli("server", "add", "web1", "--disk", leaf, "--replace", "--json"))["id"] == "web1"
     assert [s["id"] for s in one_json(cli("server", "list", "--json"))] == ["web1"]
     assert one_json(cli("server", "show", "web1", "--json"))["lock"] is None
-    assert one_json(cli("token", "create", "acme", "--json"))["tenant"] == "acme"
+    token = one_json(cli("token", "create", "acme", "--json"))
+    assert token["tenant"] == "acme"
+    assert [t["id"] for t in one_json(cli("token", "list", "--json"))] == [token["id"]]
+    assert one_json(cli("token", "revoke", token["id"], "--json")) == {"revoked": token["id"], "tenant": "acme"}
     assert one_json(cli("schedule", "set", "web1", "--daily", "03:00", "--json"))["server_id"] == "web1"
-    assert [s["server_id"] for s in one_json(cli("schedule", "show", "--json"))] == ["web1"]
+    shown = one_json(cli("schedule", "show", "--json"))
+    assert [s["server_id"] for s in shown] == ["web1"] and shown[0]["next_run"].endswith("T03:00:00+00:00")
     assert one_json(cli("schedule", "run-due", "--json"))["failed_to_start"] == []
+    assert one_json(cli("schedule", "delete", "web1", "--json")) == {"deleted": "web1"}
+    assert one_json(cli("server", "remove", "web1", "--json"))["removed"] == "web1"
 
     created = cli("image", "create", "--disk", leaf, "--wait", "--json")
     record = one_json(created)
