@@ -65,9 +65,11 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 IN_PROGRESS_WAIT_S = 20.0
 OPENAPI_PATH = "/v1/openapi.json"
 DOCS_PATH = "/docs"
+# The rendering under /v1 too: API Gateway routes only /v1/{proxy+} to the resolver.
+DOCS_PATH_V1 = "/v1/docs"
 HEALTH_PATH = "/v1/health"
 # Served without a token: the document, its rendering and the health probe (they show nothing of any tenant).
-PUBLIC_PATHS = frozenset({OPENAPI_PATH, DOCS_PATH, HEALTH_PATH})
+PUBLIC_PATHS = frozenset({OPENAPI_PATH, DOCS_PATH, DOCS_PATH_V1, HEALTH_PATH})
 # Methods whose requests carry no body: one sent anyway is refused, never ignored (a body no route reads is a
 # client's mistake, or bytes meant to be read as another request by a server in front).
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
@@ -711,6 +713,7 @@ def build_resolver(deps: ApiDependencies) -> APIGatewayRestResolver:
         return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=document())
 
     @app.get(DOCS_PATH, include_in_schema=False)
+    @app.get(DOCS_PATH_V1, include_in_schema=False)
     def docs() -> Response[str]:
         # Swagger UI from the assets Powertools ships (inlined: no CDN, works offline), rendering the same document,
         # which the page also asks for as /docs?format=json.

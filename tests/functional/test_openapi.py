@@ -243,8 +243,9 @@ def test_docs_render_the_same_document_without_a_cdn(site: Site, document: dict[
     embedded = re.search(r"spec: (.*),\n\s*presets:", html)
     assert embedded is not None
     assert json.loads(embedded.group(1).replace("<\\/", "</")) == document
-    # Swagger UI also loads the document from /docs?format=json.
+    # Swagger UI also loads the document from /docs?format=json; under /v1 (API Gateway's routes) the same page.
     assert site.call("GET", "/docs?format=json", tenant=None)[1] == document
+    assert site.call("GET", "/v1/docs", tenant=None)[3] == html
 
 
 def test_generated_requests_never_get_a_5xx_or_break_the_schema(site: Site, tmp_path: Path) -> None:
