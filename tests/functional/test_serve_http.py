@@ -21,7 +21,7 @@ import pytest
 from functions.api.app import RequestScopedResolver
 from functions.state import Image, Status, open_state_store
 from statemachine.engine import LocalLambdaContext
-from statemachine.serve import proxy_event
+from statemachine.serve import make_server, proxy_event
 from tests.support.api_server import Served, make_chain, new_token, register, serving
 
 pytestmark = pytest.mark.functional
@@ -289,3 +289,50 @@ def test_sigterm_stops_the_server_within_seconds_with_status_0(tmp_path: Path) -
         # Nothing listens any more.
         with pytest.raises(OSError):
             socket.create_connection((served.host, served.port), timeout=2).close()
+
+
+def test_stop_finishes_the_request_in_flight_then_calls_on_shutdown() -> None:
+    """In process: stop() while a request is being answered closes the listener at once, sends that answer, and
+    only then runs on_shutdown; on_start ran before the first request."""
+    entered, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def new_resolver() -> Any:
+        def resolve(event: dict[str, Any], context: Any) -> dict[str, Any]:
+            calls.append(f"request {event['path']}")
+            entered.set()
+            assert release.wait(timeout=20)
+            return {"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": '{"done": true}'}
+
+        return resolve
+
+    server = make_server(new_resolver, "127.0.0.1", 0, resolvers=2)
+    host, port = server.address
+    runner = threading.Thread(
+        target=server.serve,
+        kwargs={"on_start": lambda: calls.append("start"), "on_shutdown": lambda: calls.append("shutdown")},
+    )
+    runner.start()
+    with socket.create_connection((host, port), timeout=20) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert entered.wait(timeout=20)
+        server.stop()
+        # The listener closes while the request is still being answered.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+            except OSError:
+                break
+            assert time.monotonic() < deadline, "still accepting connections after stop()"
+            time.sleep(0.05)  # polling the listener's state: there is no event to wait on from outside
+        assert "shutdown" not in calls
+        release.set()
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    runner.join(timeout=20)
+    assert not runner.is_alive()
+    answers = parse_responses(data)
+    assert [(status, json.loads(body)) for status, _, body in answers] == [(200, {"done": True})]
+    assert calls == ["start", "request /slow", "shutdown"]
