@@ -24,7 +24,7 @@ from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import is_store_key
 from functions.settings import Settings
 from functions.state import AlreadyExistsError, NotFoundError, Server
-from functions.storage import StorageError
+from functions.storage import FileObjectStore, StorageError
 from statemachine.cli_common import UserError, json_option, print_fields, print_json, print_table
 from statemachine.cli_services import disk_argument, location_options, opened
 from statemachine.write_guard import layer_owner, protected_files
@@ -87,6 +87,8 @@ def shared_layer(services: ImagingServices, settings: Settings, name: str, chain
     """Why `chain` cannot be server `name`'s: one of its layers is a layer of another registered server's chain."""
     own = f"registered server {name}'s chain"
     local = [Path(layer.path) for layer in chain.layers if not is_store_key(layer.path)]
+    if isinstance(services.disk_store, FileObjectStore):  # keys of a file store are files other servers may name
+        local += [services.disk_store.root / layer.path for layer in chain.layers if is_store_key(layer.path)]
     if local:
         others = [item for item in protected_files(settings) if item.owner != own]
         for path in local:

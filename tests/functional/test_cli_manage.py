@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+import uuid
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,48 @@ def test_add_refuses_a_disk_whose_chain_shares_a_layer_with_another_server(
     )
     ok_json(cli("server", "add", "web2", "--disk", disks["own"], "--json"))
     assert {name: path.read_bytes() for name, path in disks.items() if name != "alias"} == before
+
+
+def store_chain(folder: Path) -> dict[str, Path]:
+    """base <- leaf <- child, written in `folder` (whose files the tests lay out as store objects)."""
+    folder.mkdir(parents=True)
+    base, leaf, child = folder / "base.vhd", folder / "leaf.vhd", folder / "child.vhd"
+    vhdcore.create(str(base), 8 * MIB)
+    vhdcore.write(str(base), 0, b"kept in a store " * 1000)
+    vhdcore.snapshot(str(base), str(leaf))
+    vhdcore.snapshot(str(leaf), str(child))
+    return {"base": base, "leaf": leaf, "child": child}
+
+
+def test_layers_named_by_store_key_or_by_file_are_one_layer(cli: Run, tmp_path: Path) -> None:
+    """Disks kept in the (file) store: a key and the file behind it name the same layer, whichever way round."""
+    files = store_chain(tmp_path / "data" / "store" / "sr" / "s1")
+    ok_json(cli("server", "add", "s1", "--disk", "sr/s1/leaf.vhd", "--json"))
+    for disk in ("sr/s1/base.vhd", "sr/s1/child.vhd", files["base"]):
+        assert "registered server s1's chain" in assert_one_line_error(cli("server", "add", "s2", "--disk", disk))[0]
+    ok_json(cli("server", "add", "s1", "--disk", files["leaf"], "--replace", "--json"))  # the same chain, as a file
+    assert (
+        "registered server s1's chain"
+        in assert_one_line_error(cli("server", "add", "s2", "--disk", "sr/s1/base.vhd"))[0]
+    )
+    assert [s["id"] for s in ok_json(cli("server", "list", "--json"))] == ["s1"]
+
+
+def test_layers_in_s3_are_compared_by_key(aws_test_env: None, moto_endpoint: str, cli: Run, tmp_path: Path) -> None:
+    import boto3
+
+    bucket = f"disks-{uuid.uuid4().hex[:20]}"
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    for name, path in store_chain(tmp_path / "chain").items():
+        client.upload_file(str(path), bucket, f"cloud/sr/s1/{name}.vhd")
+    store = ["--store", f"s3://{bucket}/cloud", "--endpoint-url", moto_endpoint]
+
+    ok_json(cli("server", "add", "s1", "--disk", "sr/s1/leaf.vhd", *store, "--json"))
+    for disk in ("sr/s1/base.vhd", "sr/s1/child.vhd", f"s3://{bucket}/cloud/sr/s1/leaf.vhd"):
+        lines = assert_one_line_error(cli("server", "add", "s2", "--disk", disk, *store))
+        assert "is a layer of registered server s1's chain" in lines[0]
+    ok_json(cli("server", "add", "s1", "--disk", "sr/s1/child.vhd", *store, "--replace", "--json"))
 
 
 def test_replace_may_move_a_server_onto_a_child_of_its_own_chain(cli: Run, disks: dict[str, Path]) -> None:
