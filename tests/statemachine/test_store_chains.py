@@ -232,10 +232,13 @@ def test_imaging_server_add_takes_a_store_key_or_url_and_validates_it(
     added = run_imaging("server", "add", "web5", "--disk", f"{s3env.disks_url}/sr/web5/leaf.vhd", "--json")
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["disk"] == "sr/web5/leaf.vhd"
-    by_key = run_imaging("server", "add", "web6", "--disk", "sr/web5/leaf.vhd")
+    by_key = run_imaging("server", "add", "web5", "--disk", "sr/web5/leaf.vhd", "--replace")
     assert by_key.returncode == 0, by_key.stderr
     assert "chain of 3" in by_key.stdout
-    assert s3env.state.get_server("web6").disk == "sr/web5/leaf.vhd"
+    assert s3env.state.get_server("web5").disk == "sr/web5/leaf.vhd"
+    # The same chain for a second server is refused (two servers on one chain corrupt each other).
+    shared = run_imaging("server", "add", "web6", "--disk", "sr/web5/leaf.vhd")
+    assert shared.returncode == 1 and "registered server web5's chain" in shared.stderr, shared.stderr
 
     outside = run_imaging("server", "add", "web7", "--disk", "s3://another-bucket/sr/web5/leaf.vhd")
     missing = run_imaging("server", "add", "web7", "--disk", "sr/web5/nope.vhd")
