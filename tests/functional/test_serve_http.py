@@ -5,6 +5,7 @@ and the resolvers of concurrent requests never see each other's event."""
 from __future__ import annotations
 
 import json
+import re
 import select
 import signal
 import socket
@@ -270,11 +271,12 @@ def test_resolvers_answering_at_once_each_see_their_own_request() -> None:
     assert seen == {"one": "/one", "two": "/two"}
 
 
-def test_sigterm_stops_the_server_within_seconds_with_status_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_server_within_seconds_with_status_0(tmp_path: Path, signum: int) -> None:
     data_dir = tmp_path / "data"
     token = new_token(data_dir, "alpha")
     register(data_dir, "web", "alpha", make_chain(tmp_path / "disks" / "web", 3))
-    with serving(data_dir) as served:
+    with serving(data_dir, options=("-v",)) as served:
         site = Site(served, data_dir, token)
         idle = site.connect()  # a keep-alive connection left open must not hold the shutdown
         assert site.exchange(request("GET", "/v1/health", token, []))[0][0] == 200
@@ -282,13 +284,19 @@ def test_sigterm_stops_the_server_within_seconds_with_status_0(tmp_path: Path) -
         started_job = site.exchange(request("POST", "/v1/servers/web/images", token, ["Content-Length: 0"]))
         assert started_job[0][0] == 202
         started = time.monotonic()
-        served.process.send_signal(signal.SIGTERM)
+        served.process.send_signal(signum)
         assert served.process.wait(timeout=15) == 0
         assert time.monotonic() - started < 5
         idle.close()
         # Nothing listens any more.
         with pytest.raises(OSError):
             socket.create_connection((served.host, served.port), timeout=2).close()
+        # The access log is on stderr (INFO with -v); stdout had the address line only.
+        assert served.process.stdout is not None and served.process.stdout.read() == ""
+        log = served.stderr.read_text()
+        assert re.search(r'statemachine\.serve: 127\.0\.0\.1 "GET /v1/health" 200 \d+ ', log), log[-3000:]
+        assert re.search(r'"POST /v1/servers/web/images" 202 ', log)
+        assert f"{signal.Signals(signum).name}: stopping" in log
 
 
 def test_stop_finishes_the_request_in_flight_then_calls_on_shutdown() -> None:

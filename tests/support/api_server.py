@@ -69,14 +69,15 @@ def register(data_dir: Path, server_id: str, tenant: str, disk: Path) -> None:
 
 
 @contextmanager
-def serving(data_dir: Path, *args: str) -> Iterator[Served]:
-    """`imaging serve --port 0 ARGS...` until the block ends (then SIGTERM, and SIGKILL if it does not stop)."""
+def serving(data_dir: Path, *args: str, options: tuple[str, ...] = ()) -> Iterator[Served]:
+    """`imaging OPTIONS... serve --port 0 ARGS...` until the block ends (then SIGTERM, and SIGKILL if it does not
+    stop)."""
     env = {**os.environ, "IMAGING_DATA_DIR": str(data_dir)}
     data_dir.mkdir(parents=True, exist_ok=True)
     stderr = data_dir.parent / f"serve-{os.getpid()}-{id(args)}.stderr"
     with stderr.open("w") as errors:
         process = subprocess.Popen(
-            [sys.executable, "-m", "statemachine.cli", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "statemachine.cli", *options, "serve", "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=errors,
             text=True,
