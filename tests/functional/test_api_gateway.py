@@ -83,6 +83,8 @@ def test_create_status_idempotency_tenancy_and_conflict(aws: Any) -> None:
     assert call("POST", "/v1/servers/web/images", "beta")[0] == 404
     busy = call("POST", "/v1/servers/web/images", "alpha")
     assert busy[0] == 409 and busy[1]["job_id"] == created["job_id"]
+    # ... and the running job's image, which a route can read (the job id alone is for operators).
+    assert busy[1]["image_id"] == created["id"] and f"GET /v1/images/{created['id']}" in busy[1]["hint"]
 
 
 def test_schedule_crud_and_a_triple_delivered_timer_start_one_execution(aws: Any) -> None:
