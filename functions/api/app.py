@@ -4,6 +4,12 @@ The same resolver serves API Gateway (functions/handlers/api.py) and `imaging se
 each HTTP request into an API Gateway proxy event). Every request names its tenant: on AWS through the authorizer
 (a `tenant` or `custom:tenant` claim), otherwise through `Authorization: Bearer TOKEN` (tokens from `imaging token
 create`, stored hashed). Another tenant's server or image answers 404, exactly like one that does not exist.
+
+The OpenAPI document is written for client generators: each route has a stable `operationId`, documents every
+status it can answer with the one error schema (`ErrorBody`), its headers (`Idempotency-Key`, `Location`) and the
+bearer scheme. Lists are paged by `limit` and an opaque `cursor` (the last item's sort key), over the state store's
+whole lists. `/v1/health`, the document and its rendering (`/docs`, Swagger UI from the assets Powertools ships)
+need no token. Servers are registered by the operator (`imaging server add`): the API only lists them.
 """
 
 from __future__ import annotations
