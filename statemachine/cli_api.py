@@ -25,6 +25,7 @@ from functions.state import (
     token_id_of,
 )
 from statemachine.cli_common import UserError, json_option, print_json, print_table
+from statemachine.cli_jobs import serve_hooks
 from statemachine.cli_services import embedded_workflow, location_options, opened
 
 
@@ -308,5 +309,7 @@ def serve(host: str, port: int, client_timeout: float, settings: Settings) -> No
                 {"listening": f"http://{bound_host}:{bound_port}", "openapi": "/v1/openapi.json", "docs": "/docs"}
             )
         )
-        # on_start / on_shutdown: where jobs left running by an earlier `serve`, and this one's, are to be recovered.
-        server.serve(on_start=None, on_shutdown=None)
+        # Jobs left by an earlier `serve` (killed or stopped) are recovered before the first request; this one's
+        # still running at shutdown are handed over to the next start (statemachine/cli_jobs.py).
+        on_start, on_shutdown = serve_hooks(services, runner)
+        server.serve(on_start=on_start, on_shutdown=on_shutdown)

@@ -156,7 +156,12 @@ def follow(
     try:
         while True:
             if interrupts is not None and interrupts.count:
-                cli_jobs.stop_on_interrupt(services, interrupts, view.close)
+                cli_jobs.stop_on_interrupt(
+                    services,
+                    interrupts,
+                    view.close,
+                    lambda: workflow.status(execution_arn) in TERMINAL_STATUSES,
+                )
             status = workflow.status(execution_arn)
             try:
                 job = services.state.get_job(job_id)

@@ -105,9 +105,12 @@ def current_interrupts() -> Interrupts | None:
     return _current
 
 
-def stop_on_interrupt(services: ImagingServices, interrupts: Interrupts, before_exit: Callable[[], None]) -> None:
-    """The first Ctrl-C with a job running here: cancel it, wait up to STOP_WAIT_S for its failure path, else hand
-    it over; then exit 130 (never returns)."""
+def stop_on_interrupt(
+    services: ImagingServices, interrupts: Interrupts, before_exit: Callable[[], None], ended: Callable[[], bool]
+) -> None:
+    """The first Ctrl-C with a job running here: cancel it, wait up to STOP_WAIT_S for its failure path to end (the
+    job ERROR and its execution `ended`, so no step of it is still writing), else hand it over; then exit 130 (never
+    returns)."""
     from functions.imaging.cancel import mark_cancel
     from functions.imaging.recovery import hand_over
 
@@ -121,7 +124,7 @@ def stop_on_interrupt(services: ImagingServices, interrupts: Interrupts, before_
     except NotFoundError:
         job = None  # not recorded yet: recovery fails it once its heartbeat is stale
     deadline = time.monotonic() + STOP_WAIT_S
-    while job is not None and job.status not in TERMINAL_STATUSES and time.monotonic() < deadline:
+    while job is not None and not (job.status in TERMINAL_STATUSES and ended()) and time.monotonic() < deadline:
         interrupts.wake.clear()
         interrupts.wake.wait(0.05)
         job = services.state.get_job(job_id)
@@ -203,3 +206,28 @@ def cancel(services: ImagingServices, image_id: str, wait_s: float) -> CancelOut
     outcome = request_cancel(services, image_id, wait_s=wait_s)
     recover_without_engine(services)
     return outcome
+
+
+def serve_hooks(services: ImagingServices, runner: LocalImaging) -> tuple[Callable[[], None], Callable[[], None]]:
+    """`imaging serve`'s `on_start` and `on_shutdown`: at start, the jobs whose runner died (an earlier server
+    killed or stopped) are resumed in this server's engine (or failed when they cannot be) and orphans removed; at
+    shutdown, the jobs still running here are handed over, so that the next start takes them at once."""
+
+    def on_start() -> None:
+        from functions.catalog.launch import execution_input
+        from functions.imaging.recovery import recover_jobs, remove_orphans
+
+        def resume(request: ImagingRequest, name: str) -> None:
+            runner.start(execution_input(request), name=name)
+
+        report(recover_jobs(services, resume=resume))
+        remove_orphans(services)
+
+    def on_shutdown() -> None:
+        from functions.imaging.recovery import hand_over
+
+        handed = hand_over(services, runner.running_jobs())
+        if handed:
+            click.echo(f"handed over {len(handed)} running job(s) to the next start: {', '.join(handed)}", err=True)
+
+    return on_start, on_shutdown

@@ -3,6 +3,7 @@ ERROR with a code and hint, its bytes and ETA updated as work completes, and the
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +26,22 @@ from functions.state.models import TERMINAL_STATUSES
 
 MAX_UPDATE_ATTEMPTS = 50
 """Map workers update one job concurrently; each lost race re-reads and re-applies (bounded, never a livelock)."""
-HEARTBEAT_INTERVAL_S = 10.0
-"""How often a runner says its job is alive (a write at most this often per job and process)."""
-STALE_AFTER_S = 45.0
+
+
+def _seconds_from_environment(name: str, default: float) -> float:
+    try:
+        value = float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+    return value if value > 0 else default
+
+
+HEARTBEAT_INTERVAL_S = _seconds_from_environment("IMAGING_HEARTBEAT_S", 10.0)
+"""How often a runner says its job is alive (a write at most this often per job and process) [IMAGING_HEARTBEAT_S]."""
+STALE_AFTER_S = _seconds_from_environment("IMAGING_JOB_STALE_S", 45.0)
 """A job not finished whose last sign of life is older than this has lost its runner (functions.imaging.recovery):
-more than four missed heartbeats, so a busy machine never has a live job taken from it."""
+more than four missed heartbeats, so a busy machine never has a live job taken from it [IMAGING_JOB_STALE_S: keep
+it several heartbeats long]."""
 _STEP_ORDER = {Status.QUEUED: 0, Status.SAVING: 1, Status.UPLOADING: 2, Status.ACTIVE: 3}
 
 

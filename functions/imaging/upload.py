@@ -27,7 +27,14 @@ import vhdcore
 from functions.imaging import keys
 from functions.imaging.compress import load_frame, load_plan
 from functions.imaging.errors import ChunksNotCompressedError, ImageVerificationError, StorageUnavailableError
-from functions.imaging.jobs import advance_job, hold_server_lock, record_progress, revise_job, set_progress
+from functions.imaging.jobs import (
+    advance_job,
+    check_still_wanted,
+    hold_server_lock,
+    record_progress,
+    revise_job,
+    set_progress,
+)
 from functions.imaging.layout import Layout, StagedFrame, load_layout, load_written, spool_key
 from functions.imaging.progress import flavor_class, measured_eta
 from functions.imaging.services import ImagingServices
@@ -143,6 +150,7 @@ def _upload(services: ImagingServices, job: Job, plan_key: str, flavor: str | No
     bucket = bucket_for_flavor_class(flavor_class(flavor)) if flavor is not None else None
 
     def send(part: PartPlan) -> StoredPart:
+        check_still_wanted(services.state.get_job(job.id))  # a cancelled job sends no more parts
         members = _frames_in(part, frames)
         copy_index = members[0].index if len(members) == 1 and members[0].compressed_bytes >= MIN_PART_SIZE else None
         kept = False
