@@ -15,6 +15,7 @@ pub mod error;
 pub mod estimate;
 pub mod export;
 pub mod format;
+pub mod fs;
 pub mod frame_encoder;
 pub mod journal;
 pub mod long_match;
