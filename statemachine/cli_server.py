@@ -46,7 +46,13 @@ def server_json(record: Server) -> dict[str, Any]:
 
 @contextmanager
 def holding_server(services: ImagingServices, server_id: str, action: str) -> Iterator[None]:
-    """Hold the server's imaging lock for `action`: a UserError naming the job if the server is being imaged."""
+    """Hold the server's imaging lock for `action`: a UserError naming the job if the server is being imaged.
+
+    A job of the server whose runner died (no heartbeat) is failed INTERRUPTED first, releasing its lock: only a live
+    job keeps the server."""
+    from statemachine.cli_jobs import recover_without_engine
+
+    recover_without_engine(services, which=lambda job: job.server_id == server_id)
     owner = f"cli-{action}-{uuid.uuid4().hex[:12]}"
     if not services.state.acquire_lock(server_id, owner, CLI_LOCK_TTL_S):
         lock = services.state.get_lock(server_id)

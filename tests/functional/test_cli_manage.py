@@ -174,6 +174,26 @@ def test_add_replace_and_remove_are_refused_while_the_server_is_being_imaged(
     state.close()
 
 
+def test_a_job_whose_runner_died_does_not_keep_its_server(cli: Run, disks: dict[str, Path], tmp_path: Path) -> None:
+    """A job silent for an hour (its process killed) holds the lock until it expires: remove fails it INTERRUPTED
+    and proceeds."""
+    ok_json(cli("server", "add", "web1", "--disk", disks["leaf"], "--json"))
+    state = state_of(tmp_path)
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    state.put_image(
+        Image(id="img-dead", tenant="local", server_id="web1", job_id="job-dead", name="n", created_at=long_ago)
+    )
+    state.create_job(Job.queued(id="job-dead", tenant="local", server_id="web1", image_id="img-dead", at=long_ago))
+    assert state.acquire_lock("web1", "job-dead", 6 * 3600)
+
+    removed = ok_json(cli("server", "remove", "web1", "--json"))
+    assert removed["removed"] == "web1" and removed["images_kept"] == ["img-dead"]
+    failed = state.get_job("job-dead")
+    assert (failed.status.value, failed.error_code) == ("ERROR", "INTERRUPTED")
+    assert state.get_lock("web1") is None
+    state.close()
+
+
 # --- server remove -------------------------------------------------------------------------------------------------
 def test_remove_keeps_the_images_listable_and_exportable_and_the_disk_in_place(
     cli: Run,
