@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -313,7 +315,27 @@ def export_image_to(
         vhd_path = Path(folder) / "image.vhd"
         with vhd_path.open("wb") as vhd:
             write_image_vhd(services, manifest, vhd, progress)
-        return _write_flat(_open_image_vhd(image_id, vhd_path), target, progress)
+        chain = _open_image_vhd(image_id, vhd_path)
+        pipe = _pipe_path(target)
+        if pipe is None:
+            return _write_flat(chain, target, progress)
+        # A pipe or device: vhdcore flattens into it in order, off the GIL (_write_flat runs at ~37 MB/s).
+        target.flush()
+        chain.export(pipe, "raw", progress=None if progress is None else partial(progress, "flattening"))
+        return chain.virtual_size
+
+
+def _pipe_path(target: BinaryIO) -> str | None:
+    """A path that opens `target`'s own pipe or character device (`/dev/fd/N`), or None for anything else (a
+    regular file, a socket, an in-memory buffer), which is written from Python."""
+    try:
+        fd = target.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError):
+        return None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        return None
+    return f"/dev/fd/{fd}"
 
 
 def export_image(

@@ -205,6 +205,23 @@ def test_export_to_stdout_is_the_same_stream_as_the_files(
     assert shell(tmp_path, f"imaging image export {image_id} - --json | cat").returncode == 2
 
 
+def test_raw_export_to_a_pipe_is_the_disk_qemu_reads_from_the_image(
+    cli: Run, tmp_path: Path, image_of_leaf: dict[str, Any], qemu_img: str
+) -> None:
+    """Raw to a pipe goes through vhdcore's sequential export (no seek); to a redirected file, through Python: both
+    are the disk qemu-img reads from the image's VHD."""
+    image_id = image_of_leaf["id"]
+    assert cli("image", "export", image_id, tmp_path / "image.vhd", "--format", "vhd").returncode == 0
+    reference = tmp_path / "qemu.raw"
+    subprocess.run([qemu_img, "convert", "-f", "vpc", "-O", "raw", tmp_path / "image.vhd", reference], check=True)
+
+    piped = shell(tmp_path, f"imaging image export {image_id} - --format raw | cmp - {shlex.quote(str(reference))}")
+    assert piped.returncode == 0, piped.stdout + piped.stderr
+    redirected = shell(tmp_path, f"imaging image export {image_id} - --format raw > redirected.raw")
+    assert redirected.returncode == 0, redirected.stderr
+    assert (tmp_path / "redirected.raw").read_bytes() == reference.read_bytes()
+
+
 def test_export_of_a_damaged_image_is_one_error_line_and_no_file(
     cli: Run, tmp_path: Path, image_of_leaf: dict[str, Any]
 ) -> None:

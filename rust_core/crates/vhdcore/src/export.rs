@@ -4,8 +4,10 @@
 //! stays at one batch whatever the disk size.
 
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -48,11 +50,29 @@ pub struct ExportStats {
     pub seconds: f64,
 }
 
-/// Where the bytes go: a temporary file renamed into place, or a device, pipe or file written in place.
+/// Where the bytes go: a temporary file renamed into place, a file written in place, or a device or pipe written
+/// front to back.
 pub(crate) enum Target {
-    Staged { file: File, temp: PathBuf, dest: PathBuf },
-    Stream { file: File, path: PathBuf },
+    Staged {
+        file: File,
+        temp: PathBuf,
+        dest: PathBuf,
+    },
+    Stream {
+        file: File,
+        path: PathBuf,
+    },
+    /// A pipe, socket or device: written in order from its current position, holes as zeros; `at` is the offset
+    /// (from where the output began) that the next byte lands on.
+    Sequential {
+        file: File,
+        path: PathBuf,
+        at: Mutex<u64>,
+    },
 }
+
+/// Zeros written at most this many bytes at a time when a sequential output skips a hole.
+const HOLE_PIECE: usize = 1024 * 1024;
 
 impl Target {
     fn open(out: &Path, format: ExportFormat) -> Result<Target> {
@@ -60,14 +80,14 @@ impl Target {
         if let Some(meta) = special {
             let ft = meta.file_type();
             let streamable = ft.is_char_device() || ft.is_fifo() || ft.is_block_device();
-            if !streamable || format == ExportFormat::Vhd {
+            if !streamable {
                 return Err(VhdError::invalid_argument(
                     Some(out),
                     format!("cannot export {} to {}: not a regular file", format.as_str(), out.display()),
                 ));
             }
             let file = OpenOptions::new().write(true).open(out).map_err(|e| VhdError::io(out, "open", e))?;
-            return Ok(Target::Stream { file, path: out.to_path_buf() });
+            return Ok(Target::Sequential { file, path: out.to_path_buf(), at: Mutex::new(0) });
         }
         Target::staged(out)
     }
@@ -114,19 +134,66 @@ impl Target {
 
     pub(crate) fn file(&self) -> &File {
         match self {
-            Target::Staged { file, .. } | Target::Stream { file, .. } => file,
+            Target::Staged { file, .. } | Target::Stream { file, .. } | Target::Sequential { file, .. } => file,
         }
     }
 
     pub(crate) fn path(&self) -> &Path {
         match self {
             Target::Staged { temp, .. } => temp,
-            Target::Stream { path, .. } => path,
+            Target::Stream { path, .. } | Target::Sequential { path, .. } => path,
         }
     }
 
+    pub(crate) fn is_sequential(&self) -> bool {
+        matches!(self, Target::Sequential { .. })
+    }
+
+    /// Writes `buf` at `offset`. A sequential output takes offsets in increasing order only: what lies between the
+    /// last write and `offset` goes out as zeros.
     pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file().write_all_at(buf, offset).map_err(|e| VhdError::io(self.path(), "write", e))
+        let Target::Sequential { at, .. } = self else {
+            return self.file().write_all_at(buf, offset).map_err(|e| VhdError::io(self.path(), "write", e));
+        };
+        let mut at = at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.fill_locked(&mut at, offset)?;
+        self.append(buf)?;
+        *at += u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        Ok(())
+    }
+
+    /// Brings a sequential output up to `end` with zeros (nothing to do for the others, whose holes read as zeros).
+    pub(crate) fn fill_to(&self, end: u64) -> Result<()> {
+        if let Target::Sequential { at, .. } = self {
+            let mut at = at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.fill_locked(&mut at, end)?;
+        }
+        Ok(())
+    }
+
+    fn fill_locked(&self, at: &mut u64, offset: u64) -> Result<()> {
+        if offset < *at {
+            return Err(VhdError::invalid_argument(
+                Some(self.path()),
+                format!(
+                    "cannot write at {offset} in {}: it is written in order, already at {}",
+                    self.path().display(),
+                    *at
+                ),
+            ));
+        }
+        let zeros = vec![0u8; usize::try_from(offset - *at).unwrap_or(usize::MAX).min(HOLE_PIECE)];
+        while *at < offset {
+            let piece = usize::try_from(offset - *at).unwrap_or(usize::MAX).min(zeros.len());
+            self.append(&zeros[..piece])?;
+            *at += u64::try_from(piece).unwrap_or(0);
+        }
+        Ok(())
+    }
+
+    fn append(&self, buf: &[u8]) -> Result<()> {
+        let mut file = self.file();
+        file.write_all(buf).map_err(|e| VhdError::io(self.path(), "write", e))
     }
 
     pub(crate) fn finish(self) -> Result<()> {
@@ -215,7 +282,10 @@ fn run_export(
     let size = chain.virtual_size();
     let units = size.div_ceil(UNIT);
     let occupied = chain.occupancy();
-    let streaming = matches!(target, Target::Stream { .. });
+    let streaming = target.is_sequential();
+    if streaming && format == ExportFormat::Vhd {
+        return run_sequential_vhd(chain, target, &occupied, progress);
+    }
     let layout = sparse_layout(size, DEFAULT_BLOCK_SIZE)?;
     let mut bat = vec![crate::format::BAT_UNUSED; usize::try_from(layout.entries).unwrap_or(0)];
     let mut next_block = layout.table_offset + layout.table_bytes;
@@ -235,7 +305,6 @@ fn run_export(
             buf
         })
         .collect();
-    let zeros = vec![0u8; unit_bytes];
     let direct = format == ExportFormat::Raw && !streaming;
     let mut data_bytes = 0u64;
     let mut batch_start = 0u64;
@@ -286,11 +355,12 @@ fn run_export(
         }
         match format {
             ExportFormat::Raw if streaming => {
+                // In order; the units left out go out as zeros when the next one (or the end) is written.
                 for (i, has_data) in results.iter().enumerate() {
                     let u = batch_start + u64::try_from(i).unwrap_or(0);
-                    let len = unit_len(u);
-                    let data = if *has_data { &pool[i][front..front + len] } else { &zeros[..len] };
-                    target.write_at(data, u * UNIT)?;
+                    if *has_data {
+                        target.write_at(&pool[i][front..front + unit_len(u)], u * UNIT)?;
+                    }
                 }
             }
             ExportFormat::Raw => {}
@@ -317,7 +387,10 @@ fn run_export(
         }
     }
     let bytes_written = match format {
-        ExportFormat::Raw => size,
+        ExportFormat::Raw => {
+            target.fill_to(size)?;
+            size
+        }
         ExportFormat::Vhd => {
             let uuid = *uuid::Uuid::new_v4().as_bytes();
             let footer = new_footer(DiskType::Dynamic, size, uuid);
@@ -336,6 +409,97 @@ fn run_export(
         format,
         virtual_size: size,
         bytes_written,
+        data_bytes,
+        zero_bytes: size - data_bytes,
+        seconds: 0.0,
+    })
+}
+
+/// A dynamic VHD written front to back (a pipe): its BAT comes before the blocks, so a first pass finds the units
+/// that hold anything but zeros, and a second reads them again and writes them in order. Memory stays at one batch.
+/// Each pass reports half of the progress.
+fn run_sequential_vhd(
+    chain: &Chain,
+    target: &Target,
+    occupied: &Occupancy,
+    progress: &mut dyn FnMut(u64, u64) -> bool,
+) -> Result<ExportStats> {
+    let size = chain.virtual_size();
+    let units = size.div_ceil(UNIT);
+    let unit_len = |u: u64| usize::try_from(UNIT.min(size - u * UNIT)).unwrap_or(0);
+    let unit_bytes = usize::try_from(UNIT).unwrap_or(0);
+    let per_batch = (BATCH_BYTES / UNIT).max(1);
+    let interrupted = || VhdError::Interrupted { path: chain.leaf().path.clone() };
+    let mut stored = Vec::with_capacity(usize::try_from(units).unwrap_or(0));
+    let mut batch_start = 0u64;
+    while batch_start < units {
+        let batch_end = (batch_start + per_batch).min(units);
+        let found: Vec<bool> = (batch_start..batch_end)
+            .into_par_iter()
+            .map_init(|| vec![0u8; unit_bytes], |buf, u| read_unit(chain, occupied, u, &mut buf[..unit_len(u)]))
+            .collect::<Result<_>>()?;
+        stored.extend(found);
+        batch_start = batch_end;
+        if !progress((batch_start * UNIT).min(size) / 2, size) {
+            return Err(interrupted());
+        }
+    }
+    let layout = sparse_layout(size, DEFAULT_BLOCK_SIZE)?;
+    let bitmap = bitmap_all_present(DEFAULT_BLOCK_SIZE);
+    let block_span = bitmap_size(DEFAULT_BLOCK_SIZE) + UNIT;
+    let first_block = layout.table_offset + layout.table_bytes;
+    let mut bat = vec![crate::format::BAT_UNUSED; usize::try_from(layout.entries).unwrap_or(0)];
+    let mut next_block = first_block;
+    for (entry, _) in bat.iter_mut().zip(&stored).filter(|(_, s)| **s) {
+        *entry = u32::try_from(next_block / SECTOR_SIZE)
+            .map_err(|_| VhdError::invalid_argument(Some(target.path()), "output too large"))?;
+        next_block += block_span;
+    }
+    let footer = new_footer(DiskType::Dynamic, size, *uuid::Uuid::new_v4().as_bytes());
+    let mut header = new_header(&layout, DEFAULT_BLOCK_SIZE);
+    header.seal();
+    let mut table: Vec<u8> = bat.iter().flat_map(|e| e.to_be_bytes()).collect();
+    table.resize(usize::try_from(layout.table_bytes).unwrap_or(0), 0xFF);
+    target.write_at(footer.as_bytes(), 0)?;
+    target.write_at(header.as_bytes(), FOOTER_SIZE)?;
+    target.write_at(&table, layout.table_offset)?;
+    let front = bitmap.len();
+    let mut pool: Vec<Vec<u8>> = (0..per_batch)
+        .map(|_| {
+            let mut buf = vec![0u8; front + unit_bytes];
+            buf[..front].copy_from_slice(&bitmap);
+            buf
+        })
+        .collect();
+    let mut data_bytes = 0u64;
+    let mut at = first_block;
+    batch_start = 0;
+    while batch_start < units {
+        let batch_end = (batch_start + per_batch).min(units);
+        let count = usize::try_from(batch_end - batch_start).unwrap_or(0);
+        let first = usize::try_from(batch_start).unwrap_or(0);
+        pool[..count].par_iter_mut().enumerate().filter(|(i, _)| stored[first + i]).try_for_each(|(i, buf)| {
+            let u = batch_start + u64::try_from(i).unwrap_or(0);
+            let (data, tail) = buf[front..].split_at_mut(unit_len(u));
+            // A short last unit is padded with zeros to a whole block.
+            tail.fill(0);
+            chain.read_at(u * UNIT, data)
+        })?;
+        for (i, buf) in pool[..count].iter().enumerate().filter(|(i, _)| stored[first + i]) {
+            target.write_at(buf, at)?;
+            at += block_span;
+            data_bytes += u64::try_from(unit_len(batch_start + u64::try_from(i).unwrap_or(0))).unwrap_or(0);
+        }
+        batch_start = batch_end;
+        if !progress(size / 2 + (batch_start * UNIT).min(size) / 2, size) {
+            return Err(interrupted());
+        }
+    }
+    target.write_at(footer.as_bytes(), at)?;
+    Ok(ExportStats {
+        format: ExportFormat::Vhd,
+        virtual_size: size,
+        bytes_written: at + FOOTER_SIZE,
         data_bytes,
         zero_bytes: size - data_bytes,
         seconds: 0.0,
