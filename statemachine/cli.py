@@ -95,7 +95,7 @@ COMMANDS: dict[str, LazyCommand] = {
     "serve": LazyCommand(
         "statemachine.cli_api",
         "serve",
-        "Serve the HTTP API (the same code as on API Gateway); images run in this process.",
+        "Serve the HTTP API (the same code as on API Gateway) on waitress; images run in this process.",
     ),
 }
 

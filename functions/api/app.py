@@ -42,12 +42,15 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import (
 from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
 
 from functions.api.schemas import (
+    CancelView,
     CreateImageBody,
     ErrorBody,
     EstimateView,
     Health,
     ImageList,
     ImageView,
+    RestoreBody,
+    RestoredView,
     ScheduleBody,
     ScheduleView,
     ServerList,
@@ -58,10 +61,14 @@ from functions.catalog.estimates import estimate_server
 from functions.catalog.requests import Launcher, ServerBeingImagedError, ServerNotFoundError, request_image
 from functions.catalog.schedules import WEEKDAYS
 from functions.catalog.tokens import tenant_of_token
-from functions.imaging.errors import ImagingError
-from functions.imaging.images import ImageBusyError, delete_image
+from functions.imaging.cancel import request_cancel
+from functions.imaging.errors import ImagingError, InvalidRequestError
+from functions.imaging.images import ImageBusyError, ImageNotFoundError, delete_image
+from functions.imaging.restore import restore_image
 from functions.imaging.services import ImagingServices
 from functions.state import Image, InvalidIdError, NotFoundError, Schedule, Server, validate_id
+from functions.state.models import TERMINAL_STATUSES
+from functions.storage import FileObjectStore
 
 MAX_BODY_BYTES = 16 * 1024
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
@@ -69,6 +76,8 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 # A duplicate that arrives while the first request is still being served waits for its result this long (under API
 # Gateway's 29 s integration timeout).
 IN_PROGRESS_WAIT_S = 20.0
+CANCEL_WAIT_S = 10.0
+"""How long a cancel request waits for the job's runner to stop it before answering 202 (under API Gateway's 29 s)."""
 OPENAPI_PATH = "/v1/openapi.json"
 DOCS_PATH = "/docs"
 # The rendering under /v1 too: API Gateway routes only /v1/{proxy+} to the resolver.
@@ -230,7 +239,9 @@ _ERROR_DESCRIPTIONS = {
     400: "INVALID_ID, INVALID_CURSOR, INVALID_SCHEDULE, BODY_NOT_ALLOWED or BAD_REQUEST (framing, encoding)",
     401: "UNAUTHORIZED: no bearer token, or not one `imaging token create` issued",
     404: "NOT_FOUND: no such resource of this tenant (another tenant's answers the same)",
-    409: "SERVER_BUSY (with the running job's `job_id` and `image_id`), IMAGE_BUSY or REQUEST_IN_PROGRESS",
+    409: "SERVER_BUSY (with the running job's `job_id` and `image_id`), IMAGE_BUSY, REQUEST_IN_PROGRESS, "
+    "SERVER_EXISTS or IMAGE_NOT_ACTIVE",
+    501: "NOT_SUPPORTED_HERE: the operation needs what this deployment lacks (`hint` says what)",
     413: "BODY_TOO_LARGE: bodies are at most 16 KiB",
     415: "UNSUPPORTED_MEDIA_TYPE: bodies are application/json",
     422: "INVALID_REQUEST (parameters or body; `detail` says which) or IDEMPOTENCY_KEY_REUSED",
@@ -618,6 +629,80 @@ def build_resolver(deps: ApiDependencies) -> APIGatewayRestResolver:
         except ImagingError as error:
             raise ApiError(HTTPStatus.CONFLICT, error.code, str(error), error.hint) from error
         return EstimateView(server_id=server.id, **found.model_dump())
+
+    @app.post(
+        "/v1/images/<image_id>/cancel",
+        summary="Stop the job making an image",
+        description="The job stops through the workflow's failure path (ERROR CANCELLED: upload aborted, staging "
+        "removed, the server's lock released; the source disk as the workflow guarantees). 200 once it has "
+        "stopped (or had ended: `requested` false), 202 while its runner is still stopping it: follow the image.",
+        operation_id="cancelImage",
+        responses={
+            **answers(200, "the job has stopped, or had ended", CancelView, 401, 404, 422),
+            202: {
+                "description": "asked to stop; not stopped yet",
+                "content": {content_types.APPLICATION_JSON: {"model": CancelView}},
+            },
+        },
+        tags=["images"],
+    )
+    def cancel_image(image_id: str) -> Response[CancelView]:
+        image = image_of_tenant(image_id)
+        outcome = request_cancel(services, image.id, wait_s=CANCEL_WAIT_S)
+        stopping = outcome.requested and outcome.status not in TERMINAL_STATUSES
+        body = CancelView(
+            image_id=outcome.image_id,
+            job_id=outcome.job_id,
+            status=outcome.status,
+            error_code=outcome.error_code,
+            requested=outcome.requested,
+            cancelled=outcome.cancelled,
+        )
+        code = HTTPStatus.ACCEPTED if stopping else HTTPStatus.OK
+        return Response(code.value, content_types.APPLICATION_JSON, body)
+
+    @app.post(
+        "/v1/images/<image_id>/restore",
+        summary="Make a new server from an image",
+        description="The image is written as the new server's base disk (a dynamic VHD where the platform keeps "
+        "servers' disks), its content checked against the image's content hash before the server is registered; "
+        "nothing is left behind on failure. It runs within the request: a deployment whose disks are not files "
+        "answers 501.",
+        operation_id="restoreImage",
+        responses=answers(201, "the new server", RestoredView, 401, 404, 409, 422, 501),
+        tags=["images"],
+    )
+    def restore(image_id: str, body: Annotated[RestoreBody, Body()]) -> Response[RestoredView]:
+        image = image_of_tenant(image_id)
+        checked("server", body.server)
+        if not isinstance(services.disk_store, FileObjectStore):
+            raise ApiError(
+                HTTPStatus.NOT_IMPLEMENTED,
+                "NOT_SUPPORTED_HERE",
+                "restoring writes the server's disk as a file, and this deployment keeps disks in object storage",
+                "restore with `imaging image restore` on a host with a file store",
+            )
+        try:
+            restored = restore_image(services, image.id, body.server, tenant=tenant(), flavor=body.flavor)
+        except ImageNotFoundError as error:
+            raise _not_found("image", image_id, "GET /v1/servers/{server_id}/images lists a server's images") from error
+        except InvalidRequestError as error:
+            raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, error.code, str(error), error.hint) from error
+        except ImagingError as error:
+            raise ApiError(HTTPStatus.CONFLICT, error.code, str(error), error.hint) from error
+        view_of = RestoredView(
+            server=ServerView.of(restored.server),
+            image_id=restored.image_id,
+            virtual_size=restored.virtual_size,
+            content_sha256=restored.content_sha256,
+            seconds=round(restored.seconds, 3),
+        )
+        return Response(
+            HTTPStatus.CREATED.value,
+            content_types.APPLICATION_JSON,
+            view_of,
+            headers={"Location": f"/v1/servers/{restored.server.id}"},
+        )
 
     # --- schedules -------------------------------------------------------------------------------------------------
     @app.put(

@@ -94,6 +94,36 @@ class ServerList(BaseModel):
     next_cursor: str | None = None
 
 
+class RestoreBody(_Body):
+    """The new server an image is restored into (of the caller's tenant; its disk goes where the platform keeps
+    servers' disks)."""
+
+    server: Annotated[str, Field(min_length=1, max_length=64)]
+    flavor: Annotated[str, Field(min_length=1, max_length=64)] = "standard"
+
+
+class RestoredView(BaseModel):
+    """A server made from an image: its disk is a dynamic VHD whose content has the image's content hash."""
+
+    server: ServerView
+    image_id: str
+    virtual_size: int
+    content_sha256: str
+    seconds: float
+
+
+class CancelView(BaseModel):
+    """What a cancel found and did: `cancelled` once the job has stopped (ERROR CANCELLED); while `requested` and
+    not yet stopped, follow the image with GET /v1/images/{id}."""
+
+    image_id: str
+    job_id: str | None
+    status: Status
+    error_code: str | None
+    requested: bool
+    cancelled: bool
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 

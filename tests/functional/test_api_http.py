@@ -273,3 +273,51 @@ def test_openapi_is_served_and_describes_every_route(api: Api) -> None:
         "/v1/servers/{server_id}/image-schedule",
     }
     assert set(paths["/v1/servers/{server_id}/image-schedule"]) == {"put", "get", "delete"}
+
+
+def test_an_image_restored_over_the_api_is_a_new_server_with_the_images_content(
+    api: Api, tmp_path: Path, qemu_img: str
+) -> None:
+    created = api.call("POST", "/v1/servers/web/images", body={"name": "to restore"})
+    assert created.status == 202, created.body
+    image = api.wait_image(created.body["id"])
+    assert image["status"] == "ACTIVE", image
+
+    restored = api.call("POST", f"/v1/images/{image['id']}/restore", body={"server": "web-restored"})
+
+    assert restored.status == 201, restored.body
+    assert restored.headers["location"] == "/v1/servers/web-restored"
+    manifest = json.loads(Path(image["object_url"].removeprefix("file://")).with_name("manifest.json").read_text())
+    assert restored.body["content_sha256"] == manifest["content_sha256"]
+    assert api.call("GET", "/v1/servers/web-restored").status == 200
+    # The new server's disk, read by qemu-img, is the source chain flattened.
+    state = open_state_store(f"sqlite:///{api.data_dir / 'state.sqlite3'}")
+    try:
+        disk = Path(state.get_server("web-restored").disk)
+        source = state.get_server("web").disk  # its chain now (imaging coalesces and snapshots it; nothing writes)
+    finally:
+        state.close()
+    subprocess.run([qemu_img, "convert", "-f", "vpc", "-O", "raw", str(disk), str(tmp_path / "a.raw")], check=True)
+    vhdcore.open_chain(source).export(str(tmp_path / "b.raw"), "raw")
+    assert (tmp_path / "a.raw").read_bytes() == (tmp_path / "b.raw").read_bytes()
+
+    again = api.call("POST", f"/v1/images/{image['id']}/restore", body={"server": "web-restored"})
+    assert again.status == 409 and again.body["error"] == "SERVER_EXISTS", again.body
+    other = api.call("POST", f"/v1/images/{image['id']}/restore", tenant="beta", body={"server": "stolen"})
+    assert other.status == 404, other.body
+    bad = api.call("POST", f"/v1/images/{image['id']}/restore", body={"server": "../etc"})
+    assert bad.status == 400 and bad.body["error"] == "INVALID_ID", bad.body
+
+
+def test_cancelling_an_image_whose_job_has_ended_changes_nothing(api: Api) -> None:
+    created = api.call("POST", "/v1/servers/web/images", body={"name": "done already"})
+    image = api.wait_image(created.body["id"])
+
+    cancelled = api.call("POST", f"/v1/images/{image['id']}/cancel")
+
+    assert cancelled.status == 200, cancelled.body
+    assert cancelled.body["requested"] is False and cancelled.body["cancelled"] is False
+    assert cancelled.body["status"] == "ACTIVE"
+    assert api.call("GET", f"/v1/images/{image['id']}").body["status"] == "ACTIVE"
+    assert api.call("POST", "/v1/images/img-nope/cancel").status == 404
+    assert api.call("POST", f"/v1/images/{image['id']}/cancel", tenant="beta").status == 404
