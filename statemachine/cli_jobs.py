@@ -42,6 +42,9 @@ STOP_WAIT_S = 1.5
 """How long Ctrl-C waits for the job to end through its failure path before handing it over and exiting."""
 INTERRUPTED_EXIT = 130
 """128 + SIGINT, as shells report a command ended by Ctrl-C."""
+RECOVERY_EVERY_S = 15.0
+"""How often `imaging serve` looks for jobs whose runner died while it serves (a third of the staleness threshold
+when that is shorter)."""
 CANCEL_WAIT_S = 30.0
 """How long `image cancel` waits for a live runner to stop its job (it looks at every frame, part and step)."""
 
@@ -209,23 +212,43 @@ def cancel(services: ImagingServices, image_id: str, wait_s: float) -> CancelOut
 
 
 def serve_hooks(services: ImagingServices, runner: LocalImaging) -> tuple[Callable[[], None], Callable[[], None]]:
-    """`imaging serve`'s `on_start` and `on_shutdown`: at start, the jobs whose runner died (an earlier server
-    killed or stopped) are resumed in this server's engine (or failed when they cannot be) and orphans removed; at
-    shutdown, the jobs still running here are handed over, so that the next start takes them at once."""
+    """`imaging serve`'s `on_start` and `on_shutdown`. At start, the jobs whose runner died (an earlier server killed
+    or stopped) are resumed in this server's engine (or failed when they cannot be) and orphans removed; while it
+    serves, that recovery runs again every RECOVERY_EVERY_S (a job whose runner died just before the start becomes
+    stale only later). At shutdown, the jobs still running here are handed over, so the next start takes them at
+    once."""
+    from functions.imaging.jobs import STALE_AFTER_S
 
-    def on_start() -> None:
+    stopping = threading.Event()
+    every = min(RECOVERY_EVERY_S, STALE_AFTER_S / 3)
+
+    def recover() -> None:
         from functions.catalog.launch import execution_input
-        from functions.imaging.recovery import recover_jobs, remove_orphans
+        from functions.imaging.recovery import recover_jobs
 
         def resume(request: ImagingRequest, name: str) -> None:
             runner.start(execution_input(request), name=name)
 
         report(recover_jobs(services, resume=resume))
+
+    def keep_recovering() -> None:
+        while not stopping.wait(every):
+            try:
+                recover()
+            except Exception as error:  # a store or state hiccup: the next round tries again
+                click.echo(f"recovery failed: {error}", err=True)
+
+    def on_start() -> None:
+        from functions.imaging.recovery import remove_orphans
+
+        recover()
         remove_orphans(services)
+        threading.Thread(target=keep_recovering, name="job-recovery", daemon=True).start()
 
     def on_shutdown() -> None:
         from functions.imaging.recovery import hand_over
 
+        stopping.set()
         handed = hand_over(services, runner.running_jobs())
         if handed:
             click.echo(f"handed over {len(handed)} running job(s) to the next start: {', '.join(handed)}", err=True)

@@ -102,6 +102,11 @@ class Cli:
 
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
+    return make_cli(tmp_path)
+
+
+def make_cli(tmp_path: Path) -> Cli:
+    """`imaging` in child processes with a data dir of their own, 8 MiB chunks, 5 MiB parts and staged frames."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
