@@ -58,14 +58,6 @@ pub(crate) fn mul(a: u64, b: u64, what: &str) -> FsResult<u64> {
     a.checked_mul(b).ok_or_else(|| doubt(format!("{what}: {a} * {b} overflows")))
 }
 
-pub(crate) fn add(a: u64, b: u64, what: &str) -> FsResult<u64> {
-    a.checked_add(b).ok_or_else(|| doubt(format!("{what}: {a} + {b} overflows")))
-}
-
-/// Bit `i` of a little-endian-bit-order bitmap (ext4, NTFS): bit 0 is the low bit of byte 0.
-pub(crate) fn bit_le(bitmap: &[u8], i: usize) -> bool {
-    bitmap.get(i / 8).is_some_and(|byte| byte & (1u8 << (i % 8)) != 0)
-}
 
 /// The CRC-32 of zlib/GPT (reflected polynomial 0xEDB88320, initial and final inversion).
 pub(crate) fn crc32_ieee(data: &[u8]) -> u32 {

@@ -138,10 +138,7 @@ impl Region<'_> {
         let len = bytes::u64_of(buf.len());
         let end = offset.checked_add(len).ok_or_else(|| doubt(format!("read at {offset} overflows")))?;
         if end > self.len {
-            return Err(doubt(format!(
-                "a read of {len} bytes at {offset} is past the partition's end {}",
-                self.len
-            )));
+            return Err(doubt(format!("a read of {len} bytes at {offset} is past the partition's end {}", self.len)));
         }
         let at = self.start.checked_add(offset).ok_or_else(|| doubt("read offset overflows"))?;
         self.disk.read_exact_at(buf, at)?;
@@ -370,11 +367,7 @@ impl DiskUsage {
     pub fn free_within(&self, start: u64, len: u64) -> u64 {
         let end = start.saturating_add(len);
         let i = self.free.partition_point(|r| r.0.saturating_add(r.1) <= start);
-        self.free[i..]
-            .iter()
-            .take_while(|r| r.0 < end)
-            .map(|r| r.0.saturating_add(r.1).min(end) - r.0.max(start))
-            .sum()
+        self.free[i..].iter().take_while(|r| r.0 < end).map(|r| r.0.saturating_add(r.1).min(end) - r.0.max(start)).sum()
     }
 }
 

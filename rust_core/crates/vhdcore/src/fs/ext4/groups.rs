@@ -22,7 +22,13 @@ pub struct Desc {
 impl Desc {
     pub fn parse(sb: &Superblock, raw: &[u8]) -> FsResult<Desc> {
         let wide = sb.desc_size >= 64;
-        let hi = |off: usize| -> FsResult<u64> { if wide { Ok(u64::from(le32(raw, off)?) << 32) } else { Ok(0) } };
+        let hi = |off: usize| -> FsResult<u64> {
+            if wide {
+                Ok(u64::from(le32(raw, off)?) << 32)
+            } else {
+                Ok(0)
+            }
+        };
         let csum_hi = if wide { u32::from(le16(raw, 0x38)?) << 16 } else { 0 };
         Ok(Desc {
             block_bitmap: u64::from(le32(raw, 0x0)?) | hi(0x20)?,

@@ -93,7 +93,11 @@ pub(crate) fn free_ranges(region: Region<'_>) -> FsResult<Vec<(u64, u64)>> {
     let mut kept: Vec<(u64, u64)> = Vec::new();
     let journal = if sb.has_compat(COMPAT_HAS_JOURNAL) {
         if sb.journal_inum == 0 {
-            return Err(doubt("external journal: its transactions cannot be read"));
+            return Err(doubt(format!(
+                "external journal (device {:#x}, uuid {}): its transactions cannot be read",
+                sb.journal_dev,
+                crate::format::uuid_string(&sb.journal_uuid)
+            )));
         }
         let j = journal::read(&region, &sb, &descs)?;
         if j.needs_recovery && (j.fast_commit || sb.has_compat(COMPAT_FAST_COMMIT)) {

@@ -9,7 +9,6 @@ pub const COMPAT_HAS_JOURNAL: u32 = 0x4;
 pub const COMPAT_SPARSE_SUPER2: u32 = 0x200;
 pub const COMPAT_FAST_COMMIT: u32 = 0x400;
 
-pub const INCOMPAT_COMPRESSION: u32 = 0x1;
 pub const INCOMPAT_FILETYPE: u32 = 0x2;
 pub const INCOMPAT_RECOVER: u32 = 0x4;
 pub const INCOMPAT_JOURNAL_DEV: u32 = 0x8;
@@ -59,7 +58,6 @@ pub struct Superblock {
     pub inodes_per_group: u64,
     pub inode_size: u64,
     pub state: u16,
-    pub rev_level: u32,
     pub compat: u32,
     pub incompat: u32,
     pub ro_compat: u32,
@@ -106,9 +104,7 @@ impl Superblock {
             let stored = le32(b, 0x3FC)?;
             let computed = crc32c_raw(!0, slice(b, 0, 0x3FC)?);
             if stored != computed {
-                return Err(doubt(format!(
-                    "superblock checksum {stored:#010x} does not match {computed:#010x}"
-                )));
+                return Err(doubt(format!("superblock checksum {stored:#010x} does not match {computed:#010x}")));
             }
         }
         if incompat & INCOMPAT_JOURNAL_DEV != 0 {
@@ -177,7 +173,6 @@ impl Superblock {
             inodes_per_group,
             inode_size,
             state: le16(b, 0x3A)?,
-            rev_level,
             compat,
             incompat,
             ro_compat,

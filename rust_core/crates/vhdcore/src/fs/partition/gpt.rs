@@ -146,7 +146,13 @@ pub(crate) fn read(disk: &dyn DiskRead) -> Result<std::result::Result<Table, Str
             if last < first {
                 return Ok(Err(format!("entry {index} ends (LBA {last}) before it starts (LBA {first})")));
             }
-            entries.push(Entry { index, start, length: end - start, type_id: guid_string(type_guid), container: false });
+            entries.push(Entry {
+                index,
+                start,
+                length: end - start,
+                type_id: guid_string(type_guid),
+                container: false,
+            });
         }
         // Everything outside the usable LBAs: MBR, headers, entry arrays, the backup GPT.
         let usable_start = h.first_usable * lba_size;
