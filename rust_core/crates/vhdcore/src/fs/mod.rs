@@ -96,6 +96,17 @@ impl DiskRead for [u8] {
     }
 }
 
+/// A borrowed byte slice (`usage(&&bytes[..])`).
+impl DiskRead for &[u8] {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+}
+
 impl DiskRead for Vec<u8> {
     fn size(&self) -> u64 {
         self.as_slice().size()
