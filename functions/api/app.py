@@ -736,7 +736,7 @@ def build_resolver(deps: ApiDependencies) -> APIGatewayRestResolver:
             created_at=now,
         )
         state.put_schedule(schedule)
-        return ScheduleView.of(schedule)
+        return ScheduleView.of(schedule, services.now())
 
     @app.get(
         "/v1/servers/<server_id>/image-schedule",
@@ -749,7 +749,7 @@ def build_resolver(deps: ApiDependencies) -> APIGatewayRestResolver:
     def get_schedule(server_id: str) -> ScheduleView:
         server = server_of_tenant(server_id)
         try:
-            return ScheduleView.of(state.get_schedule(server.id))
+            return ScheduleView.of(state.get_schedule(server.id), services.now())
         except NotFoundError as error:
             raise ApiError(
                 HTTPStatus.NOT_FOUND, "NOT_FOUND", f"server {server.id} has no schedule", "set one with PUT"

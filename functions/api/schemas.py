@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from functions.catalog.estimates import ServerEstimate
-from functions.catalog.schedules import WEEKDAYS
+from functions.catalog.schedules import WEEKDAYS, next_run
 from functions.state import Image, Job, Schedule, ScheduleFrequency, Server, Status
 
 
@@ -155,9 +155,11 @@ class ScheduleView(BaseModel):
     weekday: str | None
     retention: int
     last_window_started: datetime | None
+    next_run: datetime
+    """The next instant (UTC) at which the schedule fires."""
 
     @classmethod
-    def of(cls, schedule: Schedule) -> ScheduleView:
+    def of(cls, schedule: Schedule, now: datetime) -> ScheduleView:
         return cls(
             server_id=schedule.server_id,
             frequency=schedule.frequency,
@@ -165,6 +167,7 @@ class ScheduleView(BaseModel):
             weekday=None if schedule.weekday is None else WEEKDAYS[schedule.weekday],
             retention=schedule.retention,
             last_window_started=schedule.last_window_started,
+            next_run=next_run(schedule, now),
         )
 
 

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -244,17 +245,22 @@ def test_schedule_set_show_delete(api: Api) -> None:
         body={"frequency": "weekly", "weekday": "Sunday", "at": "03:30", "retention": 4},
     )
     assert put.status == 200, put.body
-    assert put.body | {"last_window_started": None} == {
+    assert put.body | {"last_window_started": None, "next_run": None} == {
         "server_id": "web",
         "frequency": "weekly",
         "at": "03:30",
         "weekday": "sunday",
         "retention": 4,
         "last_window_started": None,
+        "next_run": None,
     }
+    next_run = datetime.fromisoformat(put.body["next_run"])
+    assert next_run.weekday() == 6 and (next_run.hour, next_run.minute) == (3, 30)
+    assert timedelta(0) < next_run - datetime.now(UTC) <= timedelta(days=7)
     assert api.call("GET", "/v1/servers/web/image-schedule").body == put.body
     shown = imaging(api.data_dir, "schedule", "show", "web", "--json")
     assert json.loads(shown.stdout)[0]["weekday"] == "sunday"
+    assert datetime.fromisoformat(json.loads(shown.stdout)[0]["next_run"]) == next_run
     assert api.call("DELETE", "/v1/servers/web/image-schedule").status == 204
     assert api.call("GET", "/v1/servers/web/image-schedule").status == 404
 

@@ -255,11 +255,13 @@ def test_generated_requests_never_get_a_5xx_or_break_the_schema(site: Site, tmp_
         sys.executable, "-m", "schemathesis.cli", "run", f"{site.url}/v1/openapi.json",
         "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,"
         "content_type_conformance",
-        "--max-examples", "10", "--seed", "1", "--workers", "2",
+        "--max-examples", "10", "--seed", "1", "--workers", "1",
         "--header", f"Authorization: Bearer {site.tokens['alpha']}",
         "--report", "har", "--report-har-path", str(har),
         "--suppress-health-check", "all",
     ]  # fmt: skip
+    # One worker: with two, schemathesis' coverage phase compiles hypothesis filters on two threads at once and
+    # CPython 3.11 fails that ("SystemError: AST constructor recursion depth mismatch"), an error of the tool.
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     sent = json.loads(har.read_text())["log"]["entries"]
