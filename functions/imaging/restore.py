@@ -2,8 +2,9 @@
 
 The image object decompresses to a dynamic VHD (the flattened chain), so restoring is writing that VHD: decompressed
 frame by frame into a hidden temporary file beside the destination, its disk content hashed and checked against the
-manifest's content hash, then linked into place (never over an existing file) and only then registered as the
-server's disk. A failure at any point leaves no file and no server behind.
+manifest's content hash, given a UUID of its own (the image's VHD carries one UUID for every restore), then linked
+into place (never over an existing file) and only then registered as the server's disk. A failure at any point
+leaves no file and no server behind.
 
 The default destination is the store's storage repository for servers, `sr/<server>/<uuid>.vhd` (a file: server
 disks are files vhdcore opens); another may be given.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import vhdcore
 from functions.imaging import keys
 from functions.imaging.errors import ImagingError, InvalidRequestError
 from functions.imaging.images import (
@@ -116,6 +118,9 @@ def restore_image(
             raise ImageCorruptError(f"image {image_id}: the restored disk is not the image's: {'; '.join(problems)}")
         if progress is not None:
             progress("verifying", written, written)
+        # A disk of its own: the image's VHD keeps the UUID it was made with, and two restores of one image must not
+        # pass for the same parent (children find theirs by UUID). Footer only: the content hash stays.
+        vhdcore.set_uuid(str(temp))
         _place(temp, target)
     finally:
         temp.unlink(missing_ok=True)

@@ -107,6 +107,21 @@ def test_restore_makes_a_server_whose_disk_is_the_image_and_whose_new_image_has_
     assert (tmp_path / "r.raw").read_bytes() == original.read_bytes() == flatten(leaf)
 
 
+def test_two_restores_of_one_image_get_disks_of_their_own_uuid(
+    cli: Run, tmp_path: Path, image_of_leaf: dict[str, Any]
+) -> None:
+    """Children find their parent by UUID: each restored disk has a new one (not the image VHD's), same content."""
+    image_id, manifest = image_of_leaf["id"], image_of_leaf["manifest"]
+    assert cli("image", "export", image_id, tmp_path / "image.vhd", "--format", "vhd").returncode == 0
+    uuids = {ok_json(cli("vhd", "info", tmp_path / "image.vhd", "--json"))["uuid"]}
+    for server in ("copy1", "copy2"):
+        restored = ok_json(cli("image", "restore", image_id, "--server", server, "--json"))
+        assert restored["content_sha256"] == manifest["content_sha256"]
+        assert cli("vhd", "check", restored["disk"]).returncode == 0
+        uuids.add(ok_json(cli("vhd", "info", restored["disk"], "--json"))["uuid"])
+    assert len(uuids) == 3
+
+
 def test_restore_to_a_given_path_prints_it(
     cli: Run, tmp_path: Path, image_of_leaf: dict[str, Any], qemu_img: str
 ) -> None:

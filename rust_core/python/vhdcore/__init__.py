@@ -66,6 +66,7 @@ from vhdcore._vhdcore import (  # noqa: E402 (after the protocol the stub refers
     open_chain,
     open_chain_from,
     restamp,
+    set_uuid,
     snapshot,
     write,
 )
@@ -122,6 +123,7 @@ __all__ = [
     "open_chain",
     "open_chain_from",
     "restamp",
+    "set_uuid",
     "snapshot",
     "write",
 ]

@@ -322,6 +322,11 @@ def write(path: str, offset: int, data: bytes) -> None: ...
 def restamp(path: str) -> int:
     """Mark the layer as changed: its footer timestamp becomes now (always later than before); returns it."""
 
+def set_uuid(path: str, uuid: str | None = None) -> str:
+    """Give the disk a new identity: `uuid` (a new random one when None) in its footer and, for a dynamic or
+    differencing disk, the footer's copy at offset 0, with their checksums; returns it. The content is unchanged.
+    A layer that has children loses them (they name their parent by UUID)."""
+
 def children(path: str, candidates: Sequence[str]) -> list[str]:
     """The candidates that are differencing children of the layer at `path` (their parent UUID is its UUID)."""
 

@@ -915,6 +915,19 @@ fn restamp(py: Python<'_>, path: PathBuf) -> PyResult<u32> {
     py.allow_threads(|| vhdcore::restamp(&path)).or_raise(py)
 }
 
+/// Gives the disk at `path` the UUID `uuid` (a new random one when None) in both footer copies; returns it.
+#[pyfunction]
+#[pyo3(signature = (path, uuid = None))]
+fn set_uuid(py: Python<'_>, path: PathBuf, uuid: Option<&str>) -> PyResult<String> {
+    let uuid = match uuid {
+        Some(text) => uuid::Uuid::parse_str(text)
+            .map_err(|e| InvalidArgumentError::new_err(format!("{text:?} is not a UUID: {e}")))?,
+        None => uuid::Uuid::new_v4(),
+    };
+    py.allow_threads(|| vhdcore::set_uuid(&path, *uuid.as_bytes())).or_raise(py)?;
+    Ok(uuid.hyphenated().to_string())
+}
+
 #[pyfunction]
 fn children(py: Python<'_>, path: PathBuf, candidates: Vec<PathBuf>) -> PyResult<Vec<String>> {
     let found = py.allow_threads(|| vhdcore::children(&path, &candidates)).or_raise(py)?;
@@ -1115,6 +1128,7 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(write, m)?)?;
     m.add_function(wrap_pyfunction!(restamp, m)?)?;
+    m.add_function(wrap_pyfunction!(set_uuid, m)?)?;
     m.add_function(wrap_pyfunction!(children, m)?)?;
     m.add_function(wrap_pyfunction!(coalesce_step, m)?)?;
     m.add_function(wrap_pyfunction!(coalesce, m)?)?;

@@ -241,11 +241,30 @@ pub fn snapshot_bytes(parent: &Disk, relative_parent: &str) -> Result<Vec<u8>> {
 /// child made before the change can tell (its header's parent timestamp no longer matches; `check` reports it).
 /// Returns the new timestamp. Both copies of a sparse disk's footer are rewritten.
 pub fn restamp(path: &Path) -> Result<u32> {
+    let footer = rewrite_footer(path, |footer| {
+        let old = footer.timestamp.get();
+        footer.timestamp.set(now_vhd_timestamp().max(old.checked_add(1).unwrap_or(old)));
+    })?;
+    Ok(footer.timestamp.get())
+}
+
+/// Gives the disk at `path` the identity `uuid` (the footer's unique id, which children name as their parent's):
+/// for a copy of a disk that must not pass for the original, e.g. a disk restored from an image. Both copies of a
+/// sparse disk's footer are rewritten with their checksum; the disk's content is unchanged. Changing the UUID of a
+/// layer that has children cuts them off from it: that is the caller's to avoid.
+pub fn set_uuid(path: &Path, uuid: [u8; 16]) -> Result<()> {
+    if uuid == [0u8; 16] {
+        return Err(VhdError::invalid_argument(Some(path), "a disk's UUID cannot be the nil UUID"));
+    }
+    rewrite_footer(path, |footer| footer.unique_id = uuid).map(|_| ())
+}
+
+/// Applies `edit` to the footer of the disk at `path`, seals it and writes it over both copies (the one at the end,
+/// and for a sparse disk the one at offset 0), then syncs. Returns the footer written.
+fn rewrite_footer(path: &Path, edit: impl FnOnce(&mut Footer)) -> Result<Footer> {
     let disk = Disk::open_writable(path)?;
-    let old = disk.footer.timestamp.get();
-    let stamp = now_vhd_timestamp().max(old.checked_add(1).unwrap_or(old));
     let mut footer = disk.footer.clone();
-    footer.timestamp.set(stamp);
+    edit(&mut footer);
     footer.seal();
     let bytes = footer.as_bytes();
     let file = disk.file()?;
@@ -255,7 +274,7 @@ pub fn restamp(path: &Path) -> Result<u32> {
     }
     write_all_at(file, path, trailing, disk.footer_offset)?;
     file.sync_all().map_err(|e| VhdError::io(path, "sync", e))?;
-    Ok(stamp)
+    Ok(footer)
 }
 
 /// The files among `candidates` that are differencing children of the layer at `path` (their header names its
