@@ -36,12 +36,22 @@ fn ext4_default_1k_blocks() {
 
 #[test]
 fn ext4_64bit_metadata_csum_4k() {
-    variant("ext4 64bit,metadata_csum", 96 * MIB, &["-t", "ext4", "-b", "4096", "-O", "64bit,metadata_csum"], FsKind::Ext4);
+    variant(
+        "ext4 64bit,metadata_csum",
+        96 * MIB,
+        &["-t", "ext4", "-b", "4096", "-O", "64bit,metadata_csum"],
+        FsKind::Ext4,
+    );
 }
 
 #[test]
 fn ext4_no_csum_no_flex_bg() {
-    variant("ext4 ^metadata_csum,^flex_bg", 64 * MIB, &["-t", "ext4", "-b", "4096", "-O", "^metadata_csum,^flex_bg"], FsKind::Ext4);
+    variant(
+        "ext4 ^metadata_csum,^flex_bg",
+        64 * MIB,
+        &["-t", "ext4", "-b", "4096", "-O", "^metadata_csum,^flex_bg"],
+        FsKind::Ext4,
+    );
 }
 
 #[test]
@@ -75,7 +85,10 @@ fn filesystem_smaller_than_disk_keeps_the_tail() {
     let img = dir.path().join("fs.img");
     random_file(&img, 64 * MIB, 9);
     // A 32 MiB filesystem in a 64 MiB disk.
-    run("mke2fs", &["-q", "-F", "-E", "nodiscard", "-b", "4096", "-d", src.to_str().unwrap(), img.to_str().unwrap(), "8192"]);
+    run(
+        "mke2fs",
+        &["-q", "-F", "-E", "nodiscard", "-b", "4096", "-d", src.to_str().unwrap(), img.to_str().unwrap(), "8192"],
+    );
     let u = usage_of(&img);
     dropped(&u, 0);
     assert!(u.free.iter().all(|&(s, l)| s + l <= 32 * MIB), "nothing past the filesystem is free");
@@ -99,4 +112,29 @@ fn corrupt_superblock_keeps_whole() {
         d => panic!("{d:?}"),
     }
     assert!(u.free.is_empty());
+}
+
+#[test]
+fn through_a_vhd_chain() {
+    if !have(&["mke2fs", "debugfs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let files = make_tree(&src, 17, 12, 300_000);
+    let img = dir.path().join("fs.img");
+    build_ext(&img, 32 * MIB, &["-t", "ext4"], &src, files, |i| i % 2 == 0);
+    let raw = std::fs::read(&img).unwrap();
+    // Base holds the filesystem, a child holds a later write to the first 4 MiB: the flattened chain is read.
+    let base = dir.path().join("base.vhd");
+    vhdcore::create(&base, 32 * MIB, vhdcore::DiskType::Dynamic, 2 << 20).unwrap();
+    vhdcore::write(&base, 0, &raw).unwrap();
+    let child = dir.path().join("child.vhd");
+    vhdcore::snapshot(&base, &child).unwrap();
+    vhdcore::write(&child, 0, &raw[..4 * MIB as usize]).unwrap();
+    let chain = vhdcore::Chain::open(&child, vhdcore::MAX_CHAIN_DEPTH).unwrap();
+    let from_chain = vhdcore::fs::usage(&chain).unwrap();
+    let from_file = usage_of(&img);
+    assert_eq!(from_chain.free, from_file.free);
+    assert!(dropped(&from_chain, 0) > 0);
 }

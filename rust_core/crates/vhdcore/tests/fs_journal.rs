@@ -164,23 +164,14 @@ fn crash_seed(seed: u64) -> u64 {
     let bs = if rng.below(2) == 0 { 1024 } else { 4096 };
     let csum = rng.below(2) == 0;
     let wide = rng.below(2) == 0;
-    let features = format!(
-        "{},{}",
-        if csum { "metadata_csum" } else { "^metadata_csum" },
-        if wide { "64bit" } else { "^64bit" }
-    );
+    let features =
+        format!("{},{}", if csum { "metadata_csum" } else { "^metadata_csum" }, if wide { "64bit" } else { "^64bit" });
     let bs_arg = bs.to_string();
     let src = dir.path().join("src");
     let files = make_tree(&src, seed, 12, 400_000);
     let img = dir.path().join("fs.img");
-    let (live, _) = build_ext(
-        &img,
-        48 * MIB,
-        &["-t", "ext4", "-b", &bs_arg, "-O", &features],
-        &src,
-        files,
-        |i| i % 3 == 0,
-    );
+    let (live, _) =
+        build_ext(&img, 48 * MIB, &["-t", "ext4", "-b", &bs_arg, "-O", &features], &src, files, |i| i % 3 == 0);
     let mut live: BTreeMap<String, Vec<u8>> = live.into_iter().collect();
     let (bs_read, meta) = meta_blocks(&img);
     assert_eq!(bs_read, bs);
@@ -210,7 +201,8 @@ fn crash_seed(seed: u64) -> u64 {
             if rewrite {
                 script.push_str(&format!("rm /{name}\n"));
             }
-            let (parent, leaf) = name.rsplit_once('/').map_or(("/".to_string(), name.as_str()), |(p, l)| (format!("/{p}"), l));
+            let (parent, leaf) =
+                name.rsplit_once('/').map_or(("/".to_string(), name.as_str()), |(p, l)| (format!("/{p}"), l));
             script.push_str(&format!("cd {parent}\nwrite {} {leaf}\n", host.display()));
             live.insert(name.clone(), data);
             written_at.insert(name, op);

@@ -10,7 +10,15 @@ use vhdcore::rng::SplitMix;
 
 /// Corrupts 1..=8 bytes inside `zones` (byte ranges) in place, runs `usage`, restores the bytes. With `strict`,
 /// every free range must be free in `baseline` too.
-fn fuzz(name: &str, bytes: &mut [u8], zones: &[(usize, usize)], baseline: &DiskUsage, seed: u64, rounds: usize, strict: bool) {
+fn fuzz(
+    name: &str,
+    bytes: &mut [u8],
+    zones: &[(usize, usize)],
+    baseline: &DiskUsage,
+    seed: u64,
+    rounds: usize,
+    strict: bool,
+) {
     let mut rng = SplitMix(seed);
     let mut kept_whole = 0;
     for round in 0..rounds {
@@ -110,11 +118,26 @@ fn ext4_journal_corruption() {
     std::fs::write(&blk, data).unwrap();
     let cmds = dir.path().join("j.cmds");
     let list = format!("{},2", bitmaps[0]);
-    std::fs::write(&cmds, format!("jo\njw -b {list} {b}\njw -b {list} {b}\njw -b {list} -c {b}\njc\n", b = blk.display()))
-        .unwrap();
+    std::fs::write(
+        &cmds,
+        format!("jo\njw -b {list} {b}\njw -b {list} {b}\njw -b {list} -c {b}\njc\n", b = blk.display()),
+    )
+    .unwrap();
     run("debugfs", &["-w", "-f", cmds.to_str().unwrap(), img.to_str().unwrap()]);
     let journal = run("debugfs", &["-R", "stat <8>", img.to_str().unwrap()]);
-    let first: usize = journal.split("EXTENTS:").nth(1).unwrap().split(':').nth(1).unwrap().split('-').next().unwrap().trim().parse().unwrap();
+    let first: usize = journal
+        .split("EXTENTS:")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .split('-')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let mut bytes = std::fs::read(&img).unwrap();
     let baseline = usage(&bytes).unwrap();
     dropped(&baseline, 0);

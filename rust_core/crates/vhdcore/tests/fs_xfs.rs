@@ -80,7 +80,13 @@ fn check_variant(name: &str, extra: &[&str]) {
     let free = dropped(&u, 0);
     let stored: u64 = files.iter().map(|f| f.1.len() as u64).sum();
     let log = xfs_field(&img, "logblocks") * xfs_field(&img, "blocksize");
-    eprintln!("{name}: free {} MiB of {} MiB (files {} MiB, log {} MiB)", free / MIB, size / MIB, stored / MIB, log / MIB);
+    eprintln!(
+        "{name}: free {} MiB of {} MiB (files {} MiB, log {} MiB)",
+        free / MIB,
+        size / MIB,
+        stored / MIB,
+        log / MIB
+    );
     assert!(free >= (size - stored - log) * 9 / 10, "{name}: free {free}");
     let copy = dir.path().join("zeroed.img");
     zeroed_copy(&img, &u, &copy);

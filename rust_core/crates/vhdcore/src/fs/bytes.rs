@@ -58,7 +58,6 @@ pub(crate) fn mul(a: u64, b: u64, what: &str) -> FsResult<u64> {
     a.checked_mul(b).ok_or_else(|| doubt(format!("{what}: {a} * {b} overflows")))
 }
 
-
 /// The CRC-32 of zlib/GPT (reflected polynomial 0xEDB88320, initial and final inversion).
 pub(crate) fn crc32_ieee(data: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {

@@ -6,7 +6,7 @@
 //! described through an attribute list, and anything malformed. The backup boot sector (past the last cluster) is
 //! kept, as is everything past the volume.
 
-use super::bytes::{le16, le32, le64, mul, slice, u8_at, u64_of, usize_of};
+use super::bytes::{le16, le32, le64, mul, slice, u64_of, u8_at, usize_of};
 use super::{doubt, FreeList, FsResult, Region};
 
 const ATTR_LIST: u32 = 0x20;
@@ -136,7 +136,8 @@ fn runlist(attr: &[u8], clusters: u64) -> FsResult<Vec<Run>> {
         let run_lcn = if os == 0 {
             None
         } else {
-            lcn = lcn.checked_add(signed_le(slice(attr, pos + 1 + ls, os)?)).ok_or_else(|| doubt("NTFS LCN overflow"))?;
+            lcn =
+                lcn.checked_add(signed_le(slice(attr, pos + 1 + ls, os)?)).ok_or_else(|| doubt("NTFS LCN overflow"))?;
             let l = u64::try_from(lcn).map_err(|_| doubt("negative NTFS LCN"))?;
             if l.checked_add(len).is_none_or(|e| e > clusters) {
                 return Err(doubt(format!("NTFS run {l}+{len} is past the volume")));

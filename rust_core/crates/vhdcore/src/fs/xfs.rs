@@ -232,7 +232,7 @@ fn log_is_clean(region: &Region<'_>, sb: &Sb) -> FsResult<()> {
 /// Free byte ranges of the XFS filesystem in `region`, relative to its start.
 pub(crate) fn free_ranges(region: Region<'_>) -> FsResult<Vec<(u64, u64)>> {
     let head = region.read_vec(0, 512)?;
-    let sect = usize::try_from(be16(&head, 102)?).map_err(|_| doubt("sectsize"))?.clamp(512, 32768);
+    let sect = usize::from(be16(&head, 102)?).clamp(512, 32768);
     let raw = region.read_vec(0, sect)?;
     let sb = parse_sb(&raw)?;
     let fs_bytes = mul(sb.dblocks, sb.block_size, "XFS size")?;

@@ -93,7 +93,7 @@ fn is_power_of(mut n: u64, base: u64) -> bool {
     if n == 0 {
         return false;
     }
-    while n % base == 0 {
+    while n.is_multiple_of(base) {
         n /= base;
     }
     n == 1
@@ -110,7 +110,7 @@ pub fn has_super(sb: &Superblock, g: u64) -> bool {
     if g <= 1 || !sb.has_ro_compat(RO_COMPAT_SPARSE_SUPER) {
         return true;
     }
-    if g % 2 == 0 {
+    if g.is_multiple_of(2) {
         return false;
     }
     is_power_of(g, 3) || is_power_of(g, 5) || is_power_of(g, 7)

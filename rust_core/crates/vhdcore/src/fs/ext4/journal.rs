@@ -195,7 +195,7 @@ fn block_map(region: &Region<'_>, sb: &Superblock, inode: &[u8]) -> FsResult<Vec
     }
     let size = u64::from(le32(inode, 4)?) | (u64::from(le32(inode, 0x6C)?) << 32);
     let blocks = size / sb.block_size;
-    if blocks < 2 || blocks > MAX_JOURNAL_BLOCKS {
+    if !(2..=MAX_JOURNAL_BLOCKS).contains(&blocks) {
         return Err(doubt(format!("journal inode size {size}")));
     }
     let flags = le32(inode, 0x20)?;

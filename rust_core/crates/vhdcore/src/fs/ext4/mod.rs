@@ -222,7 +222,7 @@ fn emit_free(free: &mut FreeList, used: &[u8], start: u64, len: u64, block_size:
     };
     while i < len {
         let Some(&byte) = usize::try_from(i / 8).ok().and_then(|b| used.get(b)) else { break };
-        if i % 8 == 0 && i + 8 <= len && (byte == 0xFF || byte == 0) {
+        if i.is_multiple_of(8) && i + 8 <= len && (byte == 0xFF || byte == 0) {
             if byte == 0xFF {
                 flush(&mut run_start, i);
             } else if run_start.is_none() {
