@@ -214,7 +214,12 @@ fn crash_seed(seed: u64) -> u64 {
     }
     // The on-disk metadata goes back to state k; transactions k+1.. (and earlier ones) live in the journal.
     let k = rng.below(ops as u64) as usize;
-    let mut script = String::from(if csum && rng.below(2) == 0 { "jo -c\n" } else { "jo\n" });
+    // Journal checksums (v2 or v3 tags) on half of the metadata_csum seeds.
+    let mut script = match (csum, rng.below(3)) {
+        (true, 0) => String::from("jo -c -v 2\n"),
+        (true, 1) => String::from("jo -c -v 3\n"),
+        _ => String::from("jo\n"),
+    };
     let mut txns = 0;
     for i in 1..=ops {
         let changed: Vec<usize> = (0..meta.len()).filter(|&m| states[i][m] != states[i - 1][m]).collect();
