@@ -288,3 +288,41 @@ fn crash_consistent_journal_50_seeds() {
     let lost: u64 = (1000..1050).map(crash_seed).sum();
     assert!(lost > 0);
 }
+
+/// A journaled block that starts with the jbd2 magic is escaped in the log (its first word zeroed,
+/// JBD2_FLAG_ESCAPE in its tag): the walker must restore the magic, whose bits mark blocks used.
+#[test]
+fn escaped_bitmap_copy_restores_the_magic() {
+    if !have(&["mke2fs", "debugfs", "dumpe2fs"]) {
+        return;
+    }
+    for (features, jo) in [("metadata_csum,64bit", "jo -c -v 3"), ("^metadata_csum,^64bit", "jo")] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        random_file(&img, 48 * MIB, 90);
+        run(
+            "mke2fs",
+            &["-q", "-F", "-E", "nodiscard", "-t", "ext4", "-b", "1024", "-O", features, img.to_str().unwrap()],
+        );
+        let text = run("dumpe2fs", &[img.to_str().unwrap()]);
+        // Group 4 is BLOCK_UNINIT and wholly free (group 2 holds the journal).
+        let group4 = text.split("Group 4:").nth(1).unwrap();
+        let bitmap: u64 =
+            group4.split("Block bitmap at ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+        let first: u64 = group4.split("(Blocks ").nth(1).unwrap().split('-').next().unwrap().parse().unwrap();
+        let mut copy = vec![0u8; 1024];
+        copy[..4].copy_from_slice(&0xC03B_3998u32.to_be_bytes());
+        let host = dir.path().join("copy.bin");
+        std::fs::write(&host, &copy).unwrap();
+        let cmds = dir.path().join("j.cmds");
+        std::fs::write(&cmds, format!("{jo}\njw -b {bitmap} {}\njc\n", host.display())).unwrap();
+        run("debugfs", &["-w", "-f", cmds.to_str().unwrap(), img.to_str().unwrap()]);
+        let u = usage_of(&img);
+        dropped(&u, 0);
+        for bit in 0..32u64 {
+            let used = copy[(bit / 8) as usize] & (1 << (bit % 8)) != 0;
+            let free = u.is_free((first + bit) * 1024, 1024);
+            assert_eq!(free, !used, "{features}: block {} (bit {bit} of the escaped word)", first + bit);
+        }
+    }
+}
