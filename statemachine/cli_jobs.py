@@ -174,9 +174,10 @@ def start_or_resume(
     """Start the execution of `request`, or resume the interrupted job `adopted` (the request then names its job
     and image); other jobs that lost their runner are failed first (this command runs only its own to the end)."""
     from functions.catalog.launch import execution_input
-    from functions.imaging.recovery import recover_job
+    from functions.imaging.recovery import recover_job, remove_orphans
 
     recover_without_engine(services, which=lambda job: adopted is None or job.id != adopted.id)
+    remove_orphans(services)  # what runners killed during their failure path left
     interrupts = current_interrupts()
     if adopted is not None:
         started: list[str] = []

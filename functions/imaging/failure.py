@@ -9,7 +9,7 @@ from functions.imaging import keys
 from functions.imaging.compress import recorded_worker_failure
 from functions.imaging.errors import MAP_FAILURE_NAMES, Failure, failure_for
 from functions.imaging.finalize import delete_staging
-from functions.imaging.jobs import OWN_FAILURES, release_server_lock, revise_job
+from functions.imaging.jobs import OWN_FAILURES, JobCancelledError, release_server_lock, revise_job
 from functions.imaging.services import ImagingServices
 from functions.state import Job, NotFoundError, Status
 from functions.state.models import TERMINAL_STATUSES
@@ -32,15 +32,25 @@ def fail_job(services: ImagingServices, job_id: str, error_name: str, cause: str
     at = services.now()
     cause = error_message(cause)
 
+    cancelled = job_failure(JobCancelledError.__name__)
+
     def mark(current: Job) -> Job | None:
         if current.status in TERMINAL_STATUSES:
             return None
-        detail = f"{error_name}: {cause}"[:MAX_DETAIL]
-        return current.transition(Status.ERROR, at=at, detail=detail, error_code=failure.code, error_hint=failure.hint)
+        detail = f"{error_name}: {cause}"
+        ending = failure
+        if current.cancel_requested_at is not None and failure != cancelled:
+            # Asked to stop, it ended otherwise meanwhile (a step failing as it was interrupted): what was asked.
+            ending, detail = cancelled, f"cancelled on request; it ended with {detail}"
+        return current.transition(
+            Status.ERROR, at=at, detail=detail[:MAX_DETAIL], error_code=ending.code, error_hint=ending.hint
+        )
 
     job = revise_job(services, job_id, mark)
     if job.status is Status.ERROR:
         services.state.update_image_status(job.image_id, Status.ERROR)
+        if job.error_code == cancelled.code:
+            failure = cancelled
     _abort_uploads(services, job)
     delete_staging(services, job.id)
     release_server_lock(services, job)

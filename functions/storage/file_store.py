@@ -209,7 +209,7 @@ class FileObjectStore:
         for folder in sorted(folders, key=lambda item: len(item.parts), reverse=True):
             self._prune(folder)
 
-    def sweep_leftovers(self, older_than_s: float = 900.0) -> int:
+    def sweep_leftovers(self, older_than_s: float = 300.0) -> int:
         """Remove what killed processes left in the store's area: temp files and folders not modified for
         `older_than_s` (a live writer keeps touching its file), and lock files nobody holds. Returns how many."""
         removed = 0

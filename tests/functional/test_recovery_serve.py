@@ -31,6 +31,7 @@ from tests.functional.test_recovery import (
     lock_holder,
     make_cli,
     running_job,
+    stored_parts,
     wait_for,
 )
 from tests.support.pyvhd import flatten
@@ -99,8 +100,10 @@ def test_sigterm_during_a_job_hands_it_over_and_the_next_start_resumes_it(cli: C
         image = post(f"{url}/v1/servers/web1/images", token, {"name": "nightly"})
         job = wait_for("the job to upload", lambda: running_job(cli))
         assert job.image_id == image["id"]
+        wait_for("two parts stored", lambda: len(stored_parts(cli)) >= 2)
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+    stored = len(stored_parts(cli))
     handed = job_of(cli, job.id)
     assert handed.abandoned_at is not None and handed.status is Status.UPLOADING, "handed over, not failed"
 
@@ -109,11 +112,11 @@ def test_sigterm_during_a_job_hands_it_over_and_the_next_start_resumes_it(cli: C
     ended = job_of(cli, job.id)
     assert (ended.status, ended.runs) == (Status.ACTIVE, 2), ended.error_code
     manifest = json.loads((cli.store / "images" / job.image_id / "manifest.json").read_bytes())
-    assert sum(part["kept"] for part in manifest["parts"]) > 0, "the parts stored before SIGTERM were kept"
+    assert sum(part["kept"] for part in manifest["parts"]) == stored, "the parts stored before SIGTERM were kept"
     image_bytes = (cli.store / "images" / job.image_id / "image.vhd.zst").read_bytes()
     assert image_raw(cli.root, image_bytes, "served") == expected
     assert lock_holder(cli) is None
-    assert_nothing_left(cli.store)
+    assert_nothing_left(cli.store, killed=True)
 
 
 def test_a_sigkilled_server_leaves_a_job_that_the_next_start_recovers(cli: Cli) -> None:
@@ -133,7 +136,7 @@ def test_a_sigkilled_server_leaves_a_job_that_the_next_start_recovers(cli: Cli) 
     image_bytes = (cli.store / "images" / job.image_id / "image.vhd.zst").read_bytes()
     assert image_raw(cli.root, image_bytes, "killed") == expected
     assert lock_holder(cli) is None
-    assert_nothing_left(cli.store)
+    assert_nothing_left(cli.store, killed=True)
 
 
 def test_dynamodb_keeps_the_job_heartbeat_cancel_and_runs_and_lists_unfinished_jobs(
