@@ -123,3 +123,45 @@ pub(crate) fn read(disk: &dyn DiskRead, sector0: &[u8; 512]) -> Result<std::resu
     }
     Ok(Ok(Table { kind: TableKind::Mbr, entries, reserved, warnings }))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::fs::{usage, TableKind};
+
+    fn put_entry(disk: &mut [u8], sector: usize, slot: usize, kind: u8, lba: u32, sectors: u32) {
+        let at = sector * 512 + 446 + 16 * slot;
+        disk[at + 4] = kind;
+        disk[at + 8..at + 12].copy_from_slice(&lba.to_le_bytes());
+        disk[at + 12..at + 16].copy_from_slice(&sectors.to_le_bytes());
+        disk[sector * 512 + 510] = 0x55;
+        disk[sector * 512 + 511] = 0xAA;
+    }
+
+    #[test]
+    fn ebr_loop_keeps_the_disk_whole() {
+        let mut disk = vec![0u8; 2 << 20];
+        put_entry(&mut disk, 0, 0, 0x05, 100, 2000);
+        put_entry(&mut disk, 100, 0, 0x83, 2, 50);
+        put_entry(&mut disk, 100, 1, 0x05, 0, 100); // links back to itself
+        let u = usage(&disk).unwrap();
+        assert_eq!(u.table, TableKind::Mbr);
+        assert!(u.partitions.is_empty() && u.free.is_empty());
+        assert!(u.warnings[0].contains("loops"), "{:?}", u.warnings);
+    }
+
+    #[test]
+    fn long_ebr_chain_is_capped() {
+        let mut disk = vec![0u8; 4 << 20];
+        put_entry(&mut disk, 0, 0, 0x0F, 64, 8000);
+        for i in 0..200u32 {
+            let ebr = 64 + i * 20;
+            put_entry(&mut disk, usize::try_from(ebr).unwrap(), 0, 0x83, 1, 10);
+            put_entry(&mut disk, usize::try_from(ebr).unwrap(), 1, 0x05, (i + 1) * 20, 20);
+        }
+        let u = usage(&disk).unwrap();
+        assert!(u.partitions.len() <= super::MAX_LOGICAL + 6, "{}", u.partitions.len());
+        assert!(u.warnings.iter().any(|w| w.contains("logical")), "{:?}", u.warnings);
+        let json = serde_json::to_string(&u).unwrap();
+        assert!(json.contains("\"decision\":\"keep_whole\""), "{json}");
+    }
+}
