@@ -14,7 +14,6 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use fs_support::*;
-use vhdcore::rng::SplitMix;
 
 /// Block size and the blocks that hold the superblock, descriptors and bitmaps, from dumpe2fs.
 fn meta_blocks(img: &Path) -> (u64, Vec<u64>) {

@@ -6,7 +6,6 @@ mod fs_support;
 
 use fs_support::*;
 use vhdcore::fs::{usage, Decision, DiskUsage};
-use vhdcore::rng::SplitMix;
 
 /// Corrupts 1..=8 bytes inside `zones` (byte ranges) in place, runs `usage`, restores the bytes. With `strict`,
 /// every free range must be free in `baseline` too.

@@ -18,7 +18,32 @@
 //! [`Decision::KeepWhole`] with the reason. Malformed input never panics: every size and offset read from disk is
 //! checked, and a doubt keeps the filesystem whole.
 //!
-//! Free ranges are byte ranges of the disk, aligned inwards to 512-byte sectors, sorted and merged.
+//! Free ranges are byte ranges of the disk, aligned inwards to 512-byte sectors, sorted and merged;
+//! [`DiskUsage::free_blocks`] says which blocks of a given size (2 MiB for an image's VHD) are wholly free.
+//!
+//! # Guarantees
+//!
+//! - Nothing that any committed state of a filesystem uses is called free (DESIGN §7b): ext3/4 journals that need
+//!   recovery are walked and every committed copy of a bitmap or descriptor block is unioned in (revokes are not
+//!   honoured: the union only grows); an XFS log that is not provably clean, an NTFS volume that is dirty or whose
+//!   `$LogFile` is not clean, a swap area holding a hibernation image, keep the filesystem whole.
+//! - The journal itself is kept, unreplayed: a restored server's kernel replays it at first mount.
+//! - Bad input gives a [`Decision::KeepWhole`] with the reason, never a panic, a hang or unbounded memory: bitmaps
+//!   are read one group at a time, counts and depths are capped, arithmetic on disk values is checked. Only an
+//!   I/O error of the disk itself is an `Err`.
+//!
+//! ```no_run
+//! # fn main() -> vhdcore::Result<()> {
+//! let chain = vhdcore::Chain::open(std::path::Path::new("leaf.vhd"), vhdcore::MAX_CHAIN_DEPTH)?;
+//! let usage = vhdcore::fs::usage(&chain)?;
+//! for p in &usage.partitions {
+//!     println!("{} {} {:?}", p.index, p.filesystem.as_str(), p.decision);
+//! }
+//! let free_2mib: Vec<bool> = usage.free_blocks(2 << 20);
+//! # let _ = free_2mib;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
