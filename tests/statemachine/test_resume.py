@@ -83,11 +83,11 @@ def test_a_cancelled_job_fails_through_the_catch_path(env: Env) -> None:
     handler, entered, release = held_upload()
     services = services_of(env)
     # The held step fails once released; the Catch sends the execution to Failed, which finds the cancel.
-    result = cancelled_while_held(env, services, handler, entered, release, "job-c1")
-    job = env.state.get_job("job-c1")
+    result = cancelled_while_held(env, services, handler, entered, release, "job-cancel-catch")
+    job = env.state.get_job("job-cancel-catch")
     assert result.status == "FAILED" and "Failed" in result.states_entered()
     assert (job.status, job.error_code) == (Status.ERROR, "CANCELLED")
-    assert env.state.get_image("img-job-c1").status is Status.ERROR
+    assert env.state.get_image("img-job-cancel-catch").status is Status.ERROR
     assert env.state.get_lock("web1") is None
     assert list(env.store.list_objects("staging/")) == []
     assert env.store.list_multipart_uploads() == []
@@ -105,8 +105,8 @@ def test_a_cancel_is_seen_by_the_running_step_at_its_next_part(env: Env) -> None
         release.wait(TIMEOUT_S)
         return upload.handler(event, context)
 
-    result = cancelled_while_held(env, services, upload_after_the_cancel, entered, release, "job-c2")
-    job = env.state.get_job("job-c2")
+    result = cancelled_while_held(env, services, upload_after_the_cancel, entered, release, "job-cancel-part")
+    job = env.state.get_job("job-cancel-part")
     assert (job.status, job.error_code) == (Status.ERROR, "CANCELLED"), job.history[-1].detail
     assert "JobCancelledError" in (job.history[-1].detail or "")
     assert result.status == "FAILED"
@@ -146,17 +146,17 @@ def test_a_job_given_up_by_its_runner_is_resumed_under_its_own_id_from_what_it_s
     services = services_of(env)
     handler, entered, release = held_upload()
     with LocalImaging({"UploadFunctionArn": handler}, services=services) as workflow:
-        first = workflow.start(request("job-r1", server="web1"))
+        first = workflow.start(request("job-resume-own-id", server="web1"))
         assert entered.wait(TIMEOUT_S)
         disk_before = env.state.get_server("web1").disk
-        assert hand_over(services, ["job-r1"]) == ["job-r1"]  # as a stopping server does
+        assert hand_over(services, ["job-resume-own-id"]) == ["job-resume-own-id"]  # as a stopping server does
         started: list[str] = []
 
         def resume(resumed: ImagingRequest, name: str) -> None:
             started.append(workflow.start(execution_input(resumed), name=name))
 
         recovered = recover_jobs(services, resume=resume)
-        assert [(item.job_id, item.action) for item in recovered] == [("job-r1", "resumed")]
+        assert [(item.job_id, item.action) for item in recovered] == [("job-resume-own-id", "resumed")]
         second = workflow.wait(started[0], TIMEOUT_S)
         release.set()  # the first runner wakes up and fails: the job it had is done, nothing may change
         workflow.wait(first, TIMEOUT_S)
@@ -169,15 +169,15 @@ def test_a_job_given_up_by_its_runner_is_resumed_under_its_own_id_from_what_it_s
         {"first": 2, "count": 2},
         {"first": 4, "count": 2},
     ]
-    job = env.state.get_job("job-r1")
-    assert (job.status, job.runs, job.execution_name) == (Status.ACTIVE, 2, "job-r1-run2")
-    assert env.state.get_image("img-job-r1").status is Status.ACTIVE
+    job = env.state.get_job("job-resume-own-id")
+    assert (job.status, job.runs, job.execution_name) == (Status.ACTIVE, 2, "job-resume-own-id-run2")
+    assert env.state.get_image("img-job-resume-own-id").status is Status.ACTIVE
     assert env.state.get_server("web1").disk == disk_before, "frozen once: the resumed run took no new snapshot"
-    assert image_raw(env, "img-job-r1") == expected
+    assert image_raw(env, "img-job-resume-own-id") == expected
     assert env.state.get_lock("web1") is None
     assert list(env.store.list_objects("staging/")) == []
     assert env.store.list_multipart_uploads() == []
     assert [info.key for info in env.store.list_objects("images/")] == [
-        "images/img-job-r1/image.vhd.zst",
-        "images/img-job-r1/manifest.json",
+        "images/img-job-resume-own-id/image.vhd.zst",
+        "images/img-job-resume-own-id/manifest.json",
     ]
