@@ -217,7 +217,11 @@ def create(
     """Image SERVER (or --disk LEAF): coalesce, snapshot, compress, upload, verify.
 
     The embedded engine runs in this command, so it returns when the image is ACTIVE or has failed. With --json,
-    stdout holds the image record only (with the object's URL and the manifest); progress and logs go to stderr.
+    stdout holds the image record (with the object's URL and the manifest) and `server_disk`, the server's active
+    disk after its snapshot (a new leaf beside its chain); progress and logs go to stderr.
+
+    If the last job of SERVER (or of LEAF) was interrupted (its process killed), that job is resumed, with its image
+    id, keeping the frames and parts it had stored. Ctrl-C cancels the job and exits 130 (a second Ctrl-C at once).
     """
     if (server_id is None) == (leaf is None):
         raise click.UsageError("name a SERVER or give --disk LEAF (exactly one)")
