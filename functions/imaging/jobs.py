@@ -130,7 +130,7 @@ def start_job(services: ImagingServices, request: ImagingRequest) -> Job:
             raise InvalidRequestError(f"server {request.server_id!r} is not registered") from error
         if server.tenant != request.tenant:
             raise InvalidRequestError(f"server {request.server_id!r} is not registered")
-        if not state.acquire_lock(request.server_id, request.job_id, services.config.lock_ttl_s):
+        if not _take_server_lock(services, request.server_id, request.job_id):
             raise ServerBusyError(f"server {request.server_id} is being imaged by another job")
     now = services.now()
     job = Job.queued(
@@ -269,6 +269,26 @@ def is_stale(job: Job, now: datetime, stale_after_s: float = STALE_AFTER_S) -> b
     if job.status in TERMINAL_STATUSES:
         return False
     return job.abandoned_at is not None or (now - job.last_sign_of_life).total_seconds() > stale_after_s
+
+
+def _take_server_lock(services: ImagingServices, server_id: str, job_id: str) -> bool:
+    """Take the server's lock for `job_id`. A lock still held by a job that has ended (its last step marks the
+    image ACTIVE a moment before it releases the lock) is released first: a client that saw the image ACTIVE and
+    asks again at once is not told the server is busy."""
+    state, ttl = services.state, services.config.lock_ttl_s
+    if state.acquire_lock(server_id, job_id, ttl):
+        return True
+    holder = state.get_lock(server_id)
+    if holder is None:
+        return state.acquire_lock(server_id, job_id, ttl)
+    try:
+        ended = state.get_job(holder.owner).status in TERMINAL_STATUSES
+    except NotFoundError:
+        ended = False  # a lock not taken by a job (e.g. `server remove`): never taken over
+    if not ended:
+        return False
+    state.release_lock(server_id, holder.owner)  # only if that job still holds it
+    return state.acquire_lock(server_id, job_id, ttl)
 
 
 def hold_server_lock(services: ImagingServices, job: Job) -> None:

@@ -11,7 +11,7 @@ import pytest
 from functions.imaging.errors import ServerBusyError
 from functions.imaging.jobs import ImagingRequest, hold_server_lock, start_job
 from functions.imaging.services import ImagingConfig, ImagingServices
-from functions.state import Server
+from functions.state import Server, Status
 from functions.state.sqlite_state import SqliteStateStore
 from functions.storage import FileObjectStore
 
@@ -80,3 +80,23 @@ def test_a_disk_job_has_no_server_lock_to_hold(services: ImagingServices) -> Non
     )
     hold_server_lock(services, job)
     assert services.state.get_lock("web1") is None
+
+
+def test_a_lock_left_by_a_job_that_has_ended_does_not_make_the_server_busy(services: ImagingServices) -> None:
+    # Finalize marks the image ACTIVE a moment before it releases the lock: a request in between finds it held.
+    finished = start_job(services, request("finished"))
+    services.state.update_job(finished.revised(status=Status.ERROR, error_code="CANCELLED"))
+    assert services.state.get_lock("web1") is not None
+
+    start_job(services, request("next"))
+
+    held = services.state.get_lock("web1")
+    assert held is not None and held.owner == "next"
+    with pytest.raises(ServerBusyError):  # the next one is running: its lock is its own
+        start_job(services, request("third"))
+
+
+def test_a_lock_taken_by_something_other_than_a_job_is_never_taken_over(services: ImagingServices) -> None:
+    assert services.state.acquire_lock("web1", "server-remove", TTL_S)
+    with pytest.raises(ServerBusyError):
+        start_job(services, request("job1"))
