@@ -83,7 +83,12 @@ def test_import_of_the_cli_loads_no_subcommand() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
     )
     assert result.returncode == 0, result.stderr
-    assert set(json.loads(result.stdout)) == {"statemachine", "statemachine.cli", "statemachine.cli_common"}
+    assert set(json.loads(result.stdout)) == {
+        "statemachine",
+        "statemachine.cli",
+        "statemachine.cli.common",
+        "statemachine.cli.errors",
+    }
 
 
 def test_the_help_table_matches_the_commands() -> None:

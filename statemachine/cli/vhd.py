@@ -14,7 +14,7 @@ import click
 
 import vhdcore
 from functions.settings import Settings
-from statemachine.cli_common import (
+from statemachine.cli.common import (
     SIZE,
     UserError,
     human_size,
@@ -25,7 +25,7 @@ from statemachine.cli_common import (
     require_file,
     size_with_bytes,
 )
-from statemachine.write_guard import check_layer_write, check_output, replacing
+from statemachine.cli.write_guard import check_layer_write, check_output, replacing
 
 WRITE_CHUNK = 16 * 1024 * 1024
 

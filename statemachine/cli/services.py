@@ -19,7 +19,7 @@ from functions.imaging.store_chains import disk_location
 from functions.settings import Settings, config_from_environment
 from functions.state import InvalidIdError, NotFoundError, StateError, open_state_store
 from functions.storage import ObjectStore, StorageError, open_object_store
-from statemachine.cli_common import UserError, log_options, require_file
+from statemachine.cli.common import UserError, log_options, require_file
 
 if TYPE_CHECKING:
     from statemachine.local import LocalImaging

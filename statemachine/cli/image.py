@@ -32,10 +32,10 @@ from functions.imaging.services import ImagingServices
 from functions.settings import Settings
 from functions.state import PROGRESS_OF_STATUS, Image, Job, NotFoundError, Status
 from functions.state.models import TERMINAL_STATUSES
-from statemachine import cli_jobs
-from statemachine.cli_common import UserError, human_size, json_option, print_fields, print_json, print_table
-from statemachine.cli_server import DEFAULT_TENANT
-from statemachine.cli_services import disk_argument, embedded_workflow, location_options, opened
+from statemachine.cli import jobs
+from statemachine.cli.common import UserError, human_size, json_option, print_fields, print_json, print_table
+from statemachine.cli.server import DEFAULT_TENANT
+from statemachine.cli.services import disk_argument, embedded_workflow, location_options, opened
 
 if TYPE_CHECKING:
     from statemachine.engine import ExecutionResult
@@ -150,13 +150,13 @@ def follow(
     """Wait for the execution, showing the job's progress (step, %, bytes, ETA) on stderr as `mode` says."""
     from statemachine.engine import TERMINAL_STATUSES
 
-    interrupts = cli_jobs.current_interrupts()
+    interrupts = jobs.current_interrupts()
     idle = interrupts.wake if interrupts is not None else threading.Event()  # set by Ctrl-C, else paces polling
     view = ProgressView(mode, job_id)
     try:
         while True:
             if interrupts is not None and interrupts.count:
-                cli_jobs.stop_on_interrupt(
+                jobs.stop_on_interrupt(
                     services,
                     interrupts,
                     view.close,
@@ -235,15 +235,15 @@ def create(
     }
     if server_id is not None:
         request["server_id"] = server_id
-    with opened(settings) as services, cli_jobs.interrupts_handled():
+    with opened(settings) as services, jobs.interrupts_handled():
         if leaf is not None:
             request["disk"] = disk_argument(services.disk_store, leaf)
-        adopted = cli_jobs.adoptable(services, request)  # an interrupted job of this server or disk: resumed
+        adopted = jobs.adoptable(services, request)  # an interrupted job of this server or disk: resumed
         if adopted is None:
             _start_ahead(services, request)
         try:
             with embedded_workflow(services) as workflow:
-                execution = cli_jobs.start_or_resume(services, workflow, request, adopted)
+                execution = jobs.start_or_resume(services, workflow, request, adopted)
                 job_id, image_id = str(request["job_id"]), str(request["image_id"])
                 result = follow(workflow, execution, services, job_id, mode)
         finally:
@@ -316,7 +316,7 @@ def _job_exists(services: ImagingServices, job_id: str) -> bool:
 def list_images(server_id: str | None, tenant: str, settings: Settings, as_json: bool) -> None:
     """List images, oldest first (jobs whose runner died are failed INTERRUPTED first: see `image cancel`)."""
     with opened(settings) as services:
-        cli_jobs.recover_without_engine(services)
+        jobs.recover_without_engine(services)
         if server_id is not None:
             images = services.state.list_images(server_id=server_id)
         else:
@@ -428,7 +428,7 @@ def show(image_id: str, settings: Settings, as_json: bool) -> None:
 def delete(image_id: str, settings: Settings, as_json: bool) -> None:
     """Delete a finished image: its object, manifest and record."""
     with opened(settings) as services:
-        cli_jobs.recover_without_engine(services, which=lambda job: job.image_id == image_id)  # a dead job's image
+        jobs.recover_without_engine(services, which=lambda job: job.image_id == image_id)  # a dead job's image
         record = delete_image(services, image_id)
     if as_json:
         print_json({"deleted": record.id})
@@ -441,7 +441,7 @@ def delete(image_id: str, settings: Settings, as_json: bool) -> None:
 @click.option(
     "--wait-seconds",
     type=click.FloatRange(0, 3600),
-    default=cli_jobs.CANCEL_WAIT_S,
+    default=jobs.CANCEL_WAIT_S,
     show_default=True,
     help="How long to wait for a running job to stop.",
 )
@@ -455,7 +455,7 @@ def cancel(image_id: str, wait_seconds: float, settings: Settings, as_json: bool
     step; a job whose runner died is stopped here. Exit code 1 if the image had already ended.
     """
     with opened(settings) as services:
-        outcome = cli_jobs.cancel(services, image_id, wait_seconds)
+        outcome = jobs.cancel(services, image_id, wait_seconds)
     if not outcome.requested:
         raise UserError(
             f"image {image_id} is {outcome.status.value}: there is no running job to cancel",
@@ -520,7 +520,7 @@ def export(image_id: str, out: Path, fmt: ExportFormat, force: bool, settings: S
     if str(out) == "-":
         _export_to_stdout(image_id, fmt, settings, as_json)
         return
-    from statemachine.write_guard import check_output
+    from statemachine.cli.write_guard import check_output
 
     check_output(out, force=force, settings=settings)
     with opened(settings) as services, _image_progress(not as_json) as progress, _corrupt_image_hint(image_id):
@@ -548,7 +548,7 @@ def _image_progress(wanted: bool) -> Iterator[Progress | None]:
     if not (wanted and sys.stderr.isatty()):
         yield None
         return
-    from statemachine.cli_vhd import byte_progress  # rich, for a bar someone watches
+    from statemachine.cli.vhd import byte_progress  # rich, for a bar someone watches
 
     with byte_progress(True, "reading") as bar:
         yield None if bar is None else (lambda label, done, total: bar.update(done, total, label))
@@ -592,7 +592,7 @@ def restore(
     """Make a new server NAME (--server) whose disk is image ID: a dynamic VHD, checked against the image's content
     hash before the server is registered. A progress bar shows on stderr when it is a terminal."""
     from functions.imaging.restore import restore_image
-    from statemachine.write_guard import check_output
+    from statemachine.cli.write_guard import check_output
 
     if disk is not None:  # a layer of a chain in use, or not a regular file; restore refuses any existing file itself
         check_output(disk, force=True, settings=settings)

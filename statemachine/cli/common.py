@@ -179,7 +179,7 @@ class JsonLineFormatter(logging.Formatter):
 
 def configure_logging(options: LogOptions) -> None:
     """Send the process's log records to stderr at the level of `options`, in its format (the handlers' Powertools
-    logger is set the same way when a workflow starts: statemachine.cli_services.embedded_workflow)."""
+    logger is set the same way when a workflow starts: statemachine.cli.services.embedded_workflow)."""
     handler = logging.StreamHandler(sys.stderr)
     if options.log_format == "json":
         handler.setFormatter(JsonLineFormatter())

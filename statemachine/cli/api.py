@@ -24,9 +24,9 @@ from functions.state import (
     persistence_layer_for,
     token_id_of,
 )
-from statemachine.cli_common import UserError, json_option, print_json, print_table
-from statemachine.cli_jobs import serve_hooks
-from statemachine.cli_services import embedded_workflow, location_options, opened
+from statemachine.cli.common import UserError, json_option, print_json, print_table
+from statemachine.cli.jobs import serve_hooks
+from statemachine.cli.services import embedded_workflow, location_options, opened
 
 
 # --- tokens --------------------------------------------------------------------------------------------------------
@@ -310,6 +310,6 @@ def serve(host: str, port: int, client_timeout: float, settings: Settings) -> No
             )
         )
         # Jobs left by an earlier `serve` (killed or stopped) are recovered before the first request; this one's
-        # still running at shutdown are handed over to the next start (statemachine/cli_jobs.py).
+        # still running at shutdown are handed over to the next start (statemachine/cli/jobs.py).
         on_start, on_shutdown = serve_hooks(services, runner)
         server.serve(on_start=on_start, on_shutdown=on_shutdown)

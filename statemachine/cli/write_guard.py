@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from functions.settings import Settings
-from statemachine.cli_common import UserError
+from statemachine.cli.common import UserError
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from functions.imaging.store_chains import is_store_key
 from functions.settings import Settings
 from functions.state import AlreadyExistsError, NotFoundError, Server
 from functions.storage import FileObjectStore, StorageError
-from statemachine.cli_common import UserError, json_option, print_fields, print_json, print_table
-from statemachine.cli_services import disk_argument, location_options, opened
-from statemachine.write_guard import layer_owner, protected_files
+from statemachine.cli.common import UserError, json_option, print_fields, print_json, print_table
+from statemachine.cli.services import disk_argument, location_options, opened
+from statemachine.cli.write_guard import layer_owner, protected_files
 
 DEFAULT_TENANT = "local"
 CLI_LOCK_TTL_S = 120.0
@@ -50,7 +50,7 @@ def holding_server(services: ImagingServices, server_id: str, action: str) -> It
 
     A job of the server whose runner died (no heartbeat) is failed INTERRUPTED first, releasing its lock: only a live
     job keeps the server."""
-    from statemachine.cli_jobs import recover_without_engine
+    from statemachine.cli.jobs import recover_without_engine
 
     recover_without_engine(services, which=lambda job: job.server_id == server_id)
     owner = f"cli-{action}-{uuid.uuid4().hex[:12]}"

@@ -21,44 +21,8 @@ from typing import Any, NamedTuple
 import click
 
 import vhdcore
-from statemachine.cli_common import LogOptions, UserError, configure_logging
-
-HINTS: list[tuple[type[vhdcore.VhdError], str]] = [
-    (
-        vhdcore.MissingParentError,
-        "a child finds its parent by the names recorded in it, relative to the child's folder: "
-        "keep the chain's files together and unrenamed",
-    ),
-    (
-        vhdcore.ParentMismatchError,
-        "the parent file is not the disk this child was created on (its UUID differs): it was replaced or re-created",
-    ),
-    (
-        vhdcore.CoalescePendingError,
-        "run `imaging vhd coalesce` on the chain's leaf to finish the interrupted coalesce; the content is intact",
-    ),
-    (vhdcore.ChainCycleError, "the chain's parent links loop back; run `imaging vhd check` on the leaf"),
-    (vhdcore.ChainTooDeepError, "the chain is deeper than the depth cap; coalesce it to shorten it"),
-    (vhdcore.UnsupportedError, "this VHD uses a feature vhdcore does not support"),
-    (vhdcore.VhdFormatError, "run `imaging vhd check PATH` to list every problem of the chain"),
-]
-
-
-NOT_A_VHD_HINT = "imaging reads VHD disks and chains (fixed, dynamic, differencing): convert others to one first"
-
-
-def hint_for(err: vhdcore.VhdError) -> str | None:
-    if err.field == "footer.cookie":  # not a VHD at all: the message names the format found
-        return NOT_A_VHD_HINT
-    for cls, hint in HINTS:
-        if isinstance(err, cls):
-            return hint
-    return None
-
-
-def os_error_message(err: OSError) -> str:
-    reason = err.strerror or str(err)
-    return f"{err.filename}: {reason}" if err.filename else reason
+from statemachine.cli.common import LogOptions, UserError, configure_logging
+from statemachine.cli.errors import hint_for, os_error_message
 
 
 class LazyCommand(NamedTuple):
@@ -72,28 +36,28 @@ class LazyCommand(NamedTuple):
 
 COMMANDS: dict[str, LazyCommand] = {
     "vhd": LazyCommand(
-        "statemachine.cli_vhd",
+        "statemachine.cli.vhd",
         "vhd",
         "Inspect, check, compare, flatten, create and write VHD chains (fixed, dynamic, differencing).",
     ),
     "server": LazyCommand(
-        "statemachine.cli_server",
+        "statemachine.cli.server",
         "server",
         "Register servers (a name and the leaf of their disk chain) and look at them.",
     ),
     "image": LazyCommand(
-        "statemachine.cli_image", "image", "Create images of servers (or of a disk chain) and manage them."
+        "statemachine.cli.image", "image", "Create images of servers (or of a disk chain) and manage them."
     ),
     "token": LazyCommand(
-        "statemachine.cli_api", "token", "API tokens: each maps to one tenant; stored hashed, shown once."
+        "statemachine.cli.api", "token", "API tokens: each maps to one tenant; stored hashed, shown once."
     ),
     "schedule": LazyCommand(
-        "statemachine.cli_api",
+        "statemachine.cli.api",
         "schedule",
         "Image servers on a schedule (daily or weekly, in UTC) and keep the newest N scheduled images.",
     ),
     "serve": LazyCommand(
-        "statemachine.cli_api",
+        "statemachine.cli.api",
         "serve",
         "Serve the HTTP API (the same code as on API Gateway) on waitress; images run in this process.",
     ),
@@ -211,7 +175,3 @@ def main() -> None:
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
         os._exit(code or 0)
-
-
-if __name__ == "__main__":
-    main()
