@@ -85,6 +85,7 @@ fn mbr_with_logical_partitions() {
     assert_eq!(idx, vec![1, 2, 5, 6]);
     assert_eq!(u.partitions[1].filesystem, FsKind::Extended);
     assert!(matches!(u.partitions[1].decision, Decision::KeepWhole { .. }));
+    assert_eq!(u.partitions[1].used_bytes, parts[1].1 - p5.1 - p6.1, "the container counts its EBRs and gaps only");
     assert_eq!((u.partitions[2].start, u.partitions[2].length), p5);
     assert_eq!(u.partitions[3].filesystem, FsKind::Swap);
     let swap_free = dropped(&u, 3);

@@ -497,7 +497,10 @@ pub fn usage(disk: &dyn DiskRead) -> Result<DiskUsage> {
         let start = entry.start.min(size);
         let length = entry.length.min(size - start);
         let mut report = if entry.container {
-            FsReport { kind: FsKind::Extended, outcome: Err("extended partition container".into()) }
+            FsReport {
+                kind: FsKind::Extended,
+                outcome: Err("extended partition: a container, its logical partitions are listed on their own".into()),
+            }
         } else if overlapping[i] {
             FsReport { kind: FsKind::Unknown, outcome: Err("overlaps another partition or the partition table".into()) }
         } else if length < entry.length {
@@ -530,7 +533,18 @@ pub fn usage(disk: &dyn DiskRead) -> Result<DiskUsage> {
             type_id: entry.type_id.clone(),
             filesystem: report.kind,
             decision,
-            used_bytes: length - free_bytes.min(length),
+            used_bytes: if entry.container {
+                // The EBRs and gaps only: its logical partitions are listed (and counted) on their own.
+                let inner: u64 = table
+                    .entries
+                    .iter()
+                    .filter(|q| !q.container && q.start >= start && q.start.saturating_add(q.length) <= start + length)
+                    .map(|q| q.length)
+                    .sum();
+                length.saturating_sub(inner)
+            } else {
+                length - free_bytes.min(length)
+            },
         });
     }
     let free = subtract(free_all, &table.reserved);
