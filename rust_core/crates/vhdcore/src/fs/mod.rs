@@ -416,7 +416,8 @@ pub(crate) struct FsReport {
 /// Identifies the content of `region` and asks its reader for free ranges.
 fn analyze(region: Region<'_>) -> Result<FsReport> {
     let mut head = vec![0u8; 0];
-    let probe = 64 * 1024u64;
+    // 68 KiB: the btrfs superblock magic lies at 64 KiB + 0x40.
+    let probe = 0x11000u64;
     if region.len >= 4096 {
         let n = usize::try_from(probe.min(region.len)).unwrap_or(4096);
         head = vec![0u8; n];
@@ -442,7 +443,7 @@ fn analyze(region: Region<'_>) -> Result<FsReport> {
     Ok(FsReport { kind, outcome })
 }
 
-/// The content of a partition from its first 64 KiB.
+/// The content of a partition from its first 68 KiB.
 pub(crate) fn identify(head: &[u8]) -> FsKind {
     let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
     if at(0x438, &[0x53, 0xEF]) {
