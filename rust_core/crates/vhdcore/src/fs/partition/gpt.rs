@@ -162,3 +162,68 @@ pub(crate) fn read(disk: &dyn DiskRead) -> Result<std::result::Result<Table, Str
     }
     Ok(Err(if reasons.is_empty() { "disk too small".into() } else { reasons.join("; ") }))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::fs::bytes::crc32_ieee;
+    use crate::fs::{usage, Decision, FsKind, TableKind};
+
+    const LBA: usize = 4096;
+
+    fn header(my: u64, alt: u64, entries: u64, first: u64, last: u64, array_crc: u32) -> Vec<u8> {
+        let mut h = vec![0u8; LBA];
+        h[..8].copy_from_slice(b"EFI PART");
+        h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&my.to_le_bytes());
+        h[32..40].copy_from_slice(&alt.to_le_bytes());
+        h[40..48].copy_from_slice(&first.to_le_bytes());
+        h[48..56].copy_from_slice(&last.to_le_bytes());
+        h[72..80].copy_from_slice(&entries.to_le_bytes());
+        h[80..84].copy_from_slice(&128u32.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        h[88..92].copy_from_slice(&array_crc.to_le_bytes());
+        let crc = crc32_ieee(&h[..92]);
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    /// A GPT on 4096-byte logical sectors holding one swap partition.
+    #[test]
+    fn gpt_with_4k_sectors() {
+        let size = 8usize << 20;
+        let last = u64::try_from(size / LBA - 1).unwrap();
+        let mut disk = vec![0u8; size];
+        disk[446 + 4] = 0xEE;
+        disk[510] = 0x55;
+        disk[511] = 0xAA;
+        let mut array = vec![0u8; 128 * 128];
+        array[..16].copy_from_slice(&[
+            0x6D, 0xFD, 0x57, 0x06, 0xAB, 0xA4, 0xC4, 0x43, 0x84, 0xE5, 0x09, 0x33, 0xC8, 0x4B, 0x4F, 0x4F,
+        ]);
+        array[16] = 1;
+        array[32..40].copy_from_slice(&256u64.to_le_bytes());
+        array[40..48].copy_from_slice(&1279u64.to_le_bytes());
+        let array_crc = crc32_ieee(&array);
+        disk[LBA..2 * LBA].copy_from_slice(&header(1, last, 2, 6, last - 5, array_crc));
+        disk[2 * LBA..6 * LBA].copy_from_slice(&array);
+        let backup_entries = usize::try_from(last - 4).unwrap() * LBA;
+        disk[backup_entries..backup_entries + array.len()].copy_from_slice(&array);
+        let at = usize::try_from(last).unwrap() * LBA;
+        disk[at..at + LBA].copy_from_slice(&header(last, 1, last - 4, 6, last - 5, array_crc));
+        // The swap area: 1024 pages of 4 KiB.
+        let part = 256 * LBA;
+        disk[part + 4086..part + 4096].copy_from_slice(b"SWAPSPACE2");
+        disk[part + 1028..part + 1032].copy_from_slice(&1023u32.to_le_bytes());
+        let u = usage(&disk).unwrap();
+        assert_eq!(u.table, TableKind::Gpt);
+        assert!(u.warnings.is_empty(), "{:?}", u.warnings);
+        assert_eq!(u.partitions.len(), 1);
+        let p = &u.partitions[0];
+        assert_eq!((p.start, p.length), (1 << 20, 4 << 20));
+        assert_eq!(p.type_id, "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F");
+        assert_eq!(p.filesystem, FsKind::Swap);
+        assert_eq!(p.decision, Decision::Dropped { free_bytes: (4 << 20) - 4096 });
+        assert_eq!(u.free, vec![((1 << 20) + 4096, (4 << 20) - 4096)]);
+    }
+}
