@@ -22,6 +22,7 @@ import pytest
 
 import vhdcore
 from tests.support import pyvhd
+from tests.support.crash_build import build_test_utils_module
 from tests.support.qemu import have_qemu
 from tests.support.samples import Sample
 
@@ -261,6 +262,13 @@ def content_sha(leaf: Path) -> str:
     return hashlib.sha256(export_raw(leaf, leaf.parent / "flat.raw")).hexdigest()
 
 
+@pytest.fixture(scope="module")
+def hooked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a child that imports the vhdcore built with its crash hook (cargo feature test-utils)."""
+    folder = build_test_utils_module(tmp_path_factory.mktemp("vhdcore-test-utils"))
+    return {"PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def start_child(leaf: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, str(leaf), str(leaf.parent)],
@@ -332,8 +340,19 @@ def test_sigkill_at_random_points_is_always_recovered(
     assert sum(n for phase, n in phases.items() if phase is not None) >= 25, f"too few kills mid-merge: {phases}"
 
 
+def test_the_release_module_has_no_crash_hook(tmp_path: Path, crash_template: tuple[Path, list[str], str]) -> None:
+    """The module the tests import is the release build (as the wheel and the Lambda layer): the variable that makes
+    the test build abort at its first write is ignored, and the coalesce completes."""
+    _, _, expected = crash_template
+    leaf = fresh_copy(crash_template, tmp_path / "release")
+    child = start_child(leaf, {CRASH_ENV: "1"})
+    assert child.wait(timeout=120) == 0, child.stderr.read() if child.stderr else ""
+    assert vhdcore.open_chain(str(leaf)).depth == 2
+    assert content_sha(leaf) == expected
+
+
 def test_crash_hook_aborts_at_write_points_and_the_next_run_finishes(
-    tmp_path: Path, crash_template: tuple[Path, list[str], str]
+    tmp_path: Path, crash_template: tuple[Path, list[str], str], hooked: dict[str, str]
 ) -> None:
     """The deterministic hook: abort (torn write) at the n-th write/sync/rename of the run, for seeded points."""
     _, _, expected = crash_template
@@ -342,7 +361,7 @@ def test_crash_hook_aborts_at_write_points_and_the_next_run_finishes(
     aborted = 0
     for point in points:
         leaf = fresh_copy(crash_template, tmp_path / "hook")
-        child = start_child(leaf, {CRASH_ENV: str(point)})
+        child = start_child(leaf, {**hooked, CRASH_ENV: str(point)})
         child.wait(timeout=120)
         if child.returncode == -signal.SIGABRT:
             aborted += 1
@@ -352,7 +371,9 @@ def test_crash_hook_aborts_at_write_points_and_the_next_run_finishes(
     assert aborted >= len(points) // 2, f"only {aborted} of {len(points)} points were reached"
 
 
-def test_crash_hook_at_every_write_point_of_the_xen_orchestra_chain(tmp_path: Path, xo_chain3: Sample) -> None:
+def test_crash_hook_at_every_write_point_of_the_xen_orchestra_chain(
+    tmp_path: Path, xo_chain3: Sample, hooked: dict[str, str]
+) -> None:
     """Every write point of a merge whose relink appends a locator and moves the leaf's footer."""
     expected = xo_chain3.expected["sha256_raw"]
     size = xo_chain3.expected["virtual_size"]
@@ -363,7 +384,7 @@ def test_crash_hook_at_every_write_point_of_the_xen_orchestra_chain(tmp_path: Pa
             shutil.rmtree(folder)
         shutil.copytree(xo_chain3.folder, folder)
         leaf = folder / xo_chain3.leaf.name
-        child = start_child(leaf, {CRASH_ENV: str(point)})
+        child = start_child(leaf, {**hooked, CRASH_ENV: str(point)})
         wait_ready(child)
         child.wait(timeout=120)
         if child.returncode == 0:

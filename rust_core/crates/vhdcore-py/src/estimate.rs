@@ -28,7 +28,7 @@ pub(crate) struct Estimate {
 }
 
 impl Estimate {
-    pub(crate) fn from_core(level: i32, e: vhdcore::estimate::Estimate) -> Estimate {
+    pub(crate) fn from_core(level: i32, e: vhdcore::Estimate) -> Estimate {
         Estimate {
             level,
             virtual_size: e.virtual_size,

@@ -57,7 +57,7 @@ impl Layer {
             timestamp: disk.footer.timestamp.get(),
             creator_app: String::from_utf8_lossy(&disk.footer.creator_app).trim_end_matches(['\0', ' ']).to_string(),
             legacy_footer: disk.legacy_footer,
-            parent_uuid: disk.parent_uuid().map(|u| vhdcore::format::uuid_string(&u)),
+            parent_uuid: disk.parent_uuid().map(|u| vhdcore::uuid_string(&u)),
             parent_name: disk.parent_name(),
             parent_timestamp: disk.parent_timestamp(),
         }

@@ -1,49 +1,61 @@
-//! vhdcore: read, write, map, diff, flatten and coalesce VHD chains.
+//! vhdcore: read, write, map, diff, flatten, compress and coalesce VHD chains.
 //!
 //! A library a storage engineer can use alone, like `qemu-img`: it knows nothing of clouds, jobs or HTTP, only the
 //! disks it is handed. Every malformed input gives a typed [`VhdError`] naming the field and offset.
+//!
+//! The modules depend one way, each only on those before it:
+//! - `error`; `format/` (footer, header, BAT entries, geometry, checksums in the spec's words; `layout`: the layouts
+//!   of new disks); `io/` (output targets, the all-zero test);
+//! - `source` (where layer bytes come from: files, memory, any [`LayerStore`]), `disk` (one opened VHD);
+//! - `chain/` (a chain of layers found by UUID and locators; `resolve`: which layer holds each sector; `map`,
+//!   `diff`, `check`; `pending`: where a coalesce journal of the chain would lie);
+//! - `export` (flattening to raw or VHD), `image/` (the image's plan, chunks, frames, the direct writer),
+//!   `estimate/` (the image's size and time before it is made);
+//! - `writer` (new disks, snapshots, writes, restamp, set_uuid), `coalesce/` (journaled merges, their merge copy);
+//! - `fs/` (partition tables and filesystems of a flattened disk).
+//!
+//! The public API is the list of `pub use` below; the modules themselves are private.
 
-pub mod chain;
-pub mod check;
-pub mod coalesce;
-pub mod compress;
-pub mod diff;
-mod direct_writer;
-pub mod disk;
-pub mod early_abort;
-pub mod error;
-pub mod estimate;
-pub mod export;
-pub mod format;
-pub mod frame_encoder;
+mod chain;
+mod coalesce;
+mod disk;
+mod error;
+mod estimate;
+mod export;
+mod format;
 pub mod fs;
-pub mod journal;
-pub mod long_match;
-pub mod map;
-pub mod merge_copy;
-pub mod plan;
-pub mod resolve;
+mod image;
+mod io;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod rng;
-pub mod source;
-pub mod writer;
+#[cfg(not(any(test, feature = "test-utils")))]
+mod rng;
+mod source;
+mod writer;
 
+pub use chain::check::check;
+pub use chain::diff::{diff, DiffResult};
+pub use chain::map::{Extent, Occupancy};
+pub use chain::pending::JOURNAL_NAME;
+pub use chain::resolve::{LayerGeometry, LayerSource, Run};
 pub use chain::{Chain, MAX_CHAIN_DEPTH};
-pub use check::check;
-pub use coalesce::{coalesce, coalesce_step, Budget, CoalesceReport, Merge, Pending, Skipped, StepReport};
-pub use compress::{
-    build_chunk, build_head, compress_chunk, compress_chunks_into, compress_fetched_chunk, compress_head,
-    compress_image, head_and_gap, head_length, head_room, ChunkDigest, ChunkFrame, ImageStats, Placed, CONTENT_LEAF,
-    DEFAULT_LEVEL,
+pub use coalesce::merge_copy::{merge_layout, merged_block, MergeLayout, MergeSegment};
+pub use coalesce::{
+    coalesce, coalesce_step, coalesce_step_with, Budget, CoalesceReport, Faults, Merge, Pending, Skipped, StepReport,
+    CRASH_ENV, LOCK_NAME,
 };
-pub use diff::{diff, DiffResult};
 pub use disk::Disk;
 pub use error::{ErrorKind, Result, VhdError};
 pub use estimate::{estimate, Estimate, EstimateOptions};
 pub use export::{export, ExportFormat, ExportStats};
-pub use format::{DiskType, DEFAULT_BLOCK_SIZE, MAX_VIRTUAL_SIZE};
-pub use map::{Extent, Occupancy};
-pub use merge_copy::{merge_layout, merged_block, MergeLayout, MergeSegment};
-pub use plan::{ChunkPlan, FetchedChunk, ImagePlan, PlanLayer, SourceRead, DEFAULT_CHUNK_SIZE, IMAGE_BLOCK_SIZE};
-pub use resolve::{LayerGeometry, LayerSource, Run};
+pub use format::{uuid_string, DiskType, DEFAULT_BLOCK_SIZE, MAX_VIRTUAL_SIZE};
+pub use image::compress::{
+    build_chunk, build_head, compress_chunk, compress_chunks_into, compress_fetched_chunk, compress_head,
+    compress_image, head_and_gap, head_length, head_room, prefetch, ChunkDigest, ChunkFrame, ImageStats, Placed,
+    CONTENT_LEAF, DEFAULT_LEVEL,
+};
+pub use image::plan::{
+    ChunkPlan, FetchedChunk, ImagePlan, PlanLayer, SourceRead, DEFAULT_CHUNK_SIZE, IMAGE_BLOCK_SIZE,
+};
 pub use source::{LayerStore, MemoryStore, ReadAt};
 pub use writer::{children, create, restamp, set_uuid, snapshot, snapshot_bytes, write};

@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vhdcore::coalesce::{coalesce_step_with, Faults};
 use vhdcore::rng::SplitMix;
 use vhdcore::{coalesce_step, Budget, Chain, DiskType, ErrorKind, StepReport};
+use vhdcore::{coalesce_step_with, Faults};
 
 mod common;
 
@@ -84,7 +84,7 @@ fn coalesce_merges_every_read_only_layer_and_keeps_the_content() {
         let chain = Chain::open(leaf, 30).unwrap();
         assert_eq!(chain.layers[1].path, paths[0]);
         assert!(chain.warnings.is_empty(), "{:?}", chain.warnings);
-        assert!(!dir.path().join(vhdcore::journal::JOURNAL_NAME).exists());
+        assert!(!dir.path().join(vhdcore::JOURNAL_NAME).exists());
         let freed: u64 = report.merges.iter().map(|m| m.file_bytes_freed).sum();
         assert!(freed > 0);
     }
@@ -204,7 +204,7 @@ fn a_crash_at_every_write_point_is_recovered() {
         assert!(flatten(&leaf) == model, "point {point}: content changed after recovery");
         assert_clean(&leaf);
         assert_eq!(Chain::open(&leaf, 30).unwrap().layers.len(), 2, "point {point}");
-        assert!(!dir.path().join(vhdcore::journal::JOURNAL_NAME).exists(), "point {point}");
+        assert!(!dir.path().join(vhdcore::JOURNAL_NAME).exists(), "point {point}");
     }
     eprintln!("recovered from a crash at each of {crashes} write points");
     assert!(crashes > 50, "only {crashes} write points");
@@ -240,7 +240,7 @@ fn a_pending_journal_is_reported_by_open() {
 fn a_second_coalesce_of_the_same_folder_waits_its_turn() {
     let dir = tempfile::tempdir().unwrap();
     let (paths, _) = build_chain(dir.path(), 3, 61, DiskType::Dynamic);
-    let held = std::fs::File::create(dir.path().join(vhdcore::coalesce::LOCK_NAME)).unwrap();
+    let held = std::fs::File::create(dir.path().join(vhdcore::LOCK_NAME)).unwrap();
     held.lock().unwrap();
     let err = vhdcore::coalesce(paths.last().unwrap(), &siblings(dir.path()), None).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);

@@ -186,7 +186,7 @@ impl Chain {
         let frame = py
             .allow_threads(|| {
                 let chunk = image_plan.chunk(index)?;
-                vhdcore::compress::prefetch(&inner, chunk);
+                vhdcore::prefetch(&inner, chunk);
                 vhdcore::compress_chunk(&*inner, &image_plan, chunk, level, digest)
             })
             .or_raise()?;
@@ -199,11 +199,11 @@ impl Chain {
     )]
     fn estimate(&self, py: Python<'_>, level: i32, chunk_size: u64, seed: Option<u64>) -> PyResult<Estimate> {
         let inner = Arc::clone(&self.inner);
-        let mut opts = vhdcore::estimate::EstimateOptions { level, chunk_size, ..Default::default() };
+        let mut opts = vhdcore::EstimateOptions { level, chunk_size, ..Default::default() };
         if let Some(seed) = seed {
             opts.seed = seed;
         }
-        let estimate = py.allow_threads(|| vhdcore::estimate::estimate(&inner, &opts)).or_raise()?;
+        let estimate = py.allow_threads(|| vhdcore::estimate(&inner, &opts)).or_raise()?;
         Ok(Estimate::from_core(level, estimate))
     }
 
@@ -235,7 +235,7 @@ impl Chain {
             .collect();
         Ok(MergeLayout {
             size: layout.size,
-            uuid: vhdcore::format::uuid_string(&layout.uuid),
+            uuid: vhdcore::uuid_string(&layout.uuid),
             added_bytes: layout.added_bytes,
             merged_bytes: layout.merged_bytes,
             segments,

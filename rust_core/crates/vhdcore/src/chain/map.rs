@@ -2,10 +2,10 @@
 
 use rayon::prelude::*;
 
+use crate::chain::resolve::Run;
 use crate::chain::Chain;
 use crate::error::Result;
 use crate::format::SECTOR_SIZE;
-use crate::resolve::Run;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {

@@ -1,6 +1,12 @@
 //! A chain of VHD layers resolved from its leaf: parents found through the header's locators and parent name,
 //! confirmed by UUID, with a depth cap and cycle detection. Layers are files, or names in a [`LayerStore`].
 
+pub(crate) mod check;
+pub(crate) mod diff;
+pub(crate) mod map;
+pub(crate) mod pending;
+pub(crate) mod resolve;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -8,6 +14,7 @@ use crate::disk::{Disk, Validator};
 use crate::error::{Result, VhdError};
 use crate::format::uuid_string;
 use crate::source::{normalize_name, LayerStore};
+use pending::canonical;
 
 /// xapi refuses chains deeper than this; so do we unless told otherwise.
 pub const MAX_CHAIN_DEPTH: usize = 30;
@@ -104,11 +111,7 @@ impl StoreLookup<'_> {
 }
 
 fn pending_at(dir: PathBuf) -> Option<PathBuf> {
-    crate::journal::pending(&dir).then(|| crate::journal::journal_path(&dir))
-}
-
-fn canonical(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+    pending::pending(&dir).then(|| pending::journal_path(&dir))
 }
 
 impl Chain {
@@ -117,9 +120,7 @@ impl Chain {
     pub fn open(leaf: &Path, max_depth: usize) -> Result<Chain> {
         match Chain::open_unchecked(leaf, max_depth) {
             Ok(mut chain) => {
-                if let Some(journal) =
-                    crate::coalesce::journal_dirs_of(leaf, Some(&chain)).into_iter().find_map(pending_at)
-                {
+                if let Some(journal) = pending::journal_dirs_of(leaf, Some(&chain)).into_iter().find_map(pending_at) {
                     chain.warnings.push(format!(
                         "a coalesce of this chain is pending (journal {}); its content reads the same, and \
                          `imaging vhd coalesce` finishes it",
@@ -128,7 +129,7 @@ impl Chain {
                 }
                 Ok(chain)
             }
-            Err(cause) => match crate::coalesce::journal_dirs_of(leaf, None).into_iter().find_map(pending_at) {
+            Err(cause) => match pending::journal_dirs_of(leaf, None).into_iter().find_map(pending_at) {
                 Some(journal) => {
                     Err(VhdError::CoalescePending { path: leaf.to_path_buf(), journal, cause: cause.to_string() })
                 }

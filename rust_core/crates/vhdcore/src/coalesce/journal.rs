@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use crate::chain::pending::journal_path;
 use crate::error::{Result, VhdError};
 
-pub const JOURNAL_NAME: &str = ".vhdcore-coalesce.journal";
 const TEMP_SUFFIX: &str = ".tmp";
 const MAGIC: &str = "VHDCORE-COALESCE-JOURNAL 1";
 /// A journal holds paths, one header and counters: anything bigger is not one of ours.
@@ -103,10 +103,6 @@ pub struct Journal {
     pub relink: Option<RelinkPlan>,
 }
 
-pub fn journal_path(dir: &Path) -> PathBuf {
-    dir.join(JOURNAL_NAME)
-}
-
 fn invalid(path: &Path, field: &str, value: String, reason: &str) -> VhdError {
     VhdError::InvalidField {
         path: path.to_path_buf(),
@@ -177,10 +173,6 @@ pub fn load(dir: &Path) -> Result<Option<Journal>> {
 }
 
 /// True when `dir` holds a journal (a coalesce in progress or interrupted).
-pub fn pending(dir: &Path) -> bool {
-    journal_path(dir).exists()
-}
-
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| VhdError::io(dir, "sync directory", e))
 }

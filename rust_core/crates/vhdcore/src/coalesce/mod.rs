@@ -4,7 +4,7 @@
 //! Crash safety rests on one fact: while the merged layer is still in the chain, every sector it holds is read from
 //! it, so writing those sectors into the parent changes nothing a reader sees. The ordering is therefore:
 //!
-//! 1. **plan**: the journal (see [`crate::journal`]) is made durable before the parent is touched;
+//! 1. **plan**: the journal (see [`crate::coalesce::journal`]) is made durable before the parent is touched;
 //! 2. **copy**: each present sector of the layer is written into the parent at the same place. A new parent block is
 //!    appended past the data: a new footer at the new end first, then its bitmap over the old footer, the data, an
 //!    fsync, a journal record of the parent's new end, and only then the BAT entry. Redone from the journal's
@@ -22,6 +22,9 @@
 //! another child meanwhile. Simulated crashes (the [`CRASH_ENV`] hook, torn writes) are tested at every write
 //! point; the fsync ordering against power loss is argued above, not tested.
 
+pub(crate) mod journal;
+pub(crate) mod merge_copy;
+
 use std::cell::Cell;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -30,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::chain::pending::{canonical, dir_of, journal_dirs_of};
 use crate::chain::{Chain, MAX_CHAIN_DEPTH};
 use crate::disk::{read_exact_at, Disk};
 use crate::error::{ErrorKind, Result, VhdError};
@@ -38,8 +42,8 @@ use crate::format::{
     PARENT_LOCATOR_COUNT, PLATFORM_MACX, PLATFORM_NONE, PLATFORM_W2KU, PLATFORM_W2RU, PLATFORM_WI2K, PLATFORM_WI2R,
     SECTOR_SIZE,
 };
-use crate::journal::{self, FileRef, Journal, MovedFooter, Phase, RelinkPlan};
 use crate::writer::relative_parent_name;
+use journal::{FileRef, Journal, MovedFooter, Phase, RelinkPlan};
 
 /// Blocks of the layer copied between two journal checkpoints (64 MiB with 2 MiB blocks).
 const CHECKPOINT_BLOCKS: u64 = 32;
@@ -132,27 +136,46 @@ impl CoalesceReport {
     }
 }
 
-/// Test hook: a simulated crash at the n-th mutating operation (abort the process, or fail with `Interrupted`).
+/// The coalesce's mutating operations (writes, syncs, truncations, renames, unlinks). With the `test-utils` feature
+/// (tests only: the release module and the Lambda layer are built without it) they carry a hook that simulates a
+/// crash at the n-th one: the process aborts, or the step fails with `Interrupted`. Without it, `from_env` reads
+/// nothing and nothing is ever due.
 pub struct Faults {
+    #[cfg(any(test, feature = "test-utils"))]
     after: Option<u64>,
     count: Cell<u64>,
+    #[cfg(any(test, feature = "test-utils"))]
     abort: bool,
 }
 
 impl Faults {
     pub fn none() -> Faults {
-        Faults { after: None, count: Cell::new(0), abort: false }
+        Faults {
+            #[cfg(any(test, feature = "test-utils"))]
+            after: None,
+            count: Cell::new(0),
+            #[cfg(any(test, feature = "test-utils"))]
+            abort: false,
+        }
     }
 
     /// Fails with [`VhdError::Interrupted`] at the n-th mutating operation (counted from 1).
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn fail_at(n: u64) -> Faults {
         Faults { after: Some(n), count: Cell::new(0), abort: false }
     }
 
     /// Aborts the process at the operation named by [`CRASH_ENV`], if set.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn from_env() -> Faults {
         let after = std::env::var(CRASH_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|n| *n > 0);
         Faults { after, count: Cell::new(0), abort: true }
+    }
+
+    /// No hook in a build without `test-utils`: [`CRASH_ENV`] is not read.
+    #[cfg(not(any(test, feature = "test-utils")))]
+    pub fn from_env() -> Faults {
+        Faults::none()
     }
 
     /// Mutating operations seen so far.
@@ -163,10 +186,14 @@ impl Faults {
     fn due(&self) -> bool {
         let n = self.count.get().saturating_add(1);
         self.count.set(n);
-        self.after == Some(n)
+        #[cfg(any(test, feature = "test-utils"))]
+        return self.after == Some(n);
+        #[cfg(not(any(test, feature = "test-utils")))]
+        false
     }
 
     fn crash(&self, path: &Path) -> VhdError {
+        #[cfg(any(test, feature = "test-utils"))]
         if self.abort {
             std::process::abort();
         }
@@ -201,14 +228,6 @@ impl Faults {
     }
 }
 
-fn canonical(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
-fn dir_of(path: &Path) -> PathBuf {
-    path.parent().filter(|d| !d.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
 fn file_ref(disk: &Disk) -> FileRef {
     FileRef { path: canonical(&disk.path), uuid: disk.uuid_string(), size: disk.file_size }
 }
@@ -221,20 +240,6 @@ fn file_size(path: &Path) -> Result<u64> {
 pub fn journal_dirs(leaf: &Path) -> Vec<PathBuf> {
     let chain = Chain::open_unchecked(leaf, MAX_CHAIN_DEPTH).ok();
     journal_dirs_of(leaf, chain.as_ref())
-}
-
-/// [`journal_dirs`] of an already opened chain (or of the leaf's directory alone).
-pub(crate) fn journal_dirs_of(leaf: &Path, chain: Option<&Chain>) -> Vec<PathBuf> {
-    let mut dirs = vec![canonical(&dir_of(leaf))];
-    if let Some(chain) = chain {
-        for layer in &chain.layers {
-            let dir = canonical(&dir_of(&layer.path));
-            if !dirs.contains(&dir) {
-                dirs.push(dir);
-            }
-        }
-    }
-    dirs
 }
 
 /// A journal left beside the chain of `leaf`, if any: `(its directory, the journal)`.

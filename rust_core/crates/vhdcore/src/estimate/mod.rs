@@ -73,13 +73,13 @@ use zerocopy::IntoBytes;
 use zstd::zstd_safe::{compress_bound, get_error_name, CCtx, CParameter};
 
 use crate::chain::Chain;
-use crate::compress::{encoder_for, head_length};
 use crate::error::{Result, VhdError};
-use crate::export::is_zero;
+use crate::format::layout::{new_footer_at, sparse_layout};
 use crate::format::{bitmap_size, DiskType, DEFAULT_BLOCK_SIZE, FOOTER_SIZE};
-use crate::frame_encoder::FrameEncoder;
+use crate::image::compress::{encoder_for, head_length};
+use crate::image::frame_encoder::FrameEncoder;
+use crate::io::is_zero;
 use crate::rng::SplitMix;
-use crate::writer::{new_footer_at, sparse_layout};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;

@@ -1,6 +1,8 @@
 //! On-disk structures of the VHD format (Microsoft's "Virtual Hard Disk Image Format Specification"),
 //! as big-endian typed views, with the spec's names and its checksum.
 
+pub(crate) mod layout;
+
 use zerocopy::byteorder::{BigEndian, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 

@@ -13,8 +13,8 @@
 //! A chunk's digest ([`ChunkDigest`]) is the sha256 of the bytes its frame decompresses to, or the digest of its
 //! *disk content* (the flattened disk's bytes in its range, zeros included): the sha256 of the sha256 digests of its
 //! 2 MiB slices ([`CONTENT_LEAF`], the last may be shorter), in order. The leaves let a slice that is all zeros,
-//! which is most of a sparse disk, be known by a remembered digest instead of hashed: hashing every zero byte took
-//! half the time of imaging a 32 GiB disk with 10% of it allocated. The content digests of all chunks, in order,
+//! which is most of a sparse disk, be known by a remembered digest instead of hashed (hashing every zero byte dominated
+//! the imaging of large sparse disks; see `bench/README.md`). The content digests of all chunks, in order,
 //! hashed together make a tree hash of the whole disk that needs no second read of it (on a raw disk:
 //! `split -b 2M --filter=sha256sum disk.raw | cut -c1-64 | xxd -r -p | split -b 1024 --filter=sha256sum | cut -c1-64
 //! | xxd -r -p | sha256sum`, 1024 being 32 bytes per leaf of a 64 MiB chunk), while zstd's content checksum already
@@ -31,15 +31,15 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 use zerocopy::IntoBytes;
 
+use crate::chain::resolve::LayerSource;
 use crate::chain::Chain;
-use crate::direct_writer::AppendWriter;
 use crate::error::{Result, VhdError};
-use crate::export::{is_zero, Target};
+use crate::format::layout::{new_footer_at, new_header, sparse_layout};
 use crate::format::{bitmap_size, DiskType, SECTOR_SIZE};
-use crate::frame_encoder::FrameEncoder;
-use crate::plan::{ChunkPlan, FetchedChunk, ImagePlan, IMAGE_BLOCK_SIZE};
-use crate::resolve::LayerSource;
-use crate::writer::{new_footer_at, new_header, sparse_layout};
+use crate::image::direct_writer::AppendWriter;
+use crate::image::frame_encoder::FrameEncoder;
+use crate::image::plan::{ChunkPlan, FetchedChunk, ImagePlan, IMAGE_BLOCK_SIZE};
+use crate::io::{is_zero, Target};
 
 pub const DEFAULT_LEVEL: i32 = 3;
 const BLOCK: u64 = IMAGE_BLOCK_SIZE as u64;

@@ -10,7 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use crate::error::{Result, VhdError};
-use crate::export::Target;
+use crate::io::Target;
 
 /// Alignment of direct writes (buffer address, file offset and length): the largest logical block size in use.
 const ALIGN: usize = 4096;

@@ -2,11 +2,9 @@
 //! stores them as they are instead of running zstd's match finder over them.
 //!
 //! It applies at every positive zstd level (and at 0, zstd's name for its default level 3); zstd's negative
-//! "fast" levels skip through such data by themselves. Measured at level 3 on the benchmark's 1 GiB
-//! already-compressed disk: zstd's double-fast parser runs over random bytes at ~1.2 GB/s a core, while the probe
-//! below and the long-repeat search of [`crate::long_match`] together cost about a tenth of that; that search keeps
-//! what a blind probe would lose, copies of packed data within the window (without it the image grew 3.4%; with it
-//! it is 0.6% smaller than `zstd -3` of the raw disk).
+//! "fast" levels skip through such data by themselves. The probe below and the long-repeat search of
+//! `long_match` cost a small part of what zstd's parser spends on random bytes; that search keeps what a blind probe
+//! would lose, copies of packed data within the window (the measurements are in `bench/README.md`).
 //!
 //! The decision, which the size estimate mirrors, is made per *piece*:
 //! - The pieces of a chunk are its logical bytes (the bytes its zstd frame decompresses to: stored blocks with
@@ -122,6 +120,7 @@ impl Probe {
 }
 
 /// Whether `piece` (one piece of a chunk, see the module's documentation) is stored without compressing it.
+#[cfg(test)]
 pub fn is_incompressible(piece: &[u8]) -> bool {
     Probe::default().is_incompressible(piece)
 }

@@ -9,8 +9,8 @@
 //! (`ZSTD_c_enableSeqProducerFallback`). Declined blocks compress exactly as without the producer, with the frame's
 //! whole history, so a chunk without incompressible pieces gives the very frame zstd gives alone with the same
 //! parameters. zstd 1.5.7's block pre-splitter is turned off: blocks are then exactly the 128 KiB pieces the
-//! decisions are made for, and it cost 4% of the compression time on the benchmark's mixed chain for 1% of size
-//! (the `zstd -3` of Debian's CLI, 1.5.4, has none). The context (its tables, a few MiB) is kept between chunks
+//! decisions are made for, and it cost more time than it saved size on the benchmark's mixed chain (see
+//! `bench/README.md`; the `zstd -3` of Debian's CLI, 1.5.4, has none). The context (its tables, a few MiB) is kept between chunks
 //! instead of being allocated per frame.
 
 use std::ffi::{c_int, c_uint, c_void};
@@ -19,9 +19,9 @@ use std::ptr::NonNull;
 use zstd::zstd_safe;
 use zstd_sys as sys;
 
-use crate::early_abort::{applies_at, incompressible_pieces, PIECE_SIZE};
 use crate::error::{Result, VhdError};
-use crate::long_match::{LongMatches, Repeat};
+use crate::image::early_abort::{applies_at, incompressible_pieces, PIECE_SIZE};
+use crate::image::long_match::{LongMatches, Repeat};
 
 /// The chunk being compressed, as the sequence producer sees it: its bytes, the piece decisions and the index of
 /// long repeats.
@@ -198,7 +198,7 @@ unsafe extern "C" fn produce(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::early_abort::MIN_LEVEL;
+    use crate::image::early_abort::MIN_LEVEL;
     use crate::rng::SplitMix;
 
     fn text(n: usize) -> Vec<u8> {

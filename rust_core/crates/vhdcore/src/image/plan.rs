@@ -6,10 +6,10 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::chain::resolve::{LayerGeometry, LayerSource};
 use crate::chain::Chain;
 use crate::error::{Result, VhdError};
 use crate::format::{DiskType, DEFAULT_BLOCK_SIZE};
-use crate::resolve::{LayerGeometry, LayerSource};
 
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
 /// Block size of the image (a dynamic VHD): the size qemu, Hyper-V and XenServer all default to.
