@@ -138,3 +138,42 @@ fn through_a_vhd_chain() {
     assert_eq!(from_chain.free, from_file.free);
     assert!(dropped(&from_chain, 0) > 0);
 }
+
+#[test]
+fn corrupt_journal_inode_keeps_whole() {
+    if !have(&["mke2fs", "dumpe2fs"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    random_file(&img, 32 * MIB, 12);
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-E",
+            "nodiscard",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-O",
+            "metadata_csum",
+            "-I",
+            "256",
+            img.to_str().unwrap(),
+        ],
+    );
+    let text = run("dumpe2fs", &[img.to_str().unwrap()]);
+    let table: usize = text.split("Inode table at ").nth(1).unwrap().split('-').next().unwrap().parse().unwrap();
+    let mut bytes = std::fs::read(&img).unwrap();
+    dropped(&vhdcore::fs::usage(&bytes).unwrap(), 0);
+    // Inode 8's i_block: an extent pointing one block further would go unnoticed without the inode checksum.
+    let i_block = table * 4096 + 7 * 256 + 0x28;
+    bytes[i_block + 12 + 8] = bytes[i_block + 12 + 8].wrapping_add(1);
+    match &vhdcore::fs::usage(&bytes).unwrap().partitions[0].decision {
+        Decision::KeepWhole { reason } => assert!(reason.contains("inode 8 checksum"), "{reason}"),
+        d => panic!("{d:?}"),
+    }
+}

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use super::groups::Desc;
 use super::superblock::Superblock;
-use crate::fs::bytes::{be16, be32, le16, le32, usize_of};
+use crate::fs::bytes::{be16, be32, crc32c_raw, le16, le32, slice, usize_of};
 use crate::fs::{doubt, FsResult, Region};
 
 pub const JBD2_MAGIC: u32 = 0xC03B_3998;
@@ -90,7 +90,38 @@ pub fn read_inode(region: &Region<'_>, sb: &Superblock, descs: &[Desc], ino: u64
         .checked_mul(sb.block_size)
         .and_then(|t| t.checked_add(index.checked_mul(sb.inode_size)?))
         .ok_or_else(|| doubt(format!("inode {ino} offset overflows")))?;
-    region.read_vec(at, usize_of(sb.inode_size, "inode size")?)
+    let raw = region.read_vec(at, usize_of(sb.inode_size, "inode size")?)?;
+    if sb.has_ro_compat(super::superblock::RO_COMPAT_METADATA_CSUM) && !inode_checksum_ok(sb, ino, &raw)? {
+        return Err(doubt(format!("inode {ino} checksum does not match")));
+    }
+    Ok(raw)
+}
+
+/// The metadata_csum checksum of an inode (the kernel's `ext4_inode_csum`).
+fn inode_checksum_ok(sb: &Superblock, ino: u64, raw: &[u8]) -> FsResult<bool> {
+    const LO: usize = 0x7C;
+    const HI: usize = 0x82;
+    let ino32 = u32::try_from(ino).map_err(|_| doubt("inode number"))?;
+    let mut c = crc32c_raw(sb.csum_seed, &ino32.to_le_bytes());
+    c = crc32c_raw(c, &le32(raw, 0x64)?.to_le_bytes());
+    c = crc32c_raw(c, slice(raw, 0, LO)?);
+    c = crc32c_raw(c, &[0, 0]);
+    c = crc32c_raw(c, slice(raw, LO + 2, 128 - LO - 2)?);
+    let mut stored = u32::from(le16(raw, LO)?);
+    let mut full = false;
+    if raw.len() > 128 {
+        let extra = usize::from(le16(raw, 0x80)?);
+        c = crc32c_raw(c, slice(raw, 128, HI - 128)?);
+        let mut off = HI;
+        if 128 + extra >= HI + 2 {
+            c = crc32c_raw(c, &[0, 0]);
+            stored |= u32::from(le16(raw, HI)?) << 16;
+            full = true;
+            off += 2;
+        }
+        c = crc32c_raw(c, slice(raw, off, raw.len() - off)?);
+    }
+    Ok(if full { c == stored } else { c & 0xFFFF == stored })
 }
 
 fn push_run(runs: &mut Vec<Run>, logical: u64, physical: u64, len: u64) {
@@ -199,7 +230,7 @@ fn block_map(region: &Region<'_>, sb: &Superblock, inode: &[u8]) -> FsResult<Vec
         return Err(doubt(format!("journal inode size {size}")));
     }
     let flags = le32(inode, 0x20)?;
-    let i_block = crate::fs::bytes::slice(inode, 0x28, 60)?;
+    let i_block = slice(inode, 0x28, 60)?;
     let mut runs = Vec::new();
     let mut budget = MAX_JOURNAL_BLOCKS * 2;
     if flags & EXTENTS_FL != 0 {
