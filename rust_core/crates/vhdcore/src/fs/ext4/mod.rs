@@ -8,7 +8,8 @@
 //!
 //! Kept whole: errors recorded, bigalloc, snapshots, unknown incompat features, an external journal, a fast-commit
 //! journal that needs recovery, a journal the walker does not understand, a checksum that does not match (the
-//! superblock, a group descriptor, or a block bitmap that no journal copy explains), a resize in the journal.
+//! superblock, a group descriptor, the journal inode, or a block bitmap that no journal copy explains), a resize in
+//! the journal.
 
 pub(crate) mod groups;
 pub(crate) mod journal;
