@@ -90,7 +90,7 @@ EXECUTION_ROLE = f"arn:aws:iam::{ACCOUNT}:role/local-engine"
 DEFAULT_FUNCTION_TIMEOUT_S = 900
 SERVER_POLL_S = 0.02
 """How often the server's loop looks for a shutdown request: stopping the engine waits at most this long."""
-TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
+TERMINAL_EXECUTION_STATUSES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"})
 
 
 class LambdaContextLike(Protocol):
@@ -502,7 +502,7 @@ class LocalEngine:
         """Wait until the execution ends (polling its status, as a Step Functions client does) and return it."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         interval = 0.005
-        while self.status(execution_arn) not in TERMINAL_STATUSES:
+        while self.status(execution_arn) not in TERMINAL_EXECUTION_STATUSES:
             if deadline is not None and time.monotonic() > deadline:
                 raise EngineError(f"execution {execution_arn} still running after {timeout_s} s")
             time.sleep(interval)

@@ -43,7 +43,7 @@ from functions.handlers import (  # noqa: E402 - the Powertools settings above m
 from functions.handlers.runtime import LogFormat, configure_logging, use_services  # noqa: E402
 from functions.handlers.runtime import services as current_services  # noqa: E402
 from functions.imaging.jobs import HEARTBEAT_INTERVAL_S, beat_quietly  # noqa: E402
-from statemachine.engine import TERMINAL_STATUSES  # noqa: E402
+from statemachine.engine import TERMINAL_EXECUTION_STATUSES  # noqa: E402
 
 if TYPE_CHECKING:
     from functions.imaging.services import ImagingServices
@@ -140,7 +140,7 @@ class LocalImaging:
         """The jobs of the executions started here that are still running (to hand over when stopping)."""
         with self._running_lock:
             running = list(self._running.items())
-        return [job for arn, job in running if self.status(arn) not in TERMINAL_STATUSES]
+        return [job for arn, job in running if self.status(arn) not in TERMINAL_EXECUTION_STATUSES]
 
     def _beat(self) -> None:
         """The pump: every HEARTBEAT_INTERVAL_S, each running job's heartbeat (one small write per job)."""
@@ -150,7 +150,7 @@ class LocalImaging:
             target = self._services or current_services()
             for arn, job_id in running:
                 try:
-                    alive = self.status(arn) not in TERMINAL_STATUSES and beat_quietly(target, job_id)
+                    alive = self.status(arn) not in TERMINAL_EXECUTION_STATUSES and beat_quietly(target, job_id)
                 except Exception:  # a heartbeat lost to a busy store is retried at the next beat
                     continue
                 if not alive:

@@ -58,12 +58,19 @@ from functions.api.schemas import (
     ValidationIssue,
 )
 from functions.catalog.estimates import estimate_server
-from functions.catalog.requests import Launcher, ServerBeingImagedError, ServerNotFoundError, request_image
+from functions.catalog.requests import Launcher, request_image
 from functions.catalog.schedules import WEEKDAYS
 from functions.catalog.tokens import tenant_of_token
 from functions.imaging.cancel import request_cancel
-from functions.imaging.errors import ImagingError, InvalidRequestError
-from functions.imaging.images import ImageBusyError, ImageNotFoundError, delete_image
+from functions.imaging.errors import (
+    ImageBusyError,
+    ImageNotFoundError,
+    ImagingError,
+    InvalidRequestError,
+    ServerBeingImagedError,
+    ServerNotFoundError,
+)
+from functions.imaging.images import delete_image
 from functions.imaging.restore import restore_image
 from functions.imaging.services import ImagingServices
 from functions.state import Image, InvalidIdError, NotFoundError, Schedule, Server, validate_id

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from functions.imaging.errors import ServerBusyError
+from functions.imaging.errors import ServerBeingImagedError, ServerBusyError, ServerNotFoundError
 from functions.imaging.failure import fail_job
 from functions.imaging.jobs import ImagingRequest, start_job
 from functions.imaging.services import ImagingServices
@@ -19,21 +18,6 @@ from functions.state import ImageOrigin, Job, NotFoundError, Server
 
 Launcher = Callable[[ImagingRequest], None]
 """Starts the imaging execution of a recorded job (the embedded engine, or Step Functions on AWS)."""
-
-
-class ServerNotFoundError(Exception):
-    """No such server for this tenant (another tenant's server is reported the same way: ids do not leak)."""
-
-
-@dataclass
-class ServerBeingImagedError(Exception):
-    """The server's imaging lock is held by another job."""
-
-    server_id: str
-    job_id: str | None
-
-    def __str__(self) -> str:
-        return f"server {self.server_id} is being imaged by job {self.job_id}"
 
 
 def new_id(prefix: str) -> str:

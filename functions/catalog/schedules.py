@@ -110,6 +110,11 @@ def run_due(state: StateStore, now: datetime, start: Callable[[DueImage], None])
     return RunOutcome(started=started, failed=failed)
 
 
+def start_due_images(services: ImagingServices, launch: Launcher) -> RunOutcome:
+    """The timer's work: start every schedule's due image now (`run_due` with `scheduled_starter`)."""
+    return run_due(services.state, services.now(), scheduled_starter(services, launch))
+
+
 def scheduled_starter(services: ImagingServices, launch: Launcher) -> Callable[[DueImage], None]:
     """`start` for run_due: request the scheduled image with its deterministic ids (idempotent)."""
 

@@ -86,6 +86,11 @@ class FailedState(_Event):
     job_id: str | None = None
     failure: FailureInfo = Field(default_factory=FailureInfo)
 
+    @property
+    def failed_job_id(self) -> str | None:
+        """The job the execution ran, if it got as far as naming one."""
+        return (self.job.job_id if self.job is not None else self.job_id) or None
+
 
 class FailedEvent(_Event):
     request: FailedState

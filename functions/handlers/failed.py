@@ -10,15 +10,15 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.handlers.events import FailedEvent
 from functions.handlers.runtime import logger, metrics, services, state_handler
-from functions.imaging.failure import fail_job, job_failure
+from functions.imaging.failure import fail_execution
 
 
 @state_handler(FailedEvent)
 def handler(event: FailedEvent, context: LambdaContext) -> dict[str, Any]:
     state = event.request
-    job_id = state.job.job_id if state.job is not None else state.job_id
+    job_id = state.failed_job_id
     error = state.failure.Error
-    failure = fail_job(services(), job_id, error, state.failure.Cause) if job_id else job_failure(error)
+    failure = fail_execution(services(), job_id, error, state.failure.Cause)
     metrics.add_metric(name="ImagesFailed", unit=MetricUnit.Count, value=1)
     logger.warning("job failed", extra={"job_id": job_id, "error": error, "code": failure.code})
     return {"error": failure.code, "cause": failure.hint}

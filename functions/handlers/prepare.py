@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -10,23 +9,20 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.handlers.events import JobRef, PrepareEvent
 from functions.handlers.runtime import logger, metrics, services, state_handler
-from functions.imaging.jobs import ImagingRequest, start_job
-from functions.state import Status
+from functions.imaging.jobs import ImagingRequest, prepare_job
 
 
 @state_handler(PrepareEvent)
 def handler(event: PrepareEvent, context: LambdaContext) -> dict[str, Any]:
-    request = event.request
-    ctx = services()
-    job = start_job(ctx, ImagingRequest(**request.model_dump()))
+    prepared = prepare_job(services(), ImagingRequest(**event.request.model_dump()))
+    job = prepared.job
     metrics.add_metric(name="JobsStarted", unit=MetricUnit.Count, value=1)
     logger.info("job queued", extra={"job_id": job.id, "server_id": job.server_id, "disk": job.disk})
-    deadline = job.created_at + timedelta(seconds=ctx.config.coalesce_deadline_s)
     ref = JobRef(
         job_id=job.id,
         image_id=job.image_id,
         server_id=job.server_id,
-        coalesce_deadline=deadline,
-        resumed=job.status is not Status.QUEUED,  # frozen already: a resumed run
+        coalesce_deadline=prepared.coalesce_deadline,
+        resumed=prepared.resumed,
     )
     return ref.model_dump(mode="json")

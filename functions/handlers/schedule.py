@@ -13,7 +13,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from functions.catalog.launch import step_functions_launcher
 from functions.catalog.requests import Launcher
-from functions.catalog.schedules import run_due, scheduled_starter
+from functions.catalog.schedules import start_due_images
 from functions.handlers.runtime import logger, metrics, services, tracer
 
 
@@ -26,8 +26,7 @@ def _launcher() -> Launcher:
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    ctx = services()
-    outcome = run_due(ctx.state, ctx.now(), scheduled_starter(ctx, _launcher()))
+    outcome = start_due_images(services(), _launcher())
     metrics.add_metric(name="ScheduledImagesStarted", unit=MetricUnit.Count, value=len(outcome.started))
     metrics.add_metric(name="ScheduledImagesFailedToStart", unit=MetricUnit.Count, value=len(outcome.failed))
     for due, reason in outcome.failed:

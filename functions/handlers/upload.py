@@ -16,8 +16,7 @@ from functions.imaging.upload import upload_image
 def handler(event: UploadEvent, context: LambdaContext) -> dict[str, Any]:
     ctx = services()
     job = ctx.state.get_job(event.job.job_id)
-    flavor = ctx.state.get_server(job.server_id).flavor if job.server_id is not None else None
-    uploaded = upload_image(ctx, job, event.plan.plan_key, flavor)
+    uploaded = upload_image(ctx, job, event.plan.plan_key)
     metrics.add_metric(name="ImageBytes", unit=MetricUnit.Bytes, value=uploaded.size)
     metrics.add_metric(name="UploadSeconds", unit=MetricUnit.Seconds, value=uploaded.seconds)
     if uploaded.size:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from functions.imaging.errors import JobCancelledError
 from functions.imaging.failure import fail_job
-from functions.imaging.jobs import JobCancelledError, is_stale, revise_job
+from functions.imaging.jobs import is_stale, revise_job
 from functions.imaging.services import ImagingServices
 from functions.state import Job, NotFoundError, Status
 from functions.state.models import TERMINAL_STATUSES

@@ -13,8 +13,9 @@ from datetime import datetime
 from pathlib import Path
 
 import vhdcore
+from functions.imaging.chain_files import disk_files_in
 from functions.imaging.disks import open_disk
-from functions.imaging.errors import CoalescePendingError, CoalesceTimeout, DiskCorruptError, DiskMissingError
+from functions.imaging.errors import CoalesceInterruptedError, CoalesceTimeout, vhd_errors
 from functions.imaging.jobs import hold_server_lock
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import is_store_key
@@ -22,8 +23,6 @@ from functions.imaging.store_coalesce import merge_step
 from functions.state import Job
 from functions.storage import FileObjectStore
 
-COALESCE_FILES_PREFIX = ".vhdcore-coalesce"
-"""vhdcore's journal and lock files beside a chain: not disks."""
 SAFETY_MARGIN_S = 5.0
 """Time kept back from a slice's budget to record the result before the invocation's own limit."""
 MIN_SLICE_S = 1.0
@@ -43,14 +42,9 @@ def sibling_candidates(services: ImagingServices, leaf: str) -> list[str]:
     `sr/` (other servers' leaves, which may share a golden base)."""
     try:
         folders = {Path(layer.path).parent for layer in open_disk(services.disk_store, leaf).layers}
-    except CoalescePendingError:
+    except CoalesceInterruptedError:
         folders = {Path(leaf).absolute().parent}
-    found = {
-        str(path.absolute())
-        for folder in folders
-        for path in folder.iterdir()
-        if path.is_file() and not path.name.startswith(COALESCE_FILES_PREFIX)
-    }
+    found = {str(path.absolute()) for folder in folders for path in disk_files_in(folder)}
     if isinstance(services.store, FileObjectStore):
         found.update(str(path) for path in services.local_path("sr").rglob("*.vhd") if path.is_file())
     return sorted(found)
@@ -71,15 +65,11 @@ def coalesce_slice(services: ImagingServices, job: Job, deadline: datetime, rema
         return CoalesceSlice(
             done=merge.finished, bytes_copied=merge.bytes_copied, merged=int(merge.merged), depth=merge.depth
         )
-    try:
+    with vhd_errors():
         step = vhdcore.coalesce_step(
             leaf,
             sibling_candidates(services, leaf),
             budget_bytes=services.config.coalesce_slice_bytes,
             budget_seconds=budget_s,
         )
-    except vhdcore.MissingParentError as error:
-        raise DiskMissingError(str(error)) from error
-    except vhdcore.VhdError as error:
-        raise DiskCorruptError(str(error)) from error
     return CoalesceSlice(done=step.done, bytes_copied=step.bytes_copied, merged=len(step.merges), depth=step.depth)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import vhdcore
 from functions.imaging import head_start, keys
 from functions.imaging.disks import open_disk
-from functions.imaging.errors import DiskCorruptError
+from functions.imaging.errors import DiskCorruptError, vhd_errors
 from functions.imaging.jobs import check_still_wanted, hold_server_lock, record_progress
 from functions.imaging.layout import Layout, StagedFrame, load_layout, load_written, record_written, spool_key
 from functions.imaging.planning import estimate_key
@@ -26,7 +26,7 @@ from functions.imaging.progress import measured_eta, step_started
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import StoreChunkReads, is_store_key
 from functions.state import Job, Status
-from functions.storage import FileObjectStore, NotFoundError
+from functions.storage import FileObjectStore, ObjectNotFoundError
 
 SYNC_BYTES = 256 * 1024**2
 """Compressed bytes written in place between two durable points (fdatasync and a record of the frames): what a
@@ -153,7 +153,7 @@ def _compress_in_place(services: ImagingServices, job: Job, plan_key: str, first
     remaining = len(chunks) - len(done)
     started = services.monotonic()
     if remaining:
-        try:
+        with vhd_errors():
             chain.compress_chunks_into(
                 plan,
                 len(done),
@@ -166,8 +166,6 @@ def _compress_in_place(services: ImagingServices, job: Job, plan_key: str, first
                 on_frame=on_frame,
                 on_durable=on_durable,
             )
-        except vhdcore.VhdError as error:
-            raise DiskCorruptError(str(error)) from error
     if not done and job.runs == 1:  # a whole run, not a resumed one: what the estimate's compress time should have been
         predicted = json.loads(store.get(estimate_key(job.id))).get("estimate_compress_seconds")
         if predicted is not None:
@@ -199,7 +197,7 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
     def one(chunk: vhdcore.ChunkPlan) -> Future[StagedFrame] | StagedFrame:
         try:
             return load_frame(services, job.id, chunk.index)
-        except NotFoundError:
+        except ObjectNotFoundError:
             pass
         frame = _compress_chunk(services, chain, plan, chunk)
         pending.acquire()
@@ -237,12 +235,10 @@ def _compress_chunk(
     chunk: vhdcore.ChunkPlan,
 ) -> vhdcore.ChunkFrame:
     level = services.config.level
-    try:
+    with vhd_errors():
         if isinstance(chain, StoreChunkReads):
             return vhdcore.compress_fetched_chunk(plan, chunk.index, chain.fetch(chunk), level, digest="content")
         return chain.compress_chunk(plan, chunk.index, level, digest="content")
-    except vhdcore.VhdError as error:
-        raise DiskCorruptError(str(error)) from error
 
 
 def _staged_record(frame: vhdcore.ChunkFrame, offset: int | None = None) -> StagedFrame:

@@ -1,5 +1,5 @@
 """Opening a chain for imaging: a local leaf file (an absolute path) or a leaf in the object store (a key, see
-store_chains); vhdcore's errors become the workflow's DISK_MISSING / DISK_CORRUPT failures."""
+store_chains); vhdcore's errors become the workflow's failures (errors.vhd_errors)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import vhdcore
-from functions.imaging.errors import CoalescePendingError, DiskCorruptError, DiskMissingError
+from functions.imaging.errors import DiskMissingError, vhd_errors
 from functions.imaging.store_chains import is_store_key, open_store_chain
 from functions.storage import ObjectStore
 
@@ -20,11 +20,5 @@ def open_disk(store: ObjectStore, leaf: str, layers: Sequence[str] | None = None
     path = Path(leaf)
     if not path.is_file():
         raise DiskMissingError(f"disk {leaf}: no such file")
-    try:
+    with vhd_errors():
         return vhdcore.open_chain(str(path))
-    except vhdcore.CoalescePendingError as error:
-        raise CoalescePendingError(str(error)) from error
-    except vhdcore.MissingParentError as error:
-        raise DiskMissingError(str(error)) from error
-    except vhdcore.VhdError as error:
-        raise DiskCorruptError(str(error)) from error

@@ -7,15 +7,23 @@ import json
 
 from functions.imaging import keys
 from functions.imaging.compress import recorded_worker_failure
-from functions.imaging.errors import MAP_FAILURE_NAMES, Failure, failure_for
+from functions.imaging.errors import MAP_FAILURE_NAMES, Failure, JobCancelledError, failure_for
 from functions.imaging.finalize import delete_staging
-from functions.imaging.jobs import OWN_FAILURES, JobCancelledError, release_server_lock, revise_job
+from functions.imaging.jobs import release_server_lock, revise_job
 from functions.imaging.services import ImagingServices
 from functions.state import Job, NotFoundError, Status
 from functions.state.models import TERMINAL_STATUSES
 from functions.storage.upload import abort_upload, find_resumable_upload
 
 MAX_DETAIL = 1024
+
+
+def fail_execution(services: ImagingServices, job_id: str | None, error_name: str, cause: str) -> Failure:
+    """The Failed state: the job's failure recorded and cleaned up after (`fail_job`) when the execution got as far
+    as naming its job, else only the code and hint of `error_name` (its request was refused before any job)."""
+    if job_id is None:
+        return failure_for(error_name)
+    return fail_job(services, job_id, error_name, cause)
 
 
 def fail_job(services: ImagingServices, job_id: str, error_name: str, cause: str) -> Failure:
@@ -28,11 +36,11 @@ def fail_job(services: ImagingServices, job_id: str, error_name: str, cause: str
         recorded = recorded_worker_failure(services, job_id)
         if recorded is not None:
             error_name, cause = recorded
-    failure = job_failure(error_name)
+    failure = failure_for(error_name)
     at = services.now()
     cause = error_message(cause)
 
-    cancelled = job_failure(JobCancelledError.__name__)
+    cancelled = Failure.of(JobCancelledError)
 
     def mark(current: Job) -> Job | None:
         if current.status in TERMINAL_STATUSES:
@@ -55,12 +63,6 @@ def fail_job(services: ImagingServices, job_id: str, error_name: str, cause: str
     delete_staging(services, job.id)
     release_server_lock(services, job)
     return failure
-
-
-def job_failure(error_name: str) -> Failure:
-    """The code and hint of a failure of the job's work (errors.failure_for) or of its life (cancel, interruption)."""
-    own = OWN_FAILURES.get(error_name)
-    return Failure(own.code, own.hint) if own is not None else failure_for(error_name)
 
 
 def error_message(cause: str) -> str:

@@ -8,7 +8,6 @@ from dataclasses import asdict
 from typing import Any
 
 import vhdcore
-from functions.catalog.retention import keep_scheduled_images
 from functions.imaging import keys
 from functions.imaging.content import METHOD, content_tree_sha256
 from functions.imaging.disks import open_disk
@@ -16,6 +15,7 @@ from functions.imaging.errors import ImageVerificationError
 from functions.imaging.jobs import advance_job, release_server_lock
 from functions.imaging.layout import Layout
 from functions.imaging.planning import estimate_key
+from functions.imaging.retention import keep_scheduled_images
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain, snapshot_key
 from functions.imaging.upload import ObjectFrame, load_upload

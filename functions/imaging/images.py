@@ -22,11 +22,16 @@ import zstandard
 import vhdcore
 from functions.imaging import keys
 from functions.imaging.content import LEGACY_METHOD, READ_SIZE, chunk_content_sha256s, content_tree_sha256
-from functions.imaging.errors import ImagingError
+from functions.imaging.errors import (
+    ImageBusyError,
+    ImageCorruptError,
+    ImageNotFoundError,
+    ManifestMissingError,
+)
 from functions.imaging.services import ImagingServices
 from functions.state import Image, Status
 from functions.state import NotFoundError as RecordNotFoundError
-from functions.storage import NotFoundError
+from functions.storage import ObjectNotFoundError
 from functions.storage.checksums import crc32c
 from functions.storage.retry import call_with_retries
 
@@ -35,29 +40,6 @@ Progress = Callable[[str, int, int], None]
 """Told (what is being done, bytes done, bytes in all) as the work moves on."""
 WRITE_SIZE = 1024**2
 """Decompressed bytes handed to the target at a time."""
-
-
-class ImageBusyError(ImagingError):
-    code = "IMAGE_BUSY"
-    hint = "the image is still being made: wait until it is ACTIVE or ERROR"
-
-
-class ManifestMissingError(ImagingError):
-    code = "MANIFEST_MISSING"
-    hint = "the image has no manifest (it never became ACTIVE): delete it and image the server again"
-
-
-class ImageNotFoundError(ImagingError):
-    code = "NO_SUCH_IMAGE"
-    hint = "list the images with `imaging image list`"
-
-
-class ImageCorruptError(ImagingError):
-    """The stored object does not hold what its manifest says (a frame that fails its CRC32C or does not
-    decompress, a wrong length, a content hash that differs)."""
-
-    code = "IMAGE_CORRUPT"
-    hint = "run `imaging image verify` on the image for every problem; image the server again to replace it"
 
 
 @dataclass
@@ -94,7 +76,7 @@ class Verification:
 def load_manifest(services: ImagingServices, image_id: str) -> dict[str, Any]:
     try:
         manifest: dict[str, Any] = json.loads(services.store.get(keys.manifest_key(image_id)))
-    except NotFoundError as error:
+    except ObjectNotFoundError as error:
         raise ManifestMissingError(f"image {image_id} has no manifest at {keys.manifest_key(image_id)}") from error
     return manifest
 
@@ -291,7 +273,7 @@ def _write_flat(chain: vhdcore.Chain, target: BinaryIO, progress: Progress | Non
 def _open_image_vhd(image_id: str, vhd_path: Path) -> vhdcore.Chain:
     try:
         return vhdcore.open_chain(str(vhd_path))
-    except vhdcore.VhdError as error:
+    except vhdcore.VhdError as error:  # whatever vhdcore finds wrong with a VHD we wrote: a corrupt image
         raise ImageCorruptError(f"image {image_id}: the decompressed image is not a valid VHD: {error}") from error
 
 

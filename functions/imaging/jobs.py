@@ -7,9 +7,9 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from functions.imaging.errors import ImagingError, InvalidRequestError, ServerBusyError
+from functions.imaging.errors import InvalidRequestError, JobCancelledError, JobInterruptedError, ServerBusyError
 from functions.imaging.services import ImagingServices
 from functions.state import (
     AlreadyExistsError,
@@ -45,31 +45,6 @@ it several heartbeats long]."""
 _STEP_ORDER = {Status.QUEUED: 0, Status.SAVING: 1, Status.UPLOADING: 2, Status.ACTIVE: 3}
 
 
-class JobCancelledError(ImagingError):
-    """`imaging image cancel` asked the job to stop: raised where its runner next looks (the ASL's Catch then runs
-    the failure path)."""
-
-    code = "CANCELLED"
-    hint = "the job was cancelled on request: image the server again when an image is wanted"
-
-
-class JobInterruptedError(ImagingError):
-    """The job's runner stopped before the job ended (process killed, server restarted) and it was not resumed."""
-
-    code = "INTERRUPTED"
-    hint = (
-        "the job's runner stopped before it finished (process killed or restarted): image the server again; "
-        "a job resumed by the next `imaging image create` or `imaging serve` keeps what it had stored"
-    )
-
-
-OWN_FAILURES: dict[str, type[ImagingError]] = {
-    JobCancelledError.__name__: JobCancelledError,
-    JobInterruptedError.__name__: JobInterruptedError,
-}
-"""The failures of a job's life (not of its work), by the error names the failure path is given."""
-
-
 def check_still_wanted(job: Job) -> None:
     """JobCancelledError if a cancel was requested; JobInterruptedError if the job ended meanwhile (recovery took
     it from a runner it believed dead): either way this runner must stop working on it."""
@@ -90,6 +65,25 @@ class ImagingRequest:
     server_id: str | None = None
     disk: str | None = None
     origin: ImageOrigin = ImageOrigin.ON_DEMAND
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """What the workflow carries from Prepare: the job, the deadline of its coalesce, and whether it is a run of a
+    job frozen already (resumed after its runner died: it goes on from its stored snapshot and plan)."""
+
+    job: Job
+    coalesce_deadline: datetime
+
+    @property
+    def resumed(self) -> bool:
+        return self.job.status is not Status.QUEUED
+
+
+def prepare_job(services: ImagingServices, request: ImagingRequest) -> PreparedJob:
+    """Prepare: `start_job`, and the deadline by which its chain must be coalesced (CoalesceTimeout after it)."""
+    job = start_job(services, request)
+    return PreparedJob(job, job.created_at + timedelta(seconds=services.config.coalesce_deadline_s))
 
 
 def start_job(services: ImagingServices, request: ImagingRequest) -> Job:

@@ -21,7 +21,7 @@ from functions.imaging import keys
 from functions.imaging.errors import InvalidRequestError
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import is_store_key
-from functions.storage import FileObjectStore, NotFoundError
+from functions.storage import FileObjectStore, ObjectNotFoundError
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def load_layout(services: ImagingServices, job_id: str) -> Layout:
     """The layout the Estimate step chose (staged when it recorded none: a job planned before layouts existed)."""
     try:
         return Layout(json.loads(services.store.get(layout_key(job_id)))["layout"])
-    except NotFoundError:
+    except ObjectNotFoundError:
         return Layout.STAGED
 
 

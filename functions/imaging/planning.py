@@ -20,7 +20,7 @@ from functions.imaging.progress import flavor_class
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain
 from functions.state import Job
-from functions.storage import FileObjectStore, NotFoundError
+from functions.storage import FileObjectStore, ObjectNotFoundError
 from functions.storage.bandwidth import FLAVOR_CLASS_BANDWIDTH
 
 
@@ -60,7 +60,7 @@ def staged_plan_key(job_id: str) -> str:
 def load_staged_plan(services: ImagingServices, job_id: str) -> StagedPlan | None:
     try:
         raw = json.loads(services.store.get(staged_plan_key(job_id)))
-    except NotFoundError:
+    except ObjectNotFoundError:
         return None
     raw["groups"] = [ChunkGroup(**group) for group in raw["groups"]]
     return StagedPlan(**raw)

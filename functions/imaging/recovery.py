@@ -24,15 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from functions.imaging.errors import JobCancelledError, JobInterruptedError
 from functions.imaging.failure import fail_job
 from functions.imaging.finalize import delete_staging
-from functions.imaging.jobs import (
-    STALE_AFTER_S,
-    ImagingRequest,
-    JobCancelledError,
-    JobInterruptedError,
-    is_stale,
-)
+from functions.imaging.jobs import STALE_AFTER_S, ImagingRequest, is_stale
 from functions.imaging.services import ImagingServices
 from functions.state import InvalidIdError, Job, NotFoundError, VersionConflictError
 from functions.state.models import TERMINAL_STATUSES

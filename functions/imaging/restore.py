@@ -21,10 +21,14 @@ from typing import Any
 
 import vhdcore
 from functions.imaging import keys
-from functions.imaging.errors import ImagingError, InvalidRequestError
-from functions.imaging.images import (
+from functions.imaging.errors import (
+    DiskExistsError,
     ImageCorruptError,
     ImageNotFoundError,
+    InvalidRequestError,
+    ServerExistsError,
+)
+from functions.imaging.images import (
     Progress,
     active_manifest,
     check_content,
@@ -32,16 +36,6 @@ from functions.imaging.images import (
 )
 from functions.imaging.services import ImagingServices
 from functions.state import AlreadyExistsError, NotFoundError, Server, validate_id
-
-
-class ServerExistsError(ImagingError):
-    code = "SERVER_EXISTS"
-    hint = "restore into a new server name (`imaging server list` shows the names in use)"
-
-
-class DiskExistsError(ImagingError):
-    code = "DISK_EXISTS"
-    hint = "restore never replaces a file: give --disk a path that does not exist yet"
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,12 @@ from pathlib import Path
 import vhdcore
 from functions.imaging import keys
 from functions.imaging.disks import open_disk
-from functions.imaging.errors import DiskBusyError, DiskCorruptError
+from functions.imaging.errors import DiskBusyError, DiskCorruptError, vhd_errors
 from functions.imaging.jobs import advance_job, hold_server_lock
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import is_store_key, snapshot_in_store
 from functions.state import Job, PreconditionFailedError, Server, Status
-from functions.storage import NotFoundError
-from functions.storage import PreconditionFailedError as ObjectExistsError
+from functions.storage import ObjectNotFoundError, ObjectPreconditionFailedError
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ def freeze(services: ImagingServices, job: Job) -> FrozenChain:
     hold_server_lock(services, job)
     try:
         frozen = FrozenChain(**json.loads(services.store.get(snapshot_key(job.id))))
-    except NotFoundError:
+    except ObjectNotFoundError:
         frozen = (
             _freeze_server(services, job, job.server_id) if job.server_id is not None else _read_only(services, job)
         )
@@ -90,12 +89,10 @@ def _freeze_server(services: ImagingServices, job: Job, server_id: str) -> Froze
         return _freeze_in_store(services, server, chain, new_key)
     new_path = Path(new_location)
     new_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with vhd_errors():
         if not _is_child_of(new_path, chain):  # else an earlier attempt made it and stopped before the swap
             new_path.unlink(missing_ok=True)
             vhdcore.snapshot(chain.leaf.path, str(new_path))
-    except vhdcore.VhdError as error:
-        raise DiskCorruptError(str(error)) from error
     try:
         services.state.swap_server_disk(server_id, expected_disk=server.disk, new_disk=str(new_path))
     except PreconditionFailedError as error:
@@ -120,11 +117,10 @@ def _freeze_in_store(services: ImagingServices, server: Server, chain: vhdcore.C
     the whole chain (its layer keys), conditionally: a record changed meanwhile leaves the new object deleted and
     the job failed DISK_BUSY."""
     try:
-        snapshot_in_store(services.disk_store, chain, new_key)
-    except ObjectExistsError:
+        with vhd_errors():
+            snapshot_in_store(services.disk_store, chain, new_key)
+    except ObjectPreconditionFailedError:
         pass  # made by an earlier attempt of this job, which stopped before the swap
-    except vhdcore.VhdError as error:
-        raise DiskCorruptError(str(error)) from error
     layers = [layer.path for layer in chain.layers]
     moved = server.model_copy(update={"disk": new_key, "chain": (new_key, *layers)})
     try:

@@ -16,8 +16,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from urllib.parse import unquote
 
 import vhdcore
-from functions.imaging.errors import DiskCorruptError, DiskMissingError, InvalidRequestError
-from functions.storage import InvalidKeyError, NotFoundError, ObjectStore, StorageError
+from functions.imaging.errors import DiskCorruptError, DiskMissingError, InvalidRequestError, domain_error
+from functions.storage import InvalidKeyError, ObjectNotFoundError, ObjectStore, StorageError
 from functions.storage.objects import validate_key
 
 PAGE_SIZE = 64 * 1024
@@ -67,7 +67,7 @@ class StoreLayerReader:
     def size(self, name: str, /) -> int | None:
         try:
             return self._store.head(name).size
-        except (NotFoundError, InvalidKeyError):
+        except (ObjectNotFoundError, InvalidKeyError):
             return None
         except StorageError as error:
             self.storage_error = error
@@ -109,17 +109,15 @@ def open_store_chain(store: ObjectStore, leaf: str, layers: Sequence[str] | None
     reader = StoreLayerReader(store)
     try:
         return vhdcore.open_chain_from(reader, leaf, layers=list(layers) if layers else None)
-    except vhdcore.MissingParentError as error:
-        raise DiskMissingError(str(error)) from error
-    except vhdcore.VhdIoError as error:
+    except vhdcore.VhdIoError as error:  # a read of the store failed: the store's error, or a missing object
         cause = reader.storage_error
-        if isinstance(cause, NotFoundError) or (cause is None and reader.size(leaf) is None):
+        if isinstance(cause, ObjectNotFoundError) or (cause is None and reader.size(leaf) is None):
             raise DiskMissingError(f"disk {leaf}: no such object in {store.url}") from error
         if cause is not None:
             raise cause from error
-        raise DiskCorruptError(str(error)) from error
+        raise domain_error(error) from error
     except vhdcore.VhdError as error:
-        raise DiskCorruptError(str(error)) from error
+        raise domain_error(error) from error
 
 
 def relative_key(parent: str, child: str) -> str:
@@ -172,7 +170,7 @@ class StoreChunkReads:
         name = self._names[layer]
         try:
             data = self._store.get_range(name, start, length)
-        except NotFoundError as error:
+        except ObjectNotFoundError as error:
             raise DiskMissingError(f"layer {name} of the frozen chain is gone") from error
         if len(data) != length:
             raise DiskCorruptError(f"{name}: read {len(data)} of {length} bytes at offset {start}")

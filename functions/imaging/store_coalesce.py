@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import vhdcore
 from functions.imaging import keys
 from functions.imaging.disks import open_disk
-from functions.imaging.errors import DiskBusyError, DiskCorruptError
+from functions.imaging.errors import DiskBusyError, DiskCorruptError, vhd_errors
 from functions.imaging.services import ImagingServices
 from functions.state import PendingMerge, PreconditionFailedError, Server
-from functions.storage import NotFoundError, ObjectStore, PartInfo, UploadNotFoundError
+from functions.storage import ObjectNotFoundError, ObjectStore, PartInfo, UploadNotFoundError
 from functions.storage.checksums import crc32c
 from functions.storage.objects import MIN_PART_SIZE
 
@@ -242,17 +242,15 @@ def write_merged(
     """Write layer `index` merged into its parent as the recorded merge's object, resuming its upload (parts the
     store already holds at the planned size are kept); the bytes of merged and added blocks, or None when time ran
     out first. A failure leaves the upload for the next slice to resume."""
-    try:
+    with vhd_errors():
         layout = chain.merge_layout(index)
-    except vhdcore.VhdError as error:
-        raise DiskCorruptError(str(error)) from error
     key, upload_id = pending.key, pending.upload_id
     try:
         stored = {part.number: part for part in store.list_parts(key, upload_id)}
     except UploadNotFoundError:
         try:
             store.head(key)  # completed by a slice that died before the swap
-        except NotFoundError:
+        except ObjectNotFoundError:
             raise _MergeLostError(f"the upload of {key} is gone") from None
         return int(layout.added_bytes + layout.merged_bytes)
     infos: list[PartInfo] = []

@@ -39,7 +39,7 @@ from functions.imaging.layout import Layout, StagedFrame, load_layout, load_writ
 from functions.imaging.progress import flavor_class, measured_eta
 from functions.imaging.services import ImagingServices
 from functions.state import Job, Status
-from functions.storage import FileObjectStore, NotFoundError, StorageError
+from functions.storage import FileObjectStore, ObjectNotFoundError, StorageError
 from functions.storage.bandwidth import bucket_for_flavor_class
 from functions.storage.checksums import composite_crc32c, crc32c, md5_etag, multipart_etag, same_object_checksum
 from functions.storage.objects import MIN_PART_SIZE, ObjectInfo, PartInfo
@@ -107,9 +107,11 @@ def load_upload(services: ImagingServices, job_id: str) -> UploadedImage:
     return UploadedImage(**raw)
 
 
-def upload_image(services: ImagingServices, job: Job, plan_key: str, flavor: str | None) -> UploadedImage:
-    """Assemble, upload, complete and verify the image object; StorageUnavailableError if the store fails."""
+def upload_image(services: ImagingServices, job: Job, plan_key: str) -> UploadedImage:
+    """Assemble, upload, complete and verify the image object (at the bandwidth of the server's flavor);
+    StorageUnavailableError if the store fails."""
     hold_server_lock(services, job)
+    flavor = services.state.get_server(job.server_id).flavor if job.server_id is not None else None
     started = services.monotonic()
     job = advance_job(services, job.id, Status.UPLOADING)
     try:
@@ -236,7 +238,7 @@ def _is_copy_of(services: ImagingServices, have: PartInfo, length: int, crc: int
                 partial(services.store.head, keys.frame_key(job_id, index)), services.config.retry
             ).etag
         )
-    except NotFoundError:
+    except ObjectNotFoundError:
         return False
 
 
@@ -273,7 +275,7 @@ def _publish_in_place(services: ImagingServices, job: Job, plan_key: str, starte
             image.write(region)
             image.truncate(size)
         info = store.publish(spool, key, checksum)
-    except (FileNotFoundError, NotFoundError):
+    except (FileNotFoundError, ObjectNotFoundError):
         info = store.head(key)  # published by an attempt that died before recording it
     if info.size != size or info.checksum_crc32c is None or not same_object_checksum(info.checksum_crc32c, checksum):
         raise ImageVerificationError(
@@ -311,7 +313,7 @@ def _staged_frames(services: ImagingServices, job_id: str, plan: vhdcore.ImagePl
     for chunk in plan.chunks:
         try:
             frames.append(load_frame(services, job_id, chunk.index))
-        except NotFoundError:
+        except ObjectNotFoundError:
             missing.append(chunk.index)
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")

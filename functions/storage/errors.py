@@ -27,15 +27,15 @@ class InvalidKeyError(StorageError):
     hint = "keys are relative paths of non-empty segments: no '..', '.', leading '/', backslash or NUL"
 
 
-class NotFoundError(StorageError):
+class ObjectNotFoundError(StorageError):
     hint = "the object or upload does not exist (deleted, aborted, completed, or never written)"
 
 
-class UploadNotFoundError(NotFoundError):
+class UploadNotFoundError(ObjectNotFoundError):
     hint = "the multipart upload is gone (aborted, completed or expired): start a new upload"
 
 
-class PreconditionFailedError(StorageError):
+class ObjectPreconditionFailedError(StorageError):
     hint = "the object changed or already exists: re-read it and retry the conditional write"
 
 

@@ -51,8 +51,8 @@ from functions.storage.errors import (
     InvalidKeyError,
     InvalidPartError,
     InvalidRangeError,
-    NotFoundError,
-    PreconditionFailedError,
+    ObjectNotFoundError,
+    ObjectPreconditionFailedError,
     StorageError,
     UploadNotFoundError,
 )
@@ -123,20 +123,20 @@ class FileObjectStore:
                     raise InvalidRangeError(f"range start {start} is at or past the end ({size} bytes)", key=key)
                 return os.pread(file.fileno(), min(length, size - start), start)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFoundError("no such object", key=key) from None
+            raise ObjectNotFoundError("no such object", key=key) from None
 
     def get(self, key: str) -> bytes:
         try:
             return self._object_path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFoundError("no such object", key=key) from None
+            raise ObjectNotFoundError("no such object", key=key) from None
 
     def head(self, key: str) -> ObjectInfo:
         path = self._object_path(key)
         try:
             return self._info(key, path)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFoundError("no such object", key=key) from None
+            raise ObjectNotFoundError("no such object", key=key) from None
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> ObjectInfo:
         path = self._object_path(key)
@@ -151,14 +151,16 @@ class FileObjectStore:
                     try:
                         current = self._info(key, path).etag
                     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                        raise PreconditionFailedError("if-match: the object does not exist", key=key) from None
+                        raise ObjectPreconditionFailedError("if-match: the object does not exist", key=key) from None
                     if current != unquote_etag(if_match):
-                        raise PreconditionFailedError(f"if-match: the ETag is {current}, not {if_match}", key=key)
+                        raise ObjectPreconditionFailedError(f"if-match: the ETag is {current}, not {if_match}", key=key)
                 if if_none_match:
                     try:
                         self._into_folder(key, path, lambda: os.link(staged, path))
                     except FileExistsError:
-                        raise PreconditionFailedError("if-none-match: the object already exists", key=key) from None
+                        raise ObjectPreconditionFailedError(
+                            "if-none-match: the object already exists", key=key
+                        ) from None
                 else:
                     self._into_folder(key, path, lambda: _replace(staged, path, key))
                 _fsync_dir(path.parent)
@@ -276,11 +278,11 @@ class FileObjectStore:
         """The file behind `key`, for a writer that fills it in place (vhdcore writes an image's frames where they
         belong) before `publish` moves it under its final key. Only spools are written in place: every other object
         is replaced whole, as on S3, and a spool is not published until its writer says it is complete. With
-        `create=False`, NotFoundError if there is no such spool (published already, or never begun)."""
+        `create=False`, ObjectNotFoundError if there is no such spool (published already, or never begun)."""
         path = self._object_path(key)
         if not create:
             if not path.is_file():
-                raise NotFoundError("no such spool", key=key)
+                raise ObjectNotFoundError("no such spool", key=key)
             return path
         fd = self._into_folder(key, path, lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
         try:
@@ -294,12 +296,12 @@ class FileObjectStore:
 
     def publish(self, spool_key: str, key: str, checksum_crc32c: str) -> ObjectInfo:
         """Make the spool's bytes the object `key` by a rename (no byte copied): its checksum recorded (the caller
-        computed it as it wrote), the file and the folder made durable. NotFoundError if the spool is gone."""
+        computed it as it wrote), the file and the folder made durable. ObjectNotFoundError if the spool is gone."""
         spool, path = self._object_path(spool_key), self._object_path(key)
         try:
             fd = os.open(spool, os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFoundError("no such spool", key=spool_key) from None
+            raise ObjectNotFoundError("no such spool", key=spool_key) from None
         try:
             size = os.fstat(fd).st_size
             etag = _new_etag(decode_crc32c(checksum_crc32c.partition("-")[0]), size)
@@ -375,7 +377,7 @@ class FileObjectStore:
                     os.fsync(fd)
                     self._place_part(staged, folder, number, key, upload_id)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFoundError("no such source object", key=source_key) from None
+            raise ObjectNotFoundError("no such source object", key=source_key) from None
         return PartInfo(number=number, size=length, etag=etag, crc32c=checksum)
 
     def _link_part(self, source: Path, source_fd: int, part: PartInfo, folder: Path, key: str, upload_id: str) -> bool:

@@ -25,8 +25,8 @@ from functions.storage.errors import (
     ChecksumMismatchError,
     InvalidPartError,
     InvalidRangeError,
-    NotFoundError,
-    PreconditionFailedError,
+    ObjectNotFoundError,
+    ObjectPreconditionFailedError,
     StorageError,
     TransientStorageError,
     UploadNotFoundError,
@@ -81,11 +81,11 @@ def _raise_storage_error(error: Exception, key: str | None) -> NoReturn:
         if code == "NoSuchUpload":
             raise UploadNotFoundError(message, key=key) from error
         if code == "NoSuchBucket":
-            raise NotFoundError(message, key=key, hint="create the bucket or fix the store URL") from error
+            raise ObjectNotFoundError(message, key=key, hint="create the bucket or fix the store URL") from error
         if code in _NOT_FOUND_CODES:
-            raise NotFoundError(message, key=key) from error
+            raise ObjectNotFoundError(message, key=key) from error
         if code == "PreconditionFailed" or status == 412:
-            raise PreconditionFailedError(message, key=key) from error
+            raise ObjectPreconditionFailedError(message, key=key) from error
         if code == "InvalidRange" or status == 416:
             raise InvalidRangeError(message, key=key) from error
         if code in _CHECKSUM_CODES:
@@ -174,10 +174,10 @@ class S3ObjectStore:
             request["IfMatch"] = f'"{unquote_etag(if_match)}"'
         try:
             reply = self._call(key, lambda: self._client.put_object(**request))
-        except NotFoundError:
+        except ObjectNotFoundError:
             if if_match is None:
                 raise
-            raise PreconditionFailedError("if-match: the object does not exist", key=key) from None
+            raise ObjectPreconditionFailedError("if-match: the object does not exist", key=key) from None
         return ObjectInfo(key=key, size=len(data), etag=unquote_etag(reply["ETag"]), checksum_crc32c=checksum)
 
     def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import click
 
 from functions.imaging import head_start
+from functions.imaging.errors import ImageCorruptError
 from functions.imaging.images import (
     ExportFormat,
-    ImageCorruptError,
     Progress,
     delete_image,
     export_image,
@@ -148,7 +148,7 @@ def follow(
     workflow: LocalImaging, execution_arn: str, services: ImagingServices, job_id: str, mode: ProgressMode
 ) -> ExecutionResult:
     """Wait for the execution, showing the job's progress (step, %, bytes, ETA) on stderr as `mode` says."""
-    from statemachine.engine import TERMINAL_STATUSES
+    from statemachine.engine import TERMINAL_EXECUTION_STATUSES
 
     interrupts = jobs.current_interrupts()
     idle = interrupts.wake if interrupts is not None else threading.Event()  # set by Ctrl-C, else paces polling
@@ -160,7 +160,7 @@ def follow(
                     services,
                     interrupts,
                     view.close,
-                    lambda: workflow.status(execution_arn) in TERMINAL_STATUSES,
+                    lambda: workflow.status(execution_arn) in TERMINAL_EXECUTION_STATUSES,
                 )
             status = workflow.status(execution_arn)
             try:
@@ -169,7 +169,7 @@ def follow(
                 job = None
             if job is not None:
                 view.update(job)
-            if status in TERMINAL_STATUSES:
+            if status in TERMINAL_EXECUTION_STATUSES:
                 break
             idle.wait(POLL_INTERVAL_S)
     finally:

@@ -13,6 +13,7 @@ from typing import IO, Any, Literal
 import click
 
 import vhdcore
+from functions.imaging.chain_files import sibling_files
 from functions.settings import Settings
 from statemachine.cli.common import (
     SIZE,
@@ -641,13 +642,6 @@ def write(path: str, offset: int, source: str, force: bool, as_json: bool) -> No
 
 
 COALESCE_STEP_BYTES = 64 * 1024 * 1024
-COALESCE_FILES_PREFIX = ".vhdcore-coalesce"  # the journal and the lock file
-
-
-def sibling_files(leaf: str) -> list[str]:
-    """The other files of the leaf's folder: the candidates for other children of the chain's layers."""
-    folder = Path(leaf).resolve().parent
-    return sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(COALESCE_FILES_PREFIX))
 
 
 def merge_dict(merge: vhdcore.CoalesceMerge) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import vhdcore
 from functions.catalog.launch import execution_input
 from functions.catalog.requests import Launcher, request_image
-from functions.catalog.retention import expired_images
+from functions.imaging.retention import expired_images
 from functions.catalog.schedules import due_image, next_run, run_due, scheduled_starter, window_start
 from functions.handlers.runtime import services as runtime_services
 from functions.imaging.jobs import ImagingRequest

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from functions.storage import NotFoundError, ObjectStore, open_object_store
+from functions.storage import ObjectNotFoundError, ObjectStore, open_object_store
 from functions.storage.parts import plan_fixed_parts
 from functions.storage.retry import RetryPolicy
 from functions.storage.upload import UploadOptions, find_resumable_upload, upload_file
@@ -105,7 +105,7 @@ class PartialObjectWatcher:
         while not self.stop.is_set():
             try:
                 size = self.store.head(self.key).size
-            except NotFoundError:
+            except ObjectNotFoundError:
                 size = None
             self.reads += 1
             if size is not None and size != self.full_size:
@@ -152,7 +152,7 @@ def test_killed_upload_resumes_without_resending_stored_parts(
     upload_id = find_resumable_upload(store, key)
     try:
         present = store.head(key).size
-    except NotFoundError:
+    except ObjectNotFoundError:
         present = None
     assert present in (None, size)
     stored = {part.number for part in store.list_parts(key, upload_id)} if upload_id else set()

@@ -16,9 +16,9 @@ from functions.storage import (
     InvalidPartError,
     InvalidRangeError,
     InvalidStoreUrlError,
-    NotFoundError,
+    ObjectNotFoundError,
+    ObjectPreconditionFailedError,
     ObjectStore,
-    PreconditionFailedError,
     S3ObjectStore,
     StorageError,
     UploadNotFoundError,
@@ -58,9 +58,9 @@ def test_put_get_head_range_list_delete(store: ObjectStore) -> None:
 
     store.delete("dir/one.bin")
     store.delete("dir/one.bin")  # deleting an absent key succeeds, as on S3
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ObjectNotFoundError):
         store.head("dir/one.bin")
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ObjectNotFoundError):
         store.get("dir/one.bin")
     assert [item.key for item in store.list_objects()] == ["dir/two.bin", "other.bin"]
 
@@ -69,7 +69,7 @@ def test_range_past_the_end_is_a_typed_error(store: ObjectStore) -> None:
     store.put("small", b"0123456789")
     with pytest.raises(InvalidRangeError):
         store.get_range("small", 10, 5)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ObjectNotFoundError):
         store.get_range("missing", 0, 5)
 
 
@@ -103,15 +103,15 @@ def test_file_store_keeps_keys_inside_its_root(tmp_path: Path) -> None:
 
 def test_conditional_puts(store: ObjectStore) -> None:
     first = store.put("cond", b"v1", if_none_match=True)
-    with pytest.raises(PreconditionFailedError):
+    with pytest.raises(ObjectPreconditionFailedError):
         store.put("cond", b"v2", if_none_match=True)
-    with pytest.raises(PreconditionFailedError):
+    with pytest.raises(ObjectPreconditionFailedError):
         store.put("cond", b"v2", if_match=md5_etag(b"something else"))
     second = store.put("cond", b"v2", if_match=first.etag)
     assert store.get("cond") == b"v2"
     assert store.head("cond").etag == second.etag != first.etag
     assert_etag_of(store, second.etag, b"v2")
-    with pytest.raises(PreconditionFailedError):
+    with pytest.raises(ObjectPreconditionFailedError):
         store.put("never-written", b"x", if_match=first.etag)
 
 
@@ -126,7 +126,7 @@ def test_racing_if_none_match_puts_have_one_winner(store: ObjectStore) -> None:
         try:
             store.put("lock-object", f"racer {index}".encode(), if_none_match=True)
             outcome = f"won {index}"
-        except PreconditionFailedError:
+        except ObjectPreconditionFailedError:
             outcome = "lost"
         with lock:
             outcomes.append(outcome)
@@ -160,7 +160,7 @@ def test_multipart_upload_copy_list_and_complete(store: ObjectStore) -> None:
     ]
     for part, data in ((part1, first), (part2, source[100 : 100 + MIN_PART_SIZE]), (part3, last)):
         assert_etag_of(store, part.etag, data)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ObjectNotFoundError):
         store.head("images/x/image")  # nothing visible before completion
 
     copied = source[100 : 100 + MIN_PART_SIZE]
@@ -194,7 +194,7 @@ def test_a_whole_object_copied_as_a_part_keeps_its_bytes_when_the_source_changes
     store.complete_multipart("whole", upload_id, [part1, part2])
     assert store.get("whole") == original + original[:1000]
     assert store.get("frame-a") == b"rewritten after the copy"
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ObjectNotFoundError):
         store.upload_part_copy("whole", store.create_multipart("whole"), 1, "frame-b", 0, 1000)
 
 
@@ -221,7 +221,7 @@ def test_multipart_rules(store: ObjectStore) -> None:
         store.complete_multipart("k", upload_id, [one, two])
     with pytest.raises(InvalidPartError):  # an ETag that is not the stored part's
         store.complete_multipart("k", upload_id, [type(one)(1, one.size, md5_etag(b"other"), one.crc32c)])
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ObjectNotFoundError):
         store.head("k")
     with pytest.raises(UploadNotFoundError):
         store.list_parts("k", "0" * 32)
@@ -237,7 +237,7 @@ def test_abort_leaves_no_upload_and_no_object(store: ObjectStore) -> None:
         store.list_parts("aborted", upload_id)
     with pytest.raises(UploadNotFoundError):
         store.abort_multipart("aborted", upload_id)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ObjectNotFoundError):
         store.head("aborted")
     assert list(store.list_objects()) == []
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from functions.storage import (
-    NotFoundError,
     ObjectInfo,
+    ObjectNotFoundError,
     ObjectStore,
     PartInfo,
     StorageError,
@@ -113,7 +113,7 @@ def test_failure_keeps_the_upload_and_resume_sends_only_missing_parts(
         )
     upload_id = caught.value.upload_id
     assert upload_id is not None and find_resumable_upload(store, "resumed") == upload_id
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ObjectNotFoundError):
         store.head("resumed")  # no partial object
     stored = {part.number for part in store.list_parts("resumed", upload_id)}
     assert stored == {1, 2, 3}  # concurrency 1: parts after the failed one were never started
@@ -200,7 +200,7 @@ def test_abort_upload_leaves_nothing(store: ObjectStore, make_file: Callable[[in
     abort_upload(store, "gone", upload_id)  # idempotent
     assert store.list_multipart_uploads() == []
     assert find_resumable_upload(store, "gone") is None
-    with pytest.raises(NotFoundError):
+    with pytest.raises(ObjectNotFoundError):
         store.head("gone")
     assert list(store.list_objects()) == []
 
