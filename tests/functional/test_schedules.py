@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 import vhdcore
 from functions.catalog.launch import execution_input
 from functions.catalog.requests import Launcher, request_image
-from functions.imaging.retention import expired_images
 from functions.catalog.schedules import due_image, next_run, run_due, scheduled_starter, window_start
 from functions.handlers.runtime import services as runtime_services
 from functions.imaging.jobs import ImagingRequest
+from functions.imaging.retention import expired_images
 from functions.imaging.services import ImagingServices
 from functions.state import Image, ImageOrigin, Schedule, ScheduleFrequency, Server, Status
 from statemachine.local import LocalImaging
