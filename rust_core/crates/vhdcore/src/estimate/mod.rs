@@ -76,6 +76,7 @@ use crate::chain::Chain;
 use crate::error::{Result, VhdError};
 use crate::format::layout::{new_footer_at, sparse_layout};
 use crate::format::{bitmap_size, DiskType, DEFAULT_BLOCK_SIZE, FOOTER_SIZE};
+use crate::fs::DiskUsage;
 use crate::image::compress::{encoder_for, head_length};
 use crate::image::frame_encoder::FrameEncoder;
 use crate::io::is_zero;
@@ -337,8 +338,13 @@ struct Stream<'a> {
 }
 
 impl<'a> Stream<'a> {
-    fn new(chain: &'a Chain) -> Result<Self> {
-        let ranges = chain.occupancy().ranges;
+    /// The occupied ranges less `free` (sorted, merged `(start, length)`: what a live-data image stores as zeros).
+    fn new(chain: &'a Chain, free: &[(u64, u64)]) -> Result<Self> {
+        let mut ranges = chain.occupancy().ranges;
+        if !free.is_empty() {
+            let occupied: Vec<(u64, u64)> = ranges.iter().map(|(s, e)| (*s, e.saturating_sub(*s))).collect();
+            ranges = crate::fs::subtract(occupied, free).into_iter().map(|(s, l)| (s, s.saturating_add(l))).collect();
+        }
         let mut starts = Vec::with_capacity(ranges.len());
         let mut total = 0u64;
         for (s, e) in &ranges {
@@ -887,8 +893,11 @@ struct FixedCosts {
     frames_if_empty: u64,
 }
 
-fn fixed_costs(chain: &Chain, opts: &EstimateOptions) -> Result<FixedCosts> {
-    let plan = chain.plan(opts.chunk_size)?;
+fn fixed_costs(chain: &Chain, opts: &EstimateOptions, usage: Option<&DiskUsage>) -> Result<FixedCosts> {
+    let plan = match usage {
+        Some(usage) => chain.plan_live(opts.chunk_size, usage)?,
+        None => chain.plan(opts.chunk_size)?,
+    };
     let head_room = u64_of_usize(compress_bound(usize_of(head_length(&plan)?)?)).saturating_add(64);
     // Frames as the compressor makes them: content size and checksum on.
     let frame = |data: &[u8]| -> Result<u64> {
@@ -911,7 +920,9 @@ fn fixed_costs(chain: &Chain, opts: &EstimateOptions) -> Result<FixedCosts> {
     let footer_in_frame = footer_frame.saturating_sub(empty).saturating_add(3);
     let (mut frames, mut frames_if_empty) = (0u64, 0u64);
     for (i, chunk) in plan.chunks.iter().enumerate() {
+        // A chunk wholly free (live data) stores nothing, as one no layer allocates.
         let unallocated = chunk.unallocated.iter().map(|(_, len)| *len).fold(0u64, u64::saturating_add);
+        let unallocated = if chunk.reads.is_empty() { chunk.length } else { unallocated };
         let last = i + 1 == plan.chunks.len();
         let if_empty = if last { footer_frame } else { empty };
         let cost = match (unallocated >= chunk.length, last) {
@@ -991,11 +1002,24 @@ fn mean_se(values: &[f64]) -> (f64, f64) {
 
 /// Predicts the compressed image's size (with a range) and the time to make it; see the module doc.
 pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
+    estimate_with(chain, opts, None)
+}
+
+/// [`estimate`] of the live-data image ([`Chain::plan_live`] with the same `usage`): the ranges `usage` proves free
+/// count as the image stores them, as zeros (nothing read, nothing compressed, a wholly free block left out).
+pub fn estimate_live(chain: &Chain, opts: &EstimateOptions, usage: &DiskUsage) -> Result<Estimate> {
+    estimate_with(chain, opts, Some(usage))
+}
+
+fn estimate_with(chain: &Chain, opts: &EstimateOptions, usage: Option<&DiskUsage>) -> Result<Estimate> {
     let started = Instant::now();
     validate(opts)?;
     let size = chain.virtual_size();
+    if usage.is_some_and(|u| u.size != size) {
+        return Err(VhdError::invalid_argument(None, "the disk usage is of another disk than the chain"));
+    }
     let block_size = u64::from(DEFAULT_BLOCK_SIZE);
-    let stream = Stream::new(chain)?;
+    let stream = Stream::new(chain, usage.map_or(&[][..], |u| &u.free))?;
     let threads = rayon::current_num_threads().max(1);
     let mut rng = SplitMix(opts.seed);
 
@@ -1071,7 +1095,7 @@ pub fn estimate(chain: &Chain, opts: &EstimateOptions) -> Result<Estimate> {
         0 => 0,
         _ => with_data.saturating_add(u64_of(f64_of(unseen) * f64_of(with_data) / f64_of(seen_count))),
     };
-    let fixed = fixed_costs(chain, opts)?;
+    let fixed = fixed_costs(chain, opts, usage)?;
     // No data seen: the allocated blocks are most likely all zero, and their chunks' frames empty.
     let frames = if d > 0.0 { fixed.frames } else { fixed.frames_if_empty };
     let exact = fixed.head_room.saturating_add(frames);

@@ -38,7 +38,7 @@ use crate::format::layout::{new_footer_at, new_header, sparse_layout};
 use crate::format::{bitmap_size, DiskType, SECTOR_SIZE};
 use crate::image::direct_writer::AppendWriter;
 use crate::image::frame_encoder::FrameEncoder;
-use crate::image::plan::{ChunkPlan, FetchedChunk, ImagePlan, IMAGE_BLOCK_SIZE};
+use crate::image::plan::{clip, covered, ChunkPlan, FetchedChunk, ImagePlan, IMAGE_BLOCK_SIZE};
 use crate::io::{is_zero, Target};
 
 pub const DEFAULT_LEVEL: i32 = 3;
@@ -168,7 +168,8 @@ fn assemble_chunk<S: LayerSource>(
     let mut at = chunk.start;
     while at < end {
         let block_end = (at + BLOCK).min(end);
-        let untouched = chunk.unallocated.iter().any(|(s, l)| *s <= at && block_end <= s + l);
+        let untouched = chunk.unallocated.iter().any(|(s, l)| *s <= at && block_end <= s + l)
+            || covered(&chunk.free, at, block_end);
         if untouched {
             if let Some(content) = content.as_deref_mut() {
                 content.update(zero_digest(block_end - at));
@@ -187,7 +188,8 @@ fn assemble_chunk<S: LayerSource>(
             let mut zeros_before = 0usize;
             let mut nonzero = false;
             let mut leaf = content.is_some().then(Sha256::new);
-            src.read_at_by(at, data, HASH_PIECE, &mut |piece| {
+            let free_here = clip(&chunk.free, at, block_end);
+            let mut visit = |piece: &[u8]| -> Result<()> {
                 if !nonzero {
                     if is_zero(piece) {
                         zeros_before += piece.len();
@@ -210,7 +212,23 @@ fn assemble_chunk<S: LayerSource>(
                     leaf.update(piece);
                 }
                 Ok(())
-            })?;
+            };
+            if free_here.is_empty() {
+                src.read_at_by(at, data, HASH_PIECE, &mut visit)?;
+            } else {
+                // Partly free (live-data imaging): the free bytes are stored, and hashed, as zeros.
+                src.read_at_by(at, data, HASH_PIECE, &mut |_| Ok(()))?;
+                for &(s, l) in &free_here {
+                    let from = usize::try_from(s - at).unwrap_or(usize::MAX);
+                    let to = usize::try_from(s - at + l).unwrap_or(usize::MAX);
+                    if let Some(bytes) = data.get_mut(from..to) {
+                        bytes.fill(0);
+                    }
+                }
+                for piece in data.chunks(HASH_PIECE) {
+                    visit(piece)?;
+                }
+            }
             if let (Some(content), Some(leaf)) = (content.as_deref_mut(), leaf) {
                 let digest: [u8; 32] = if nonzero { leaf.finalize().into() } else { zero_digest(block_end - at) };
                 content.update(digest);

@@ -45,12 +45,43 @@ pub struct ChunkPlan {
     pub reads: Vec<SourceRead>,
     /// `(start, length)` ranges no layer has allocated: zeros, never read.
     pub unallocated: Vec<(u64, u64)>,
+    /// `(start, length)` ranges a filesystem proves free (live-data imaging, [`Chain::plan_live`]): sorted, merged,
+    /// inside the chunk; stored as zeros, and a layer block or image block wholly inside them is never read. Empty
+    /// (and absent from the JSON) for a plan of every block.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub free: Vec<(u64, u64)>,
 }
 
 impl ChunkPlan {
     pub fn read_bytes(&self) -> u64 {
         self.reads.iter().map(|r| r.length).sum()
     }
+
+    /// Bytes of the chunk a filesystem proves free (stored as zeros).
+    pub fn free_bytes(&self) -> u64 {
+        self.free.iter().map(|r| r.1).fold(0u64, u64::saturating_add)
+    }
+}
+
+/// Whether `[start, end)` lies wholly inside one of `ranges` (sorted, merged `(start, length)`).
+pub(crate) fn covered(ranges: &[(u64, u64)], start: u64, end: u64) -> bool {
+    let i = ranges.partition_point(|r| r.0.saturating_add(r.1) <= start);
+    ranges.get(i).is_some_and(|r| r.0 <= start && r.0.saturating_add(r.1) >= end)
+}
+
+/// The parts of `ranges` (sorted, merged) inside `[start, end)`, clipped to it.
+pub(crate) fn clip(ranges: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let i = ranges.partition_point(|r| r.0.saturating_add(r.1) <= start);
+    ranges
+        .get(i..)
+        .unwrap_or_default()
+        .iter()
+        .take_while(|r| r.0 < end)
+        .filter_map(|r| {
+            let (s, e) = (r.0.max(start), r.0.saturating_add(r.1).min(end));
+            (e > s).then(|| (s, e - s))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +131,15 @@ impl ImagePlan {
             }
         }
         for chunk in &self.chunks {
+            let chunk_end = chunk.start.checked_add(chunk.length);
+            let mut cursor = chunk.start;
+            for &(s, l) in &chunk.free {
+                let e = s.checked_add(l);
+                if l == 0 || s < cursor || e.is_none() || e > chunk_end || s % 512 != 0 || l % 512 != 0 {
+                    return bad(format!("chunk {} has a free range of {l} bytes at {s}", chunk.index));
+                }
+                cursor = e.unwrap_or(u64::MAX).saturating_add(1);
+            }
             for read in &chunk.reads {
                 let Some(layer) = self.layers.get(read.layer) else {
                     return bad(format!("chunk {} reads layer {}", chunk.index, read.layer));
@@ -126,6 +166,25 @@ impl ImagePlan {
 impl Chain {
     /// Cuts the flattened disk into chunks of `chunk_size` bytes (rounded up to a multiple of every block size).
     pub fn plan(&self, chunk_size: u64) -> Result<ImagePlan> {
+        self.plan_with(chunk_size, &[])
+    }
+
+    /// [`Chain::plan`] of the live data only (DESIGN §5): the ranges `usage` proves free are stored as zeros (each
+    /// chunk carries its part of them in [`ChunkPlan::free`]), and layer blocks and image blocks wholly inside them
+    /// are left out of the reads. With nothing free the plan equals [`Chain::plan`]'s.
+    pub fn plan_live(&self, chunk_size: u64, usage: &crate::fs::DiskUsage) -> Result<ImagePlan> {
+        if usage.size != self.virtual_size() {
+            return Err(VhdError::invalid_argument(
+                None,
+                format!("the disk usage is of a {}-byte disk, the chain is {}", usage.size, self.virtual_size()),
+            ));
+        }
+        self.plan_with(chunk_size, &usage.free)
+    }
+
+    /// The plan, leaving out `free` (sorted, merged `(start, length)` ranges, 512-byte aligned).
+    fn plan_with(&self, chunk_size: u64, free: &[(u64, u64)]) -> Result<ImagePlan> {
+        let image_block = u64::from(IMAGE_BLOCK_SIZE);
         let largest_block = self.layers.iter().filter_map(|d| d.block_size()).max().unwrap_or(IMAGE_BLOCK_SIZE);
         let unit = u64::from(largest_block.max(IMAGE_BLOCK_SIZE));
         let chunk_size = chunk_size.max(1).div_ceil(unit) * unit;
@@ -145,6 +204,7 @@ impl Chain {
         let mut start = 0u64;
         while start < size {
             let end = (start + chunk_size).min(size);
+            let chunk_free = clip(free, start, end);
             let mut reads = Vec::new();
             for (index, disk) in self.layers.iter().enumerate() {
                 let limit = disk.virtual_size.min(end);
@@ -152,13 +212,36 @@ impl Chain {
                     continue;
                 }
                 match &disk.sparse {
-                    None => reads.push(SourceRead {
+                    None if chunk_free.is_empty() => reads.push(SourceRead {
                         layer: index,
                         file_offset: start,
                         length: limit - start,
                         first_block: 0,
                         blocks: 0,
                     }),
+                    // Fixed layer: the bytes of every image block not wholly free, in runs.
+                    None => {
+                        let mut at = start;
+                        while at < limit {
+                            let block_end = at.saturating_add(image_block).min(end);
+                            let read_end = block_end.min(limit);
+                            if !covered(&chunk_free, at, block_end) {
+                                match reads.last_mut() {
+                                    Some(r) if r.layer == index && r.file_offset.saturating_add(r.length) == at => {
+                                        r.length += read_end - at;
+                                    }
+                                    _ => reads.push(SourceRead {
+                                        layer: index,
+                                        file_offset: at,
+                                        length: read_end - at,
+                                        first_block: 0,
+                                        blocks: 0,
+                                    }),
+                                }
+                            }
+                            at = block_end;
+                        }
+                    }
                     Some(sparse) => {
                         let block = u64::from(sparse.block_size);
                         let span = sparse.bitmap_size + block;
@@ -168,6 +251,10 @@ impl Chain {
                         for &b in sparse.allocated[from..].iter().take_while(|b| u64::from(**b) < last) {
                             let b = u64::from(b);
                             let Some(offset) = sparse.block_offset(b) else { continue };
+                            let block_start = b.saturating_mul(block);
+                            if covered(&chunk_free, block_start, block_start.saturating_add(block).min(size)) {
+                                continue;
+                            }
                             match reads.last_mut() {
                                 // Adjacent blocks stored back to back become one read.
                                 Some(SourceRead { layer, file_offset, length, first_block, blocks })
@@ -202,7 +289,14 @@ impl Chain {
             if cursor < end {
                 unallocated.push((cursor, end - cursor));
             }
-            chunks.push(ChunkPlan { index: chunks.len(), start, length: end - start, reads, unallocated });
+            chunks.push(ChunkPlan {
+                index: chunks.len(),
+                start,
+                length: end - start,
+                reads,
+                unallocated,
+                free: chunk_free,
+            });
             start = end;
         }
         Ok(ImagePlan {
@@ -290,5 +384,13 @@ impl LayerSource for FetchedChunk<'_> {
         let at = usize::try_from(offset - read.file_offset).unwrap_or(usize::MAX);
         dst.copy_from_slice(&bytes[at..at + dst.len()]);
         Ok(())
+    }
+}
+
+impl crate::fs::DiskUsage {
+    /// The usage as JSON (partitions with their decisions, the free ranges, the warnings), for manifests and the
+    /// CLI; serialising plain data cannot fail.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| unreachable!("a disk usage holds only plain data"))
     }
 }
