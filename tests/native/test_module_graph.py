@@ -15,9 +15,9 @@ LAYERS = [
     {"format", "io"},
     {"source", "disk"},
     {"chain"},
+    {"fs"},
     {"export", "image", "estimate"},
     {"writer", "coalesce"},
-    {"fs"},
 ]
 
 

@@ -106,6 +106,7 @@ class ChunkPlan:
     reads: list[SourceRead]
     unallocated: list[tuple[int, int]]
     read_bytes: int
+    free: list[tuple[int, int]]
 
 @final
 class ImagePlan:
@@ -122,6 +123,9 @@ class ImagePlan:
     @property
     def head_room(self) -> int:
         """Bytes kept at the image's start for its head frame (compressed last) and the skippable frame after it."""
+    @property
+    def free_bytes(self) -> int:
+        """Bytes stored as zeros because a filesystem proves them free (0 for a plan of every block)."""
     def to_json(self) -> str: ...
     @staticmethod
     def from_json(text: str) -> ImagePlan: ...
@@ -189,6 +193,41 @@ class Estimate:
     threads: int
 
 @final
+class Partition:
+    """A partition (or the whole disk without a table) and what a live-data image does with it."""
+
+    index: int
+    start: int
+    length: int
+    type_id: str
+    filesystem: str
+    decision: Literal["dropped", "keep_whole"]
+    reason: str | None
+    used_bytes: int
+    free_bytes: int
+
+@final
+class DiskUsage:
+    """What the flattened disk's partitions and filesystems prove free (``Chain.usage()``)."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def table(self) -> Literal["none", "mbr", "gpt"]: ...
+    @property
+    def partitions(self) -> list[Partition]: ...
+    @property
+    def free(self) -> list[tuple[int, int]]: ...
+    @property
+    def free_bytes(self) -> int: ...
+    @property
+    def warnings(self) -> list[str]: ...
+    def is_free(self, start: int, length: int) -> bool: ...
+    def free_within(self, start: int, length: int) -> int: ...
+    def free_blocks(self, block_size: int) -> list[bool]: ...
+    def to_json(self) -> str: ...
+
+@final
 class Chain:
     layers: list[Layer]
     virtual_size: int
@@ -205,13 +244,15 @@ class Chain:
         format: ExportFormat = "raw",
         progress: Callable[[int, int], None] | None = None,
     ) -> ExportStats: ...
-    def plan(self, chunk_size: int = 67108864) -> ImagePlan: ...
+    def usage(self) -> DiskUsage: ...
+    def plan(self, chunk_size: int = 67108864, usage: DiskUsage | None = None) -> ImagePlan: ...
     def compress(
         self,
         out: str,
         level: int = 3,
         chunk_size: int = 67108864,
         progress: Callable[[int, int], None] | None = None,
+        usage: DiskUsage | None = None,
     ) -> ImageStats: ...
     def compress_chunk(
         self, plan: ImagePlan, index: int, level: int = 3, digest: ChunkDigest = "image"
@@ -230,7 +271,9 @@ class Chain:
         on_durable: Callable[[int], None] | None = None,
     ) -> int:
         """Compress chunks first..first+count-1 into `out` in place, frames in order from `offset`; the end."""
-    def estimate(self, level: int = 3, chunk_size: int = 67108864, seed: int | None = None) -> Estimate: ...
+    def estimate(
+        self, level: int = 3, chunk_size: int = 67108864, seed: int | None = None, usage: DiskUsage | None = None
+    ) -> Estimate: ...
     def snapshot_bytes(self, relative_parent: str) -> bytes: ...
     def merge_layout(self, layer: int) -> MergeLayout: ...
     def merged_block(self, layer: int, index: int) -> bytes: ...

@@ -8,6 +8,7 @@
 //!   children, check, diff).
 //! - `image/`: `ImagePlan`, `ChunkPlan`, `SourceRead` (`plan.rs`); `ChunkFrame`, `ImageStats` and the workers'
 //!   functions (`frame.rs`). `estimate.rs`: `Estimate`. `coalesce.rs`: coalesce and its reports.
+//! - `usage.rs`: `DiskUsage`, `Partition` (`Chain.usage()`: what the disk's filesystems prove free).
 //! - `errors.rs`: the exception tree and the error translation; `progress.rs`: progress callbacks off the GIL.
 
 use pyo3::prelude::*;
@@ -20,6 +21,7 @@ mod estimate;
 mod image;
 mod layer;
 mod progress;
+mod usage;
 
 #[pymodule]
 fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -39,6 +41,8 @@ fn _vhdcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<image::frame::ChunkFrame>()?;
     m.add_class::<image::frame::ImageStats>()?;
     m.add_class::<estimate::Estimate>()?;
+    m.add_class::<usage::DiskUsage>()?;
+    m.add_class::<usage::Partition>()?;
     m.add_class::<coalesce::CoalesceMerge>()?;
     m.add_class::<coalesce::PendingMerge>()?;
     m.add_class::<coalesce::SkippedLayer>()?;

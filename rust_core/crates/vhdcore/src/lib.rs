@@ -9,10 +9,10 @@
 //! - `source` (where layer bytes come from: files, memory, any [`LayerStore`]), `disk` (one opened VHD);
 //! - `chain/` (a chain of layers found by UUID and locators; `resolve`: which layer holds each sector; `map`,
 //!   `diff`, `check`; `pending`: where a coalesce journal of the chain would lie);
-//! - `export` (flattening to raw or VHD), `image/` (the image's plan, chunks, frames, the direct writer),
-//!   `estimate/` (the image's size and time before it is made);
-//! - `writer` (new disks, snapshots, writes, restamp, set_uuid), `coalesce/` (journaled merges, their merge copy);
-//! - `fs/` (partition tables and filesystems of a flattened disk).
+//! - `fs/` (partition tables and filesystems of a flattened disk: the ranges they prove free);
+//! - `export` (flattening to raw or VHD), `image/` (the image's plan, chunks, frames, the direct writer; a live-data
+//!   plan leaves out what `fs` proves free), `estimate/` (the image's size and time before it is made);
+//! - `writer` (new disks, snapshots, writes, restamp, set_uuid), `coalesce/` (journaled merges, their merge copy).
 //!
 //! The public API is the list of `pub use` below; the modules themselves are private.
 

@@ -1,5 +1,5 @@
-//! `Chain`: an opened chain of layers (leaf first) and what it does: map, read, export, plan, compress, estimate,
-//! snapshot bytes, merge layouts. `open_chain` (files) and `open_chain_from` (any reader, `reader.rs`) make one.
+//! `Chain`: an opened chain of layers (leaf first) and what it does: map, read, export, usage, plan, compress,
+//! estimate, snapshot bytes, merge layouts. `open_chain` (files) and `open_chain_from` (any reader, `reader.rs`) make one.
 
 mod reader;
 mod results;
@@ -17,6 +17,7 @@ use crate::image::frame::{chunk_digest, ChunkFrame, ImageStats};
 use crate::image::plan::ImagePlan;
 use crate::layer::Layer;
 use crate::progress::with_progress;
+use crate::usage::DiskUsage;
 pub(crate) use reader::open_chain_from;
 use results::merge_pair;
 pub(crate) use results::{ExportStats, Extent, MergeLayout};
@@ -78,16 +79,35 @@ impl Chain {
         })
     }
 
-    #[pyo3(signature = (chunk_size = vhdcore::DEFAULT_CHUNK_SIZE), text_signature = "(self, chunk_size=67108864)")]
-    fn plan(&self, py: Python<'_>, chunk_size: u64) -> PyResult<ImagePlan> {
+    /// What the flattened disk's partitions and filesystems prove free (DESIGN §5, live data only).
+    fn usage(&self, py: Python<'_>) -> PyResult<DiskUsage> {
         let inner = Arc::clone(&self.inner);
-        let plan = py.allow_threads(|| inner.plan(chunk_size)).or_raise()?;
+        let usage = py.allow_threads(|| vhdcore::fs::usage(inner.as_ref())).or_raise()?;
+        Ok(DiskUsage { inner: Arc::new(usage) })
+    }
+
+    /// The chunk plan; with `usage` (from `usage()`), of the live data only: free ranges stored as zeros, never read.
+    #[pyo3(
+        signature = (chunk_size = vhdcore::DEFAULT_CHUNK_SIZE, usage = None),
+        text_signature = "(self, chunk_size=67108864, usage=None)"
+    )]
+    fn plan(&self, py: Python<'_>, chunk_size: u64, usage: Option<PyRef<'_, DiskUsage>>) -> PyResult<ImagePlan> {
+        let inner = Arc::clone(&self.inner);
+        let usage = usage.map(|u| Arc::clone(&u.inner));
+        let plan = py
+            .allow_threads(|| match usage {
+                Some(usage) => inner.plan_live(chunk_size, &usage),
+                None => inner.plan(chunk_size),
+            })
+            .or_raise()?;
         Ok(ImagePlan { inner: Arc::new(plan) })
     }
 
     #[pyo3(
-        signature = (out, level = vhdcore::DEFAULT_LEVEL, chunk_size = vhdcore::DEFAULT_CHUNK_SIZE, progress = None),
-        text_signature = "(self, out, level=3, chunk_size=67108864, progress=None)"
+        signature = (
+            out, level = vhdcore::DEFAULT_LEVEL, chunk_size = vhdcore::DEFAULT_CHUNK_SIZE, progress = None, usage = None
+        ),
+        text_signature = "(self, out, level=3, chunk_size=67108864, progress=None, usage=None)"
     )]
     fn compress(
         &self,
@@ -96,10 +116,15 @@ impl Chain {
         level: i32,
         chunk_size: u64,
         progress: Option<PyObject>,
+        usage: Option<PyRef<'_, DiskUsage>>,
     ) -> PyResult<ImageStats> {
         let inner = Arc::clone(&self.inner);
+        let usage = usage.map(|u| Arc::clone(&u.inner));
         let stats = with_progress(py, progress, |report| {
-            let plan = inner.plan(chunk_size)?;
+            let plan = match &usage {
+                Some(usage) => inner.plan_live(chunk_size, usage)?,
+                None => inner.plan(chunk_size)?,
+            };
             vhdcore::compress_image(&inner, &plan, level, &out, report)
         })?;
         ImageStats::from_core(py, stats)
@@ -194,16 +219,29 @@ impl Chain {
     }
 
     #[pyo3(
-        signature = (level = vhdcore::DEFAULT_LEVEL, chunk_size = vhdcore::DEFAULT_CHUNK_SIZE, seed = None),
-        text_signature = "(self, level=3, chunk_size=67108864, seed=None)"
+        signature = (level = vhdcore::DEFAULT_LEVEL, chunk_size = vhdcore::DEFAULT_CHUNK_SIZE, seed = None, usage = None),
+        text_signature = "(self, level=3, chunk_size=67108864, seed=None, usage=None)"
     )]
-    fn estimate(&self, py: Python<'_>, level: i32, chunk_size: u64, seed: Option<u64>) -> PyResult<Estimate> {
+    fn estimate(
+        &self,
+        py: Python<'_>,
+        level: i32,
+        chunk_size: u64,
+        seed: Option<u64>,
+        usage: Option<PyRef<'_, DiskUsage>>,
+    ) -> PyResult<Estimate> {
         let inner = Arc::clone(&self.inner);
         let mut opts = vhdcore::EstimateOptions { level, chunk_size, ..Default::default() };
         if let Some(seed) = seed {
             opts.seed = seed;
         }
-        let estimate = py.allow_threads(|| vhdcore::estimate(&inner, &opts)).or_raise()?;
+        let usage = usage.map(|u| Arc::clone(&u.inner));
+        let estimate = py
+            .allow_threads(|| match usage {
+                Some(usage) => vhdcore::estimate_live(&inner, &opts, &usage),
+                None => vhdcore::estimate(&inner, &opts),
+            })
+            .or_raise()?;
         Ok(Estimate::from_core(level, estimate))
     }
 

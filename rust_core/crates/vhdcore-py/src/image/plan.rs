@@ -23,6 +23,8 @@ pub(crate) struct ChunkPlan {
     pub(crate) reads: Vec<Py<SourceRead>>,
     pub(crate) unallocated: Vec<(u64, u64)>,
     pub(crate) read_bytes: u64,
+    /// Ranges a filesystem proves free (a live-data plan): stored as zeros, wholly free blocks never read.
+    pub(crate) free: Vec<(u64, u64)>,
 }
 
 #[pyclass(frozen, module = "vhdcore._vhdcore")]
@@ -75,6 +77,7 @@ impl ImagePlan {
                     reads,
                     unallocated: c.unallocated.clone(),
                     read_bytes: c.read_bytes(),
+                    free: c.free.clone(),
                 })
             })
             .collect()
@@ -85,6 +88,12 @@ impl ImagePlan {
     #[getter]
     fn head_room(&self) -> PyResult<u64> {
         vhdcore::head_room(&self.inner).or_raise()
+    }
+
+    /// Bytes the plan stores as zeros because a filesystem proves them free (0 for a plan of every block).
+    #[getter]
+    fn free_bytes(&self) -> u64 {
+        self.inner.chunks.iter().map(|c| c.free_bytes()).fold(0u64, u64::saturating_add)
     }
 
     fn to_json(&self) -> String {
