@@ -492,6 +492,7 @@ def build_resolver(deps: ApiDependencies) -> APIGatewayRestResolver:
                 tenant=request["tenant"],
                 server_id=request["payload"]["server_id"],
                 name=request["payload"]["body"].get("name"),
+                all_blocks=bool(request["payload"]["body"].get("all_blocks", False)),
             )
         except ServerNotFoundError as error:
             raise _not_found("server", request["payload"]["server_id"], "GET /v1/servers lists your servers") from error

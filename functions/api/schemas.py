@@ -20,6 +20,12 @@ class CreateImageBody(_Body):
     """Optional settings of an on-demand image."""
 
     name: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")] | None = None
+    all_blocks: bool = Field(
+        default=False,
+        description="Image every block. By default an image holds the live data only: the ranges the disk's "
+        "filesystems prove free (ext2/3/4, XFS, NTFS, swap) are stored as zeros; anything in doubt is kept. "
+        "A server's own all_blocks setting turns this on for all its images.",
+    )
 
 
 class ImageView(BaseModel):

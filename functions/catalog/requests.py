@@ -44,6 +44,7 @@ def request_image(
     job_id: str | None = None,
     image_id: str | None = None,
     origin: ImageOrigin = ImageOrigin.ON_DEMAND,
+    all_blocks: bool = False,
 ) -> Job:
     """Record and start an image of a tenant's server; ServerBeingImagedError (with the running job) if busy."""
     server = server_of_tenant(services, tenant, server_id)
@@ -54,6 +55,7 @@ def request_image(
         name=name or f"{server.name} {services.now():%Y-%m-%d %H:%M} UTC",
         server_id=server.id,
         origin=origin,
+        all_blocks=all_blocks,
     )
     try:
         job = start_job(services, request)

@@ -22,6 +22,7 @@ class ImageRequest(_Event):
     server_id: str | None = None
     disk: str | None = None
     origin: ImageOrigin = ImageOrigin.ON_DEMAND
+    all_blocks: bool = False
 
 
 class PrepareEvent(_Event):

@@ -14,7 +14,7 @@ from functions.imaging.disks import open_disk
 from functions.imaging.errors import ImageVerificationError
 from functions.imaging.jobs import advance_job, release_server_lock
 from functions.imaging.layout import Layout
-from functions.imaging.planning import estimate_key
+from functions.imaging.planning import estimate_key, live_data
 from functions.imaging.retention import keep_scheduled_images
 from functions.imaging.services import ImagingServices
 from functions.imaging.snapshot import FrozenChain, snapshot_key
@@ -94,6 +94,8 @@ def finalize_image(services: ImagingServices, job: Job) -> Image:
         "frames": [asdict(frame) for frame in uploaded.frames],
         "timings": {**step_timings(job), "upload_seconds": uploaded.seconds},
         "predicted_seconds": estimate["predicted_seconds"],
+        # Planned before filesystem-aware imaging existed: every block was imaged.
+        "live_data": estimate.get("live_data") or live_data(None),
         "history": [event.model_dump(mode="json") for event in job.history],
     }
     store.put(keys.manifest_key(job.image_id), json.dumps(manifest, indent=2).encode())

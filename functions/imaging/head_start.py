@@ -77,6 +77,8 @@ class _CancelledError(Exception):
 @dataclass
 class _HeadStart:
     job_id: str
+    all_blocks: bool = False
+    """Every block (no filesystem-aware imaging), as the job will plan."""
     planned: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -92,13 +94,21 @@ _current: _HeadStart | None = None
 _lock = threading.Lock()
 
 
-def begin(services: ImagingServices, job_id: str, leaf: str, *, quiet_before_s: float = QUIET_BEFORE_S) -> None:
+def begin(
+    services: ImagingServices,
+    job_id: str,
+    leaf: str,
+    *,
+    all_blocks: bool = False,
+    quiet_before_s: float = QUIET_BEFORE_S,
+) -> None:
     """Start the head start of job `job_id` on the chain of the local file `leaf` (one per process: a new one
-    replaces an earlier one nobody took). Failures are left for the steps to meet and report."""
+    replaces an earlier one nobody took), planning as the job will: live data only, or every block with
+    `all_blocks`. Failures are left for the steps to meet and report."""
     global _current
     if is_store_key(leaf):
         return
-    head = _HeadStart(job_id)
+    head = _HeadStart(job_id, all_blocks=all_blocks)
     started_ns = time.time_ns()
     with _lock:
         previous, _current = _current, head
@@ -115,13 +125,14 @@ def _run(services: ImagingServices, head: _HeadStart, leaf: str, quiet_since_ns:
         head.fingerprint = chain_fingerprint(chain, config.level, config.chunk_size)
         if head.fingerprint is None:
             return
-        head.estimate = chain.estimate(level=config.level, chunk_size=config.chunk_size)
+        usage = None if head.all_blocks else chain.usage()
+        head.estimate = chain.estimate(level=config.level, chunk_size=config.chunk_size, usage=usage)
         store = services.store
         if not isinstance(store, FileObjectStore) or choose_layout(services, leaf) is not Layout.IN_PLACE:
             return
         if not head.fingerprint.quiet_since(quiet_since_ns):
             return
-        plan = head.plan = chain.plan(config.chunk_size)
+        plan = head.plan = chain.plan(config.chunk_size, usage=usage)
         head.plan_json = plan.to_json()
         head.planned.set()
         batch: list[StagedFrame] = []
@@ -176,26 +187,32 @@ def _frame_record(frame: vhdcore.ChunkFrame) -> StagedFrame:
     )
 
 
-def _of_this_chain(chain: vhdcore.Chain, level: int, chunk_size: int) -> _HeadStart | None:
-    """The head start, once planned, if it was made of this very chain (else None)."""
+def _of_this_chain(chain: vhdcore.Chain, level: int, chunk_size: int, all_blocks: bool) -> _HeadStart | None:
+    """The head start, once planned, if it was made of this very chain in this mode (else None)."""
     head = _current
     if head is None:
         return None
     head.planned.wait()
     fingerprint = chain_fingerprint(chain, level, chunk_size)
-    return head if fingerprint is not None and head.fingerprint == fingerprint else None
+    mine = fingerprint is not None and head.fingerprint == fingerprint and head.all_blocks == all_blocks
+    return head if mine else None
 
 
-def estimate_for(chain: vhdcore.Chain, level: int, chunk_size: int) -> vhdcore.Estimate | None:
-    """The head start's estimate, if it is of this very chain (waiting for it if it is still being made)."""
-    head = _of_this_chain(chain, level, chunk_size)
+def estimate_for(
+    chain: vhdcore.Chain, level: int, chunk_size: int, *, all_blocks: bool = False
+) -> vhdcore.Estimate | None:
+    """The head start's estimate, if it is of this very chain and mode (waiting for it if it is still being
+    made)."""
+    head = _of_this_chain(chain, level, chunk_size, all_blocks)
     return head.estimate if head is not None else None
 
 
-def plan_for(job_id: str, chain: vhdcore.Chain, level: int, chunk_size: int) -> vhdcore.ImagePlan | None:
-    """The plan job `job_id`'s head start is compressing, if it is of this very chain: the Estimate step stages it
-    (a plan made anew would name another image UUID, and the frames written ahead would not be its)."""
-    head = _of_this_chain(chain, level, chunk_size)
+def plan_for(
+    job_id: str, chain: vhdcore.Chain, level: int, chunk_size: int, *, all_blocks: bool = False
+) -> vhdcore.ImagePlan | None:
+    """The plan job `job_id`'s head start is compressing, if it is of this very chain and mode: the Estimate step
+    stages it (a plan made anew would name another image UUID, and the frames written ahead would not be its)."""
+    head = _of_this_chain(chain, level, chunk_size, all_blocks)
     return head.plan if head is not None and head.job_id == job_id else None
 
 

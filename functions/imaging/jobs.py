@@ -65,6 +65,8 @@ class ImagingRequest:
     server_id: str | None = None
     disk: str | None = None
     origin: ImageOrigin = ImageOrigin.ON_DEMAND
+    all_blocks: bool = False
+    """Image every block (filesystem-aware imaging off); a server's own setting turns it on too."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ def start_job(services: ImagingServices, request: ImagingRequest) -> Job:
         ):
             raise ServerBusyError(f"server {existing.server_id} is being imaged by another job")
         return existing
+    all_blocks = request.all_blocks
     if request.server_id is not None:
         try:
             server = state.get_server(request.server_id)
@@ -126,6 +129,7 @@ def start_job(services: ImagingServices, request: ImagingRequest) -> Job:
             raise InvalidRequestError(f"server {request.server_id!r} is not registered")
         if not _take_server_lock(services, request.server_id, request.job_id):
             raise ServerBusyError(f"server {request.server_id} is being imaged by another job")
+        all_blocks = all_blocks or server.all_blocks
     now = services.now()
     job = Job.queued(
         at=now,
@@ -136,6 +140,7 @@ def start_job(services: ImagingServices, request: ImagingRequest) -> Job:
         image_id=request.image_id,
         execution_name=request.job_id,
         heartbeat_at=now,
+        all_blocks=all_blocks,
     )
     image = Image(
         id=request.image_id,

@@ -95,11 +95,38 @@ def predict_job_of(
     )
 
 
-def _estimate(chain: vhdcore.Chain, level: int, chunk_size: int) -> vhdcore.Estimate:
-    """The chain's estimate: the head start's if it is of this very chain (functions.imaging.head_start), else
-    made now."""
-    ahead = head_start.estimate_for(chain, level, chunk_size)
-    return ahead if ahead is not None else chain.estimate(level=level, chunk_size=chunk_size)
+def _estimate(chain: vhdcore.Chain, level: int, chunk_size: int, usage: vhdcore.DiskUsage | None) -> vhdcore.Estimate:
+    """The chain's estimate (of the live data only with `usage`): the head start's if it is of this very chain and
+    mode (functions.imaging.head_start), else made now."""
+    ahead = head_start.estimate_for(chain, level, chunk_size, all_blocks=usage is None)
+    return ahead if ahead is not None else chain.estimate(level=level, chunk_size=chunk_size, usage=usage)
+
+
+def live_data(usage: vhdcore.DiskUsage | None) -> dict[str, object]:
+    """What the manifest records of filesystem-aware imaging (DESIGN §5): the mode and, per partition, its table
+    entry, filesystem, size, used and dropped bytes and any reason it was kept whole."""
+    if usage is None:
+        return {"mode": "all_blocks", "dropped_bytes": 0, "partitions": [], "warnings": []}
+    return {
+        "mode": "live",
+        "dropped_bytes": usage.free_bytes,
+        "table": usage.table,
+        "partitions": [
+            {
+                "index": p.index,
+                "start": p.start,
+                "size": p.length,
+                "type": p.type_id,
+                "filesystem": p.filesystem,
+                "decision": p.decision,
+                "reason": p.reason,
+                "used_bytes": p.used_bytes,
+                "dropped_bytes": p.free_bytes,
+            }
+            for p in usage.partitions
+        ],
+        "warnings": list(usage.warnings),
+    }
 
 
 def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> StagedPlan:
@@ -111,8 +138,13 @@ def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> Stag
         return planned
     config = services.config
     chain = open_disk(services.disk_store, frozen.leaf, frozen.layers)
-    estimate = _estimate(chain, config.level, config.chunk_size)
-    plan = head_start.plan_for(job.id, chain, config.level, config.chunk_size) or chain.plan(config.chunk_size)
+    # Live data only unless the request or the server asked for every block: the ranges the disk's filesystems
+    # prove free are stored as zeros and never read (DESIGN §5, §7b).
+    usage = None if job.all_blocks else chain.usage()
+    estimate = _estimate(chain, config.level, config.chunk_size, usage)
+    plan = head_start.plan_for(job.id, chain, config.level, config.chunk_size, all_blocks=usage is None) or chain.plan(
+        config.chunk_size, usage=usage
+    )
     flavor = services.state.get_server(job.server_id).flavor if job.server_id is not None else None
     layout = choose_layout(services, frozen.leaf)
     timing = predict_job_of(services, estimate, layout, flavor, fixed_s=0.0)
@@ -139,6 +171,7 @@ def plan_image(services: ImagingServices, job: Job, frozen: FrozenChain) -> Stag
                 "predicted": timing.to_json(),
                 "estimate_compress_seconds": estimate.predicted_seconds,
                 "flavor_class": flavor_class(flavor),
+                "live_data": live_data(usage),
             }
         ).encode(),
     )

@@ -77,6 +77,7 @@ def request_of(services: ImagingServices, job: Job) -> ImagingRequest:
         server_id=job.server_id,
         disk=job.disk,
         origin=image.origin,
+        all_blocks=job.all_blocks,
     )
 
 

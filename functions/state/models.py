@@ -116,6 +116,8 @@ class Server(_Record):
     """Layers a merge took out of the chain, deleted after the record that dropped them was stored."""
     merging: PendingMerge | None = None
     """The merge in progress, if any."""
+    all_blocks: bool = False
+    """Image every block of this server's disk: filesystem-aware imaging (DESIGN §5, live data only) off."""
 
 
 class JobEvent(_Record):
@@ -157,6 +159,9 @@ class Job(_Record):
     without waiting for the heartbeat to go stale."""
     runs: Annotated[int, Field(ge=1)] = 1
     """Executions started for the job: a resumed job runs again under its own id (bounded)."""
+    all_blocks: bool = False
+    """Image every block (asked by the request or set on the server): the ranges a filesystem proves free are
+    stored too; False: live data only (DESIGN §5)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

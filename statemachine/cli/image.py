@@ -202,6 +202,12 @@ def image_json(record: Image, manifest: dict[str, Any] | None = None) -> dict[st
     help="How to show progress (implies --wait): bar, or jsonl: one JSON object per change on stderr "
     '{"job_id", "status", "percent", "bytes_done", "bytes_total", "eta_seconds"}.',
 )
+@click.option(
+    "--all-blocks",
+    is_flag=True,
+    help="Image every block. By default the ranges the disk's filesystems prove free (ext2/3/4, XFS, NTFS, swap) "
+    "are stored as zeros; anything in doubt is kept (see `imaging vhd usage`).",
+)
 @location_options
 @json_option
 def create(
@@ -211,6 +217,7 @@ def create(
     tenant: str,
     live: bool,
     progress: Literal["bar", "jsonl"] | None,
+    all_blocks: bool,
     settings: Settings,
     as_json: bool,
 ) -> None:
@@ -235,6 +242,8 @@ def create(
     }
     if server_id is not None:
         request["server_id"] = server_id
+    if all_blocks:
+        request["all_blocks"] = True
     with opened(settings) as services, jobs.interrupts_handled():
         if leaf is not None:
             request["disk"] = disk_argument(services.disk_store, leaf)
@@ -284,12 +293,14 @@ def _start_ahead(services: ImagingServices, request: dict[str, Any]) -> None:
     """Estimate (and where the image is written in place, compress) the chain now, on the core the engine's imports
     leave idle; the job's steps take that work if it is exactly theirs (functions.imaging.head_start)."""
     disk = request.get("disk")
+    all_blocks = bool(request.get("all_blocks", False))
     if disk is None:
         try:
-            disk = services.state.get_server(str(request["server_id"])).disk
+            server = services.state.get_server(str(request["server_id"]))
         except NotFoundError:
             return  # the workflow's Prepare says so, with its code and hint
-    head_start.begin(services, str(request["job_id"]), str(disk))
+        disk, all_blocks = server.disk, all_blocks or server.all_blocks
+    head_start.begin(services, str(request["job_id"]), str(disk), all_blocks=all_blocks)
 
 
 def _exists(services: ImagingServices, image_id: str) -> bool:
@@ -419,6 +430,10 @@ def show(image_id: str, settings: Settings, as_json: bool) -> None:
         if job.error_code:
             rows += [("error", job.error_code), ("hint", job.error_hint or "")]
     print_fields(rows)
+    from statemachine.cli.vhd_usage import live_data_lines
+
+    for line in live_data_lines(record.manifest):
+        click.echo(line)
 
 
 @image.command()

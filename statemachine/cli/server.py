@@ -121,9 +121,23 @@ def shared_layer(services: ImagingServices, settings: Settings, name: str, chain
 @click.option("--tenant", default=DEFAULT_TENANT, show_default=True, help="The tenant owning the server.")
 @click.option("--flavor", default="standard", show_default=True, help="Flavor (legacy, standard, performance, ...).")
 @click.option("--replace", is_flag=True, help="Replace the record of a server already registered as NAME.")
+@click.option(
+    "--all-blocks",
+    is_flag=True,
+    help="Image every block of this server (filesystem-aware imaging off: free ranges are stored too).",
+)
 @location_options
 @json_option
-def add(name: str, leaf: str, tenant: str, flavor: str, replace: bool, settings: Settings, as_json: bool) -> None:
+def add(
+    name: str,
+    leaf: str,
+    tenant: str,
+    flavor: str,
+    replace: bool,
+    all_blocks: bool,
+    settings: Settings,
+    as_json: bool,
+) -> None:
     """Register server NAME running on the chain whose leaf is --disk (checked now; kept where it is).
 
     A NAME already registered is refused unless --replace (refused too while it is being imaged); a disk whose
@@ -139,6 +153,7 @@ def add(name: str, leaf: str, tenant: str, flavor: str, replace: bool, settings:
             disk=location,
             flavor=flavor,
             created_at=datetime.now(UTC),
+            all_blocks=all_blocks,
         )
         conflict = shared_layer(services, settings, name, chain)
         if conflict is not None:

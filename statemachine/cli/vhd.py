@@ -15,6 +15,7 @@ import click
 import vhdcore
 from functions.imaging.chain_files import sibling_files
 from functions.settings import Settings
+from statemachine.cli import vhd_usage
 from statemachine.cli.common import (
     SIZE,
     UserError,
@@ -782,3 +783,7 @@ def coalesce(
         click.echo(f"  merged {merge.layer} into {merge.parent} (child {merge.child} relinked)")
     for skipped in step.skipped:
         click.echo(f"  left alone: {skipped.layer}: {skipped.reason}")
+
+
+# `imaging vhd usage`: partitions, filesystems and what a live-data image leaves out (statemachine/cli/vhd_usage.py).
+vhd.add_command(vhd_usage.usage)
