@@ -24,11 +24,12 @@ class ServerEstimate(BaseModel):
 
 
 def estimate_server(services: ImagingServices, server: Server) -> ServerEstimate:
-    """Estimate the server's chain as it is now (read-only: nothing is frozen or written)."""
+    """Estimate the server's chain as it is now (read-only: nothing is frozen or written), as its image would be
+    made: of the live data only unless the server is set to image every block."""
     config = services.config
-    estimate = open_disk(services.disk_store, server.disk, server.chain).estimate(
-        level=config.level, chunk_size=config.chunk_size
-    )
+    chain = open_disk(services.disk_store, server.disk, server.chain)
+    usage = None if server.all_blocks else chain.usage()
+    estimate = chain.estimate(level=config.level, chunk_size=config.chunk_size, usage=usage)
     layout = choose_layout(services, server.disk)
     timing = predict_job_of(services, estimate, layout, server.flavor, fixed_s=WARM_FIXED_S)
     return ServerEstimate(

@@ -327,3 +327,15 @@ def test_cancelling_an_image_whose_job_has_ended_changes_nothing(api: Api) -> No
     assert api.call("GET", f"/v1/images/{image['id']}").body["status"] == "ACTIVE"
     assert api.call("POST", "/v1/images/img-nope/cancel").status == 404
     assert api.call("POST", f"/v1/images/{image['id']}/cancel", tenant="beta").status == 404
+
+
+def test_all_blocks_in_the_body_images_every_block_and_the_job_records_it(api: Api) -> None:
+    state = open_state_store(f"sqlite:///{api.data_dir / 'state.sqlite3'}")
+    for body, mode in (({"name": "every block", "all_blocks": True}, "all_blocks"), ({"name": "live"}, "live")):
+        created = api.call("POST", "/v1/servers/web/images", body=body)
+        assert created.status == 202, created.body
+        api.wait_image(created.body["id"])
+        assert state.get_job(created.body["job_id"]).all_blocks is (mode == "all_blocks")
+        assert (state.get_image(created.body["id"]).manifest or {})["live_data"]["mode"] == mode
+    wrong = api.call("POST", "/v1/servers/web/images", body={"all_blocks": "sometimes"})
+    assert wrong.status == 422, wrong.body
