@@ -6,7 +6,6 @@ translates vhdcore's errors, here as everywhere). `ImagingGroup.invoke`
 from __future__ import annotations
 
 import vhdcore
-from functions.imaging.errors import vhd_hint
 
 NOT_A_VHD_HINT = "imaging reads VHD disks and chains (fixed, dynamic, differencing): convert others to one first"
 
@@ -16,6 +15,9 @@ def hint_for(err: vhdcore.VhdError) -> str | None:
     file that is no VHD at all."""
     if err.field == "footer.cookie":  # not a VHD at all: the message names the format found
         return NOT_A_VHD_HINT
+    # Imported on an error only: `import statemachine.cli` (every command, --help, --version) loads no domain module.
+    from functions.imaging.errors import vhd_hint
+
     return vhd_hint(err)
 
 
