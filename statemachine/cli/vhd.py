@@ -339,6 +339,12 @@ def export_progress(enabled: bool) -> Iterator[ProgressUpdate | None]:
     default=None,
     help="Show a progress bar on stderr (default: when stderr is a terminal and --json is not given).",
 )
+@click.option(
+    "--live-only",
+    is_flag=True,
+    help="Write the ranges the disk's filesystems prove free as zeros, as an image stores them "
+    "(see `imaging vhd usage`); the rest, and anything in doubt, as it is.",
+)
 @json_option
 def export(
     path: str,
@@ -348,6 +354,7 @@ def export(
     chunk_size: int,
     force: bool,
     progress: bool | None,
+    live_only: bool,
     as_json: bool,
 ) -> None:
     """Flatten the chain of PATH into OUT: a raw disk, a dynamic VHD, or the compressed image (vhd.zst)."""
@@ -357,11 +364,12 @@ def export(
         check_chunk_size(chain, chunk_size)
     check_output(Path(out), force=force, settings=Settings.resolve(), reading=[Path(path)])
     show = progress if progress is not None else (sys.stderr.isatty() and not as_json)
+    usage = chain.usage() if live_only else None
     if fmt == "vhd.zst":
-        compress_image(chain, path, out, level, chunk_size, show, as_json)
+        compress_image(chain, path, out, level, chunk_size, show, as_json, usage=usage)
         return
     with replacing(Path(out)) as temporary, export_progress(show) as callback:
-        stats = chain.export(str(temporary), format=fmt, progress=callback)
+        stats = chain.export(str(temporary), format=fmt, progress=callback, usage=usage)
     seconds = stats.seconds
     speed = f"{human_size(int(stats.virtual_size / seconds))}/s" if seconds > 0 else "-"
     if as_json:
@@ -392,11 +400,20 @@ def export(
 
 
 def compress_image(
-    chain: vhdcore.Chain, path: str, out: str, level: int, chunk_size: int, show: bool, as_json: bool
+    chain: vhdcore.Chain,
+    path: str,
+    out: str,
+    level: int,
+    chunk_size: int,
+    show: bool,
+    as_json: bool,
+    *,
+    usage: vhdcore.DiskUsage | None = None,
 ) -> None:
-    """`export --format vhd.zst`: the image format of DESIGN §5, written to a local file."""
+    """`export --format vhd.zst`: the image format of DESIGN §5, written to a local file (of the live data only with
+    `usage`)."""
     with replacing(Path(out)) as temporary, export_progress(show) as callback:
-        stats = chain.compress(str(temporary), level=level, chunk_size=chunk_size, progress=callback)
+        stats = chain.compress(str(temporary), level=level, chunk_size=chunk_size, progress=callback, usage=usage)
     seconds = stats.seconds
     ratio = stats.compressed_bytes / stats.virtual_size if stats.virtual_size else 0.0
     if as_json:

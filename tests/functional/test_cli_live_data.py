@@ -297,3 +297,31 @@ def test_a_server_set_to_all_blocks_is_imaged_whole(cli: Run, tmp_path: Path) ->
     assert manifest_of(created)["live_data"]["mode"] == "all_blocks"
     # The server's disk went on to a new leaf after the snapshot; the image is the disk as it was.
     assert restored(created, tmp_path / "back.raw").read_bytes() == fs.read_bytes()
+
+
+def test_vhd_export_live_only_zeroes_what_is_proven_free(cli: Run, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    files = make_files(src, 8, 12, 900_000)
+    fs = tmp_path / "fs.img"
+    build_ext4(fs, 24 * MIB, src, files, ["f001.bin", "f002.bin", "f007.bin"])
+    disk = to_vhd(fs)
+    usage = ok_json(cli("vhd", "usage", disk, "--json"))
+    expected = bytearray(fs.read_bytes())
+    for start, length in usage["free"]:
+        expected[start : start + length] = bytes(length)
+    for fmt in ("raw", "vhd", "vhd.zst"):
+        out = tmp_path / f"live.{fmt}"
+        ok_json(cli("vhd", "export", disk, out, "--format", fmt, "--live-only", "--json"))
+        if fmt == "raw":
+            assert out.read_bytes() == bytes(expected)
+            continue
+        vhd = out
+        if fmt == "vhd.zst":
+            vhd = tmp_path / "unpacked.vhd"
+            run("zstd", "-q", "-d", "-f", out, "-o", vhd)
+        back = tmp_path / f"back-{fmt}.raw"
+        run("qemu-img", "convert", "-f", "vpc", "-O", "raw", vhd, back)
+        assert back.read_bytes() == bytes(expected), fmt
+    whole = tmp_path / "all.raw"
+    ok_json(cli("vhd", "export", disk, whole, "--json"))
+    assert whole.read_bytes() == fs.read_bytes()

@@ -71,3 +71,13 @@ def test_a_live_plan_carries_the_map_and_stores_less(ext4_chain: vhdcore.Chain, 
     assert stored.compressed_bytes < whole.compressed_bytes - usage.free_bytes // 2
     estimate = ext4_chain.estimate(chunk_size=8 * MIB, usage=usage)
     assert estimate.low <= stored.compressed_bytes <= estimate.high
+
+
+def test_a_live_export_zeroes_the_free_ranges(ext4_chain: vhdcore.Chain, tmp_path: Path) -> None:
+    usage = ext4_chain.usage()
+    ext4_chain.export(str(tmp_path / "all.raw"), "raw")
+    ext4_chain.export(str(tmp_path / "live.raw"), "raw", usage=usage)
+    expected = bytearray((tmp_path / "all.raw").read_bytes())
+    for start, length in usage.free:
+        expected[start : start + length] = bytes(length)
+    assert (tmp_path / "live.raw").read_bytes() == bytes(expected)

@@ -66,14 +66,30 @@ fn write_nonzero_pages(target: &Target, data: &[u8], offset: u64) -> Result<()> 
     Ok(())
 }
 
-/// Fills `buf` with unit `u` of the flattened disk; returns false (buffer untouched) when it is all zeros.
-fn read_unit(chain: &Chain, occupied: &Occupancy, u: u64, buf: &mut [u8]) -> Result<bool> {
+/// Fills `buf` with unit `u` of the flattened disk, the ranges of `free` in it zeroed; returns false (buffer
+/// untouched) when it is all zeros.
+fn read_unit(chain: &Chain, occupied: &Occupancy, free: &[(u64, u64)], u: u64, buf: &mut [u8]) -> Result<bool> {
     let start = u * UNIT;
-    if !occupied.overlaps(start, start + u64::try_from(buf.len()).unwrap_or(0)) {
+    let end = start + u64::try_from(buf.len()).unwrap_or(0);
+    if !occupied.overlaps(start, end) || crate::image::plan::covered(free, start, end) {
         return Ok(false);
     }
-    chain.read_at(start, buf)?;
+    read_live(chain, free, start, buf)?;
     Ok(!is_zero(buf))
+}
+
+/// `chain.read_at`, with the bytes of `free` (sorted, merged `(start, length)` ranges) zeroed.
+fn read_live(chain: &Chain, free: &[(u64, u64)], start: u64, buf: &mut [u8]) -> Result<()> {
+    chain.read_at(start, buf)?;
+    let end = start + u64::try_from(buf.len()).unwrap_or(0);
+    for (s, l) in crate::image::plan::clip(free, start, end) {
+        let from = usize::try_from(s - start).unwrap_or(usize::MAX);
+        let to = usize::try_from(s - start + l).unwrap_or(usize::MAX);
+        if let Some(bytes) = buf.get_mut(from..to) {
+            bytes.fill(0);
+        }
+    }
+    Ok(())
 }
 
 pub fn export(
@@ -82,9 +98,34 @@ pub fn export(
     format: ExportFormat,
     progress: &mut dyn FnMut(u64, u64) -> bool,
 ) -> Result<ExportStats> {
+    export_with(chain, out, format, &[], progress)
+}
+
+/// [`export`] of the live data only (DESIGN §5): the ranges `usage` proves free are written as zeros (a VHD leaves
+/// blocks wholly free unallocated, a raw file leaves them sparse).
+pub fn export_live(
+    chain: &Chain,
+    out: &Path,
+    format: ExportFormat,
+    usage: &crate::fs::DiskUsage,
+    progress: &mut dyn FnMut(u64, u64) -> bool,
+) -> Result<ExportStats> {
+    if usage.size != chain.virtual_size() {
+        return Err(VhdError::invalid_argument(None, "the disk usage is of another disk than the chain"));
+    }
+    export_with(chain, out, format, &usage.free, progress)
+}
+
+fn export_with(
+    chain: &Chain,
+    out: &Path,
+    format: ExportFormat,
+    free: &[(u64, u64)],
+    progress: &mut dyn FnMut(u64, u64) -> bool,
+) -> Result<ExportStats> {
     let started = Instant::now();
     let target = Target::open(out, format.as_str())?;
-    let result = run_export(chain, &target, format, progress);
+    let result = run_export(chain, &target, format, free, progress);
     let mut stats = target.complete(result)?;
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
@@ -94,6 +135,7 @@ fn run_export(
     chain: &Chain,
     target: &Target,
     format: ExportFormat,
+    free: &[(u64, u64)],
     progress: &mut dyn FnMut(u64, u64) -> bool,
 ) -> Result<ExportStats> {
     let size = chain.virtual_size();
@@ -101,7 +143,7 @@ fn run_export(
     let occupied = chain.occupancy();
     let streaming = target.is_sequential();
     if streaming && format == ExportFormat::Vhd {
-        return run_sequential_vhd(chain, target, &occupied, progress);
+        return run_sequential_vhd(chain, target, &occupied, free, progress);
     }
     let layout = sparse_layout(size, DEFAULT_BLOCK_SIZE)?;
     let mut bat = vec![crate::format::BAT_UNUSED; usize::try_from(layout.entries).unwrap_or(0)];
@@ -136,7 +178,7 @@ fn run_export(
                 || vec![0u8; unit_bytes],
                 |buf, u| {
                     let data = &mut buf[..unit_len(u)];
-                    if !read_unit(chain, &occupied, u, data)? {
+                    if !read_unit(chain, &occupied, free, u, data)? {
                         return Ok(0);
                     }
                     write_nonzero_pages(target, data, u * UNIT)?;
@@ -162,7 +204,7 @@ fn run_export(
                 let len = unit_len(u);
                 let (data, tail) = buf[front..].split_at_mut(len);
                 tail.fill(0);
-                read_unit(chain, &occupied, u, data)
+                read_unit(chain, &occupied, free, u, data)
             })
             .collect::<Result<_>>()?;
         for (i, has_data) in results.iter().enumerate() {
@@ -239,6 +281,7 @@ fn run_sequential_vhd(
     chain: &Chain,
     target: &Target,
     occupied: &Occupancy,
+    free: &[(u64, u64)],
     progress: &mut dyn FnMut(u64, u64) -> bool,
 ) -> Result<ExportStats> {
     let size = chain.virtual_size();
@@ -253,7 +296,7 @@ fn run_sequential_vhd(
         let batch_end = (batch_start + per_batch).min(units);
         let found: Vec<bool> = (batch_start..batch_end)
             .into_par_iter()
-            .map_init(|| vec![0u8; unit_bytes], |buf, u| read_unit(chain, occupied, u, &mut buf[..unit_len(u)]))
+            .map_init(|| vec![0u8; unit_bytes], |buf, u| read_unit(chain, occupied, free, u, &mut buf[..unit_len(u)]))
             .collect::<Result<_>>()?;
         stored.extend(found);
         batch_start = batch_end;
@@ -300,7 +343,7 @@ fn run_sequential_vhd(
             let (data, tail) = buf[front..].split_at_mut(unit_len(u));
             // A short last unit is padded with zeros to a whole block.
             tail.fill(0);
-            chain.read_at(u * UNIT, data)
+            read_live(chain, free, u * UNIT, data)
         })?;
         for (i, buf) in pool[..count].iter().enumerate().filter(|(i, _)| stored[first + i]) {
             target.write_at(buf, at)?;

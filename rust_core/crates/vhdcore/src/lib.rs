@@ -47,7 +47,7 @@ pub use coalesce::{
 pub use disk::Disk;
 pub use error::{ErrorKind, Result, VhdError};
 pub use estimate::{estimate, estimate_live, Estimate, EstimateOptions};
-pub use export::{export, ExportFormat, ExportStats};
+pub use export::{export, export_live, ExportFormat, ExportStats};
 pub use format::{uuid_string, DiskType, DEFAULT_BLOCK_SIZE, MAX_VIRTUAL_SIZE};
 pub use image::compress::{
     build_chunk, build_head, compress_chunk, compress_chunks_into, compress_fetched_chunk, compress_head,

@@ -202,3 +202,32 @@ fn a_live_plan_of_a_disk_nothing_proves_free_is_the_plan_of_every_block() {
     bad.chunks[0].free = vec![(8 * MIB, 512)];
     assert!(ImagePlan::from_json(&bad.to_json()).is_err());
 }
+
+#[test]
+fn a_live_export_is_the_disk_with_its_free_ranges_zeroed() {
+    if !have(&["mke2fs", "debugfs", "e2fsck"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (leaf, raw, _) = ext4_chain(dir.path(), 32 * MIB);
+    let chain = Chain::open(&leaf, 30).unwrap();
+    let usage = vhdcore::fs::usage(&chain).unwrap();
+    assert!(usage.free_bytes() > 8 * MIB);
+    let mut expected = std::fs::read(&raw).unwrap();
+    for &(s, l) in &usage.free {
+        let (s, l) = (usize::try_from(s).unwrap(), usize::try_from(l).unwrap());
+        expected[s..s + l].fill(0);
+    }
+    let out = dir.path().join("live.raw");
+    let stats = vhdcore::export_live(&chain, &out, vhdcore::ExportFormat::Raw, &usage, &mut |_, _| true).unwrap();
+    assert!(std::fs::read(&out).unwrap() == expected);
+    let vhd = dir.path().join("live.vhd");
+    let as_vhd = vhdcore::export_live(&chain, &vhd, vhdcore::ExportFormat::Vhd, &usage, &mut |_, _| true).unwrap();
+    let exported = Chain::open(&vhd, 1).unwrap();
+    let mut got = vec![0u8; expected.len()];
+    exported.read_at(0, &mut got).unwrap();
+    assert!(got == expected);
+    let whole = dir.path().join("all.vhd");
+    let all = vhdcore::export(&chain, &whole, vhdcore::ExportFormat::Vhd, &mut |_, _| true).unwrap();
+    assert!(as_vhd.data_bytes < all.data_bytes && stats.data_bytes < all.data_bytes);
+}

@@ -58,8 +58,17 @@ impl Chain {
         Ok(PyBytes::new(py, &buf))
     }
 
-    #[pyo3(signature = (out, format = "raw", progress = None))]
-    fn export(&self, py: Python<'_>, out: PathBuf, format: &str, progress: Option<PyObject>) -> PyResult<ExportStats> {
+    /// Flattens the chain into `out` (raw or VHD); with `usage` (from `usage()`), of the live data only: the ranges
+    /// it proves free written as zeros.
+    #[pyo3(signature = (out, format = "raw", progress = None, usage = None))]
+    fn export(
+        &self,
+        py: Python<'_>,
+        out: PathBuf,
+        format: &str,
+        progress: Option<PyObject>,
+        usage: Option<PyRef<'_, DiskUsage>>,
+    ) -> PyResult<ExportStats> {
         let format = match format {
             "raw" => ExportFormat::Raw,
             "vhd" => ExportFormat::Vhd,
@@ -68,7 +77,11 @@ impl Chain {
             }
         };
         let inner = Arc::clone(&self.inner);
-        let stats = with_progress(py, progress, |report| vhdcore::export(&inner, &out, format, report))?;
+        let usage = usage.map(|u| Arc::clone(&u.inner));
+        let stats = with_progress(py, progress, |report| match &usage {
+            Some(usage) => vhdcore::export_live(&inner, &out, format, usage, report),
+            None => vhdcore::export(&inner, &out, format, report),
+        })?;
         Ok(ExportStats {
             format: stats.format.as_str().to_string(),
             virtual_size: stats.virtual_size,
