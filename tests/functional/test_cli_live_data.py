@@ -46,9 +46,11 @@ def cli(tmp_path: Path) -> Run:
     for name in ("IMAGING_STORE", "IMAGING_STATE", "IMAGING_COALESCE_DEADLINE_S"):
         env.pop(name, None)
 
-    def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    def run(*args: str | Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "statemachine.cli", *map(str, args)]
-        return subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
+        return subprocess.run(
+            argv, capture_output=True, text=True, cwd=tmp_path, env={**env, **(extra_env or {})}, timeout=300
+        )
 
     return run
 
@@ -325,3 +327,21 @@ def test_vhd_export_live_only_zeroes_what_is_proven_free(cli: Run, tmp_path: Pat
     whole = tmp_path / "all.raw"
     ok_json(cli("vhd", "export", disk, whole, "--json"))
     assert whole.read_bytes() == fs.read_bytes()
+
+
+def test_a_live_image_made_through_staged_frames_and_a_multipart_upload(cli: Run, tmp_path: Path) -> None:
+    """As on S3: several Map items build their chunks from the staged plan's JSON (its free ranges with it)."""
+    src = tmp_path / "src"
+    files = make_files(src, 6, 20, 1_000_000)
+    fs = tmp_path / "fs.img"
+    build_ext4(fs, 40 * MIB, src, files, [name for i, name in enumerate(sorted(files)) if i % 2])
+    disk = to_vhd(fs)
+    usage = ok_json(cli("vhd", "usage", disk, "--json"))
+    expected = bytearray(fs.read_bytes())
+    for start, length in usage["free"]:
+        expected[start : start + length] = bytes(length)
+    staged = {"IMAGING_OBJECT_LAYOUT": "staged"}
+    created = ok_json(cli("image", "create", "--disk", disk, "--wait", "--json", extra_env=staged))
+    assert manifest_of(created)["object_layout"] == "staged"
+    assert restored(created, tmp_path / "back.raw").read_bytes() == bytes(expected)
+    assert cli("image", "verify", created["id"], extra_env=staged).returncode == 0
