@@ -7,6 +7,15 @@ A command imports only what it runs (DESIGN §6): the groups are loaded on deman
 imported when one of them runs, and `imaging --help` lists them from the table), so `imaging vhd ...`, `--help` and
 `--version` never import boto3, moto, Powertools or the embedded engine; workflow commands import the engine when
 they run one. Global options: `-v/--verbose` (INFO logs on stderr; WARNING by default) and `--log-format text|json`.
+
+The package, one module per command group and one per concern they share:
+- `vhd.py`, `server.py`, `image.py`, `tokens.py`, `schedules.py`, `serve.py`: the commands, thin over the domain
+  (functions/) and vhdcore; what `vhd` and `image` print is in `vhd_output.py` and `image_output.py`;
+- `jobs.py`: what the image commands do about jobs: recovery of dead runners, resume, Ctrl-C, following a run;
+- `services.py`: `--store/--state/--endpoint-url`, the services opened there, the embedded workflow, domain errors
+  as user errors; `write_guard.py`: nothing written over a file without `--force`, nor over a layer in use;
+- `common.py` (the user error, sizes, `--json`, logging), `output.py` (JSON, fields, tables, sizes on stdout),
+  `progress.py` (bars and JSON lines on stderr), `errors.py` (the hints under vhdcore and OS errors).
 """
 
 from __future__ import annotations
@@ -49,15 +58,15 @@ COMMANDS: dict[str, LazyCommand] = {
         "statemachine.cli.image", "image", "Create images of servers (or of a disk chain) and manage them."
     ),
     "token": LazyCommand(
-        "statemachine.cli.api", "token", "API tokens: each maps to one tenant; stored hashed, shown once."
+        "statemachine.cli.tokens", "token", "API tokens: each maps to one tenant; stored hashed, shown once."
     ),
     "schedule": LazyCommand(
-        "statemachine.cli.api",
+        "statemachine.cli.schedules",
         "schedule",
         "Image servers on a schedule (daily or weekly, in UTC) and keep the newest N scheduled images.",
     ),
     "serve": LazyCommand(
-        "statemachine.cli.api",
+        "statemachine.cli.serve",
         "serve",
         "Serve the HTTP API (the same code as on API Gateway) on waitress; images run in this process.",
     ),

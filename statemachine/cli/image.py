@@ -6,14 +6,12 @@ The embedded engine (and with it moto, boto3 and Powertools) is imported by `ima
 
 from __future__ import annotations
 
-import json
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import click
 
@@ -21,7 +19,6 @@ from functions.imaging import head_start
 from functions.imaging.errors import ImageCorruptError
 from functions.imaging.images import (
     ExportFormat,
-    Progress,
     delete_image,
     export_image,
     export_image_to,
@@ -30,24 +27,14 @@ from functions.imaging.images import (
 )
 from functions.imaging.services import ImagingServices
 from functions.settings import Settings
-from functions.state import PROGRESS_OF_STATUS, Image, Job, NotFoundError, Status
+from functions.state import NotFoundError, Status
 from functions.state.models import TERMINAL_STATUSES
-from statemachine.cli import jobs
-from statemachine.cli.common import UserError, human_size, json_option, print_fields, print_json, print_table
+from statemachine.cli import image_output, jobs
+from statemachine.cli.common import UserError, json_option
+from statemachine.cli.output import human_size, print_fields, print_json
+from statemachine.cli.progress import ProgressMode, image_progress
 from statemachine.cli.server import DEFAULT_TENANT
 from statemachine.cli.services import disk_argument, embedded_workflow, location_options, opened
-
-if TYPE_CHECKING:
-    from statemachine.engine import ExecutionResult
-    from statemachine.local import LocalImaging
-
-ProgressMode = Literal["bar", "jsonl", "none"]
-POLL_INTERVAL_S = 0.2
-"""How often the progress bar re-reads the job (the execution's status is polled, as Step Functions clients do)."""
-STEP_SPAN = {Status.QUEUED: 25, Status.SAVING: 25, Status.UPLOADING: 50, Status.ACTIVE: 0, Status.ERROR: 0}
-"""Percent of the bar each step covers after its own start (0, 25, 50, 100)."""
-STEP_LABEL = {"QUEUED": "coalesce (0%)", "SAVING": "saving (25%)", "UPLOADING": "uploading (50%)"}
-"""What each status of a job's history stands for, as the DESIGN's table names the steps."""
 
 
 @click.group()
@@ -57,131 +44,6 @@ def image() -> None:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:20]}"
-
-
-def overall_percent(job: Job) -> float:
-    """0/25/50/100 at step boundaries, and the step's own bytes done in between."""
-    base = float(job.progress)
-    if job.bytes_total:
-        base += STEP_SPAN[job.status] * job.bytes_done / job.bytes_total
-    return min(100.0, base)
-
-
-def eta_text(job: Job) -> str:
-    if job.eta_seconds is None:
-        return "ETA --"
-    seconds = int(job.eta_seconds + 0.5)
-    return f"ETA {seconds // 60}:{seconds % 60:02d}"
-
-
-def bytes_text(job: Job) -> str:
-    if not job.bytes_total:
-        return ""
-    return f"{human_size(job.bytes_done)}/{human_size(job.bytes_total)}"
-
-
-class ProgressView:
-    """How a running job's progress is shown on stderr (never stdout: it carries the result).
-
-    "bar": a live rich bar (step, %, bytes, ETA) when stderr is a terminal, else one line with the final state;
-    "jsonl": one JSON object per change ({"job_id", "status", "percent", "bytes_done", "bytes_total",
-    "eta_seconds"}), for scripts; "none": nothing.
-    """
-
-    def __init__(self, mode: ProgressMode, job_id: str) -> None:
-        self.mode = mode
-        self.job_id = job_id
-        self.last: Job | None = None
-        self._last_line: tuple[Any, ...] | None = None
-        self._bar: Any = None
-        self._task: Any = None
-        if mode == "bar" and sys.stderr.isatty():
-            # rich only for a bar someone watches: imported here, it costs the other commands nothing.
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
-
-            self._bar = Progress(
-                TextColumn("{task.description:<10}"),
-                BarColumn(),
-                TaskProgressColumn(),
-                TextColumn("{task.fields[bytes]}"),
-                TextColumn("{task.fields[eta]}"),
-                console=Console(stderr=True),
-                transient=False,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task(Status.QUEUED.value, total=100, bytes="", eta="ETA --")
-
-    def update(self, job: Job) -> None:
-        self.last = job
-        if self._bar is not None:
-            self._bar.update(
-                self._task,
-                completed=overall_percent(job),
-                description=job.status.value,
-                bytes=bytes_text(job),
-                eta=eta_text(job),
-            )
-        elif self.mode == "jsonl":
-            line = (job.status.value, int(overall_percent(job)), job.bytes_done, job.bytes_total)
-            if line != self._last_line:
-                self._last_line = line
-                record = {
-                    "job_id": self.job_id,
-                    "status": job.status.value,
-                    "percent": round(overall_percent(job), 1),
-                    "bytes_done": job.bytes_done,
-                    "bytes_total": job.bytes_total,
-                    "eta_seconds": job.eta_seconds,
-                }
-                click.echo(json.dumps(record), err=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-        elif self.mode == "bar" and self.last is not None:
-            job = self.last
-            click.echo(f"{job.status.value} {overall_percent(job):.0f}% {bytes_text(job)}".rstrip(), err=True)
-
-
-def follow(
-    workflow: LocalImaging, execution_arn: str, services: ImagingServices, job_id: str, mode: ProgressMode
-) -> ExecutionResult:
-    """Wait for the execution, showing the job's progress (step, %, bytes, ETA) on stderr as `mode` says."""
-    from statemachine.engine import TERMINAL_EXECUTION_STATUSES
-
-    interrupts = jobs.current_interrupts()
-    idle = interrupts.wake if interrupts is not None else threading.Event()  # set by Ctrl-C, else paces polling
-    view = ProgressView(mode, job_id)
-    try:
-        while True:
-            if interrupts is not None and interrupts.count:
-                jobs.stop_on_interrupt(
-                    services,
-                    interrupts,
-                    view.close,
-                    lambda: workflow.status(execution_arn) in TERMINAL_EXECUTION_STATUSES,
-                )
-            status = workflow.status(execution_arn)
-            try:
-                job = services.state.get_job(job_id)
-            except NotFoundError:
-                job = None
-            if job is not None:
-                view.update(job)
-            if status in TERMINAL_EXECUTION_STATUSES:
-                break
-            idle.wait(POLL_INTERVAL_S)
-    finally:
-        view.close()
-    return workflow.wait(execution_arn)
-
-
-def image_json(record: Image, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    data = record.model_dump(mode="json")
-    if manifest is not None:
-        data["manifest"] = manifest
-    return data
 
 
 @image.command()
@@ -254,7 +116,7 @@ def create(
             with embedded_workflow(services) as workflow:
                 execution = jobs.start_or_resume(services, workflow, request, adopted)
                 job_id, image_id = str(request["job_id"]), str(request["image_id"])
-                result = follow(workflow, execution, services, job_id, mode)
+                result = jobs.follow(workflow, execution, services, job_id, mode)
         finally:
             head_start.end(services)
         record = services.state.get_image(image_id) if _exists(services, image_id) else None
@@ -267,26 +129,7 @@ def create(
             )
         manifest = load_manifest(services, image_id)
         server_disk = services.state.get_server(record.server_id).disk if record.server_id is not None else None
-    if as_json:
-        print_json({**image_json(record, manifest), "server_disk": server_disk})
-        return
-    timings = manifest.get("timings", {})
-    print_fields(
-        [
-            ("image", record.id),
-            ("status", f"{record.status.value} ({PROGRESS_OF_STATUS[record.status]}%)"),
-            ("object", record.object_url or ""),
-            ("virtual size", human_size(manifest["virtual_size"])),
-            ("compressed", f"{human_size(manifest['compressed_size'])} ({manifest['compression_ratio']:.1f}x)"),
-            ("content sha256", manifest["content_sha256"]),
-            *([("server disk", f"{server_disk} (the server's active disk now)")] if server_disk else []),
-            *[
-                (f"{STEP_LABEL[step]} took", f"{seconds:.2f} s")
-                for step, seconds in timings.items()
-                if step in STEP_LABEL
-            ],
-        ]
-    )
+    image_output.show_created(record, manifest, server_disk, as_json)
 
 
 def _start_ahead(services: ImagingServices, request: dict[str, Any]) -> None:
@@ -332,75 +175,7 @@ def list_images(server_id: str | None, tenant: str, settings: Settings, as_json:
             images = services.state.list_images(server_id=server_id)
         else:
             images = services.state.list_images(tenant=tenant)
-    if as_json:
-        print_json([image_json(record) for record in images])
-        return
-    rows = [
-        [
-            record.id,
-            record.server_id or "-",
-            record.status.value,
-            human_size(record.compressed_size) if record.compressed_size is not None else "-",
-            record.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            record.name,
-        ]
-        for record in images
-    ]
-    print_table(["ID", "SERVER", "STATUS", "SIZE", "CREATED", "NAME"], rows, right=(3,))
-
-
-def active_summary(record: Image) -> dict[str, Any] | None:
-    """An ACTIVE image's sizes, its compression ratio against the live data (the non-zero bytes of the disk) and
-    against the virtual size, and the content hash (sha256 of the logical disk, by the manifest's method)."""
-    if record.status is not Status.ACTIVE:
-        return None
-    manifest = record.manifest
-
-    def size(name: str) -> int | None:
-        value = manifest.get(name)
-        return value if isinstance(value, int) else None
-
-    virtual = record.virtual_size if record.virtual_size is not None else size("virtual_size")
-    compressed = record.compressed_size if record.compressed_size is not None else size("compressed_size")
-    live = size("nonzero_bytes")
-    return {
-        "sizes": {
-            "virtual": virtual,
-            "allocated": size("allocated_bytes"),
-            "live": live,
-            "image_vhd": size("vhd_physical_size"),
-            "compressed": compressed,
-        },
-        "ratio": {
-            "compressed_to_live": compressed / live if compressed is not None and live else None,
-            "compressed_to_virtual": compressed / virtual if compressed is not None and virtual else None,
-        },
-        "content_sha256": manifest.get("content_sha256"),
-        "content_hash_method": manifest.get("content_hash"),
-    }
-
-
-def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    sizes, ratio = summary["sizes"], summary["ratio"]
-
-    def text(n: int | None) -> str:
-        return "-" if n is None else f"{human_size(n)} ({n} bytes)"
-
-    def percent(r: float | None, of: str) -> str:
-        return "-" if r is None else f"{r:.1%} of the {of}"
-
-    return [
-        ("virtual size", text(sizes["virtual"])),
-        ("allocated", text(sizes["allocated"])),
-        ("live data", f"{text(sizes['live'])} (non-zero bytes)"),
-        ("compressed", text(sizes["compressed"])),
-        (
-            "ratio",
-            f"{percent(ratio['compressed_to_live'], 'live data')}, "
-            f"{percent(ratio['compressed_to_virtual'], 'virtual size')}",
-        ),
-        ("content sha256", f"{summary['content_sha256'] or '-'} ({summary['content_hash_method'] or '-'})"),
-    ]
+    image_output.show_images(images, as_json)
 
 
 @image.command()
@@ -412,28 +187,12 @@ def show(image_id: str, settings: Settings, as_json: bool) -> None:
     with opened(settings) as services:
         record = services.state.get_image(image_id)
         job = services.state.get_job(record.job_id) if record.job_id and _job_exists(services, record.job_id) else None
-    summary = active_summary(record)
-    if as_json:
-        data = image_json(record)
-        data["job"] = job.model_dump(mode="json") if job is not None else None
-        if summary is not None:
-            data.update(summary)
-        print_json(data)
-        return
-    rows = [("image", record.id), ("name", record.name), ("status", record.status.value)]
-    rows.append(("object", record.object_url or "-"))
-    if summary is not None:
-        rows += summary_rows(summary)
-    if job is not None:
-        rows += [("job", job.id), ("progress", f"{job.progress}%"), ("bytes", bytes_text(job) or "-")]
-        rows.append(("eta", eta_text(job)))
-        if job.error_code:
-            rows += [("error", job.error_code), ("hint", job.error_hint or "")]
-    print_fields(rows)
-    from statemachine.cli.vhd_usage import live_data_lines
+    image_output.show_image(record, job, as_json)
+    if not as_json:
+        from statemachine.cli.vhd_usage import live_data_lines
 
-    for line in live_data_lines(record.manifest):
-        click.echo(line)
+        for line in live_data_lines(record.manifest):
+            click.echo(line)
 
 
 @image.command()
@@ -538,7 +297,7 @@ def export(image_id: str, out: Path, fmt: ExportFormat, force: bool, settings: S
     from statemachine.cli.write_guard import check_output
 
     check_output(out, force=force, settings=settings)
-    with opened(settings) as services, _image_progress(not as_json) as progress, _corrupt_image_hint(image_id):
+    with opened(settings) as services, image_progress(not as_json) as progress, _corrupt_image_hint(image_id):
         written = export_image(services, image_id, out, fmt, progress)
     if as_json:
         print_json({"image_id": image_id, "out": str(out), "format": fmt, "bytes": written})
@@ -552,21 +311,9 @@ def _export_to_stdout(image_id: str, fmt: ExportFormat, settings: Settings, as_j
         raise click.UsageError("--json cannot be used with - as OUT: stdout carries the image")
     if sys.stdout.isatty():
         raise UserError("refusing to write a disk image to a terminal", hint="redirect stdout to a file or a pipe")
-    with opened(settings) as services, _image_progress(True) as progress, _corrupt_image_hint(image_id):
+    with opened(settings) as services, image_progress(True) as progress, _corrupt_image_hint(image_id):
         export_image_to(services, image_id, sys.stdout.buffer, fmt, progress)
         sys.stdout.buffer.flush()
-
-
-@contextmanager
-def _image_progress(wanted: bool) -> Iterator[Progress | None]:
-    """A byte progress bar on stderr when `wanted` and stderr is a terminal (else None): told (what, done, total)."""
-    if not (wanted and sys.stderr.isatty()):
-        yield None
-        return
-    from statemachine.cli.vhd import byte_progress  # rich, for a bar someone watches
-
-    with byte_progress(True, "reading") as bar:
-        yield None if bar is None else (lambda label, done, total: bar.update(done, total, label))
 
 
 @contextmanager
@@ -611,7 +358,7 @@ def restore(
 
     if disk is not None:  # a layer of a chain in use, or not a regular file; restore refuses any existing file itself
         check_output(disk, force=True, settings=settings)
-    with opened(settings) as services, _image_progress(not as_json) as progress, _corrupt_image_hint(image_id):
+    with opened(settings) as services, image_progress(not as_json) as progress, _corrupt_image_hint(image_id):
         restored = restore_image(
             services, image_id, server_id, disk=disk, tenant=tenant, flavor=flavor, progress=progress
         )

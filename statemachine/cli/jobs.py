@@ -1,6 +1,7 @@
 """How the CLI's image commands look after jobs (DESIGN §3, "Jobs outlive their runners"; issue 14 items 2 and 3):
 recovery of jobs whose runner died, run by `image create|list|delete|cancel` (and `imaging serve` at its start),
-the resume of an interrupted job by an `image create` of the same server or disk, and Ctrl-C on `image create`.
+the resume of an interrupted job by an `image create` of the same server or disk, Ctrl-C on `image create`, and
+`follow`: waiting for the run that `image create` started, its progress shown by `progress.ProgressView`.
 
 Ctrl-C while a job runs in this command asks the job to stop (a cancel) and gives it STOP_WAIT_S to end through
 its failure path; if it has not ended by then, the job is handed over (the next command or server start finishes
@@ -28,11 +29,13 @@ import click
 from functions.imaging.services import ImagingServices
 from functions.state import Job, NotFoundError
 from functions.state.models import TERMINAL_STATUSES
+from statemachine.cli.progress import ProgressMode, ProgressView
 
 if TYPE_CHECKING:
     from functions.imaging.cancel import CancelOutcome
     from functions.imaging.jobs import ImagingRequest
     from functions.imaging.recovery import Recovered
+    from statemachine.engine import ExecutionResult
     from statemachine.local import LocalImaging
 
 # The failure path and recovery (and what they import) are imported by the functions that use them: `imaging image`
@@ -255,3 +258,40 @@ def serve_hooks(services: ImagingServices, runner: LocalImaging) -> tuple[Callab
             click.echo(f"handed over {len(handed)} running job(s) to the next start: {', '.join(handed)}", err=True)
 
     return on_start, on_shutdown
+
+
+POLL_INTERVAL_S = 0.2
+"""How often `follow` re-reads the job (the execution's status is polled, as Step Functions clients do)."""
+
+
+def follow(
+    workflow: LocalImaging, execution_arn: str, services: ImagingServices, job_id: str, mode: ProgressMode
+) -> ExecutionResult:
+    """Wait for the execution, showing the job's progress (step, %, bytes, ETA) on stderr as `mode` says."""
+    from statemachine import engine
+
+    interrupts = current_interrupts()
+    idle = interrupts.wake if interrupts is not None else threading.Event()  # set by Ctrl-C, else paces polling
+    view = ProgressView(mode, job_id)
+    try:
+        while True:
+            if interrupts is not None and interrupts.count:
+                stop_on_interrupt(
+                    services,
+                    interrupts,
+                    view.close,
+                    lambda: workflow.status(execution_arn) in engine.TERMINAL_EXECUTION_STATUSES,
+                )
+            status = workflow.status(execution_arn)
+            try:
+                job = services.state.get_job(job_id)
+            except NotFoundError:
+                job = None
+            if job is not None:
+                view.update(job)
+            if status in engine.TERMINAL_EXECUTION_STATUSES:
+                break
+            idle.wait(POLL_INTERVAL_S)
+    finally:
+        view.close()
+    return workflow.wait(execution_arn)

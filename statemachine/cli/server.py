@@ -25,7 +25,8 @@ from functions.imaging.store_chains import is_store_key
 from functions.settings import Settings
 from functions.state import AlreadyExistsError, NotFoundError, Server
 from functions.storage import FileObjectStore, StorageError
-from statemachine.cli.common import UserError, json_option, print_fields, print_json, print_table
+from statemachine.cli.common import UserError, json_option
+from statemachine.cli.output import print_fields, print_json, print_table
 from statemachine.cli.services import disk_argument, location_options, opened
 from statemachine.cli.write_guard import layer_owner, protected_files
 

@@ -1,8 +1,8 @@
-"""`imaging token`, `imaging schedule` and `imaging serve`: API tokens, scheduled imaging, and the local HTTP API."""
+"""`imaging schedule set|show|delete|run-due`: image servers on a schedule (daily or weekly, in UTC) and keep the
+newest N scheduled images; `run-due` starts the due ones on the embedded engine and waits for them."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from datetime import time as time_of_day
 from typing import Any
@@ -10,98 +10,15 @@ from typing import Any
 import click
 
 from functions.catalog.launch import execution_input
-from functions.catalog.requests import Launcher
 from functions.catalog.schedules import WEEKDAYS, due_image, next_run, run_due, scheduled_starter
-from functions.catalog.tokens import issue_token, revoke_token, token_view
 from functions.imaging.jobs import ImagingRequest
 from functions.settings import Settings
-from functions.state import (
-    InvalidIdError,
-    NotFoundError,
-    Schedule,
-    ScheduleFrequency,
-    hash_token,
-    persistence_layer_for,
-    token_id_of,
-)
-from statemachine.cli.common import UserError, json_option, print_json, print_table
-from statemachine.cli.jobs import serve_hooks
+from functions.state import InvalidIdError, NotFoundError, Schedule, ScheduleFrequency
+from statemachine.cli.common import UserError, json_option
+from statemachine.cli.output import print_json
 from statemachine.cli.services import embedded_workflow, location_options, opened
 
 
-# --- tokens --------------------------------------------------------------------------------------------------------
-@click.group()
-def token() -> None:
-    """API tokens: each maps to one tenant; stored hashed, shown once."""
-
-
-@token.command("create")
-@click.argument("tenant")
-@location_options
-@json_option
-def token_create(tenant: str, settings: Settings, as_json: bool) -> None:
-    """Create an API token for TENANT and print it (the only time it is shown)."""
-    with opened(settings) as services:
-        try:
-            secret = issue_token(services.state, tenant, services.now())
-        except InvalidIdError as error:
-            raise UserError(str(error), hint="tenant ids are 1-80 letters, digits, - and _") from error
-    token_id = token_id_of(hash_token(secret))
-    if as_json:
-        print_json({"id": token_id, "tenant": tenant, "token": secret})
-    else:
-        click.echo(secret)
-        click.echo(
-            f"(token {token_id} for tenant {tenant}: send it as 'Authorization: Bearer TOKEN'; it is not shown again)",
-            err=True,
-        )
-
-
-@token.command("list")
-@click.option("--tenant", help="Only this tenant's tokens (default: every tenant's).")
-@location_options
-@json_option
-def token_list(tenant: str | None, settings: Settings, as_json: bool) -> None:
-    """List API tokens: id, tenant, created, last used (never the token itself: it is not stored)."""
-    with opened(settings) as services:
-        try:
-            tokens = services.state.list_tokens(tenant)
-        except InvalidIdError as error:
-            raise UserError(str(error), hint="tenant ids are 1-80 letters, digits, - and _") from error
-    views = [token_view(item) for item in tokens]
-    if as_json:
-        print_json(views)
-        return
-    print_table(
-        ["ID", "TENANT", "CREATED", "LAST USED"],
-        [[v["id"], v["tenant"], _minute(v["created_at"]), _minute(v["last_used_at"]) or "never"] for v in views],
-    )
-
-
-def _minute(iso: str | None) -> str:
-    return "" if iso is None else datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M UTC")
-
-
-@token.command("revoke")
-@click.argument("token_id", metavar="ID")
-@location_options
-@json_option
-def token_revoke(token_id: str, settings: Settings, as_json: bool) -> None:
-    """Revoke the token ID (as `imaging token list` shows it): requests bearing it are refused (401) from now on."""
-    with opened(settings) as services:
-        try:
-            revoked = revoke_token(services.state, token_id)
-        except (NotFoundError, InvalidIdError) as error:
-            raise UserError(
-                f"no token {token_id!r}", hint="`imaging token list` shows the tokens' ids (tok-...)"
-            ) from error
-    if as_json:
-        print_json({"revoked": revoked.id, "tenant": revoked.tenant})
-    else:
-        click.echo(f"revoked token {revoked.id} of tenant {revoked.tenant}")
-
-
-# --- schedules -----------------------------------------------------------------------------------------------------
 @click.group()
 def schedule() -> None:
     """Image servers on a schedule (daily or weekly, in UTC) and keep the newest N scheduled images."""
@@ -267,49 +184,3 @@ def schedule_run_due(settings: Settings, as_json: bool) -> None:
             click.echo(f"  {due.server_id}: {reason}")
     if outcome.failed or any(not result.succeeded for result in results):
         raise SystemExit(1)
-
-
-# --- serve ---------------------------------------------------------------------------------------------------------
-@click.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
-@click.option(
-    "--client-timeout",
-    default=30.0,
-    show_default=True,
-    type=click.FloatRange(1, 3600),
-    help="Seconds a connection may stay idle, or take to send one request, before it is closed.",
-)
-@location_options
-def serve(host: str, port: int, client_timeout: float, settings: Settings) -> None:
-    """Serve the HTTP API (the same code as on API Gateway) on waitress; images run in this process.
-
-    Prints its address as one JSON line on stdout, then nothing else there; `imaging -v serve` logs each request
-    on stderr. SIGTERM or Ctrl-C stops accepting, finishes the requests being answered and exits (status 0).
-    """
-    from functions.api.app import ApiDependencies, build_app
-    from statemachine.serve import make_server
-
-    with opened(settings) as services, embedded_workflow(services) as runner:
-
-        def launch(request: ImagingRequest) -> None:
-            runner.start(execution_input(request))
-
-        launcher: Launcher = launch
-        dependencies = ApiDependencies(
-            services=services,
-            launch=launcher,
-            idempotency=persistence_layer_for(settings.state_url, endpoint_url=settings.endpoint_url),
-        )
-        server = make_server(lambda: build_app(dependencies).resolve, host, port, client_timeout_s=client_timeout)
-        bound_host, bound_port = server.address
-        # One machine-readable line first: scripts (and the tests) read the address from it.
-        click.echo(
-            json.dumps(
-                {"listening": f"http://{bound_host}:{bound_port}", "openapi": "/v1/openapi.json", "docs": "/docs"}
-            )
-        )
-        # Jobs left by an earlier `serve` (killed or stopped) are recovered before the first request; this one's
-        # still running at shutdown are handed over to the next start (statemachine/cli/jobs.py).
-        on_start, on_shutdown = serve_hooks(services, runner)
-        server.serve(on_start=on_start, on_shutdown=on_shutdown)
