@@ -17,13 +17,10 @@ import pytest
 import vhdcore
 from functions.catalog.schedules import WEEKDAYS
 from functions.state import Image, Job, open_state_store
-from tests.functional import test_cli_image
-from tests.functional.test_cli_image import Run, assert_one_line_error, ok_json
 from tests.support.api_server import serving
+from tests.support.cli import Run, assert_one_line_error, ok_json
 
 MIB = 1024**2
-cli = test_cli_image.cli
-"""The `imaging` fixture of the CLI tests: a child process with a data directory of its own."""
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import vhdcore
-from tests.functional.test_cli_image import Run, cli, leaf  # noqa: F401 - the fixtures, reused
+from tests.support.cli import Run
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1024**2
@@ -104,7 +104,7 @@ def test_the_help_table_matches_the_commands() -> None:
 
 
 # --- stdout: one JSON document for every --json command ---------------------------------------------------------------
-def test_every_json_command_prints_one_document_and_nothing_else(cli: Run, leaf: Path) -> None:  # noqa: F811
+def test_every_json_command_prints_one_document_and_nothing_else(cli: Run, leaf: Path) -> None:
     middle = leaf.with_name("middle.vhd")
     for args in (
         ["vhd", "info", leaf],
@@ -155,7 +155,7 @@ def small_disk(tmp_path: Path) -> Path:
     return disk
 
 
-def test_info_logs_reach_stderr_with_v_and_never_stdout(cli: Run, small_disk: Path) -> None:  # noqa: F811
+def test_info_logs_reach_stderr_with_v_and_never_stdout(cli: Run, small_disk: Path) -> None:
     result = cli("-v", "image", "create", "--disk", small_disk, "--progress", "jsonl", "--json")
 
     record = one_json(result)
@@ -169,7 +169,7 @@ def test_info_logs_reach_stderr_with_v_and_never_stdout(cli: Run, small_disk: Pa
     assert {"job_id", "bytes_done", "bytes_total", "eta_seconds"} <= set(progress[-1])
 
 
-def test_log_format_json_gives_json_lines_on_stderr(cli: Run, small_disk: Path) -> None:  # noqa: F811
+def test_log_format_json_gives_json_lines_on_stderr(cli: Run, small_disk: Path) -> None:
     result = cli("-v", "--log-format", "json", "image", "create", "--disk", small_disk, "--json")
 
     assert one_json(result)["status"] == "ACTIVE"

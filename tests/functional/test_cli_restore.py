@@ -17,14 +17,11 @@ from typing import Any
 
 import pytest
 
-from tests.functional import test_cli_image as image_tests
-from tests.functional.test_cli_image import Run, assert_one_line_error, ok_json
+from tests.support.cli import Run, assert_one_line_error, ok_json
 from tests.support.pyvhd import flatten
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "statemachine.cli"]
-cli = image_tests.cli  # the fixtures: this checkout's CLI on a data dir of its own, and the sample chain
-leaf = image_tests.leaf
 
 
 @pytest.fixture

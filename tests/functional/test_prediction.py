@@ -14,7 +14,7 @@ import pytest
 import vhdcore
 from functions.imaging.prediction import CLI_FIXED_S, HEAD_START_SHARE, compress_ratio, learn_compress_time, predict_job
 from functions.storage import FileObjectStore
-from tests.statemachine.test_workflow import build_sample_chain
+from tests.support.workflow import build_sample_chain
 
 REPO = Path(__file__).resolve().parents[2]
 

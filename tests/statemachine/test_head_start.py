@@ -22,13 +22,11 @@ from functions.imaging import head_start
 from functions.imaging.services import ImagingServices
 from functions.settings import config_from_environment
 from statemachine.engine import ExecutionResult
-from tests.statemachine import test_workflow
-from tests.statemachine.test_workflow import Env, build_sample_chain, image_raw, request, run
 from tests.support.pyvhd import flatten
+from tests.support.workflow import Env, build_sample_chain, image_raw, request, run
 
 REPO = Path(__file__).resolve().parents[2]
 AN_HOUR_AGO = time.time() - 3600
-env = test_workflow.env  # the fixture: a file store and a SQLite state, the workflow's settings in the environment
 
 
 @pytest.fixture(autouse=True)

@@ -23,12 +23,12 @@ from functions.state import SqliteStateStore, Status
 from functions.storage import FileObjectStore
 from statemachine.engine import ExecutionResult
 from statemachine.local import LocalImaging
-from tests.statemachine.test_workflow import (
+from tests.support.pyvhd import flatten
+from tests.support.workflow import (
     TIMEOUT_S,
     Env,
     build_sample_chain,
     configure_workflow,
-    flatten,
     image_raw,
     register_server,
     request,

@@ -17,11 +17,9 @@ from functions.handlers import compress
 from functions.imaging.layout import StagedFrame, load_written, record_written, spool_key
 from functions.imaging.services import ImagingServices
 from functions.settings import config_from_environment
-from tests.statemachine import test_workflow
-from tests.statemachine.test_workflow import Env, build_sample_chain, image_raw, request, run
 from tests.support.pyvhd import flatten
+from tests.support.workflow import Env, build_sample_chain, image_raw, request, run
 
-env = test_workflow.env  # the fixture: a file store and a SQLite state, the workflow's settings in the environment
 WRITTEN_BEFORE_THE_CRASH = 3
 
 

@@ -16,7 +16,7 @@ from functions.imaging.snapshot import freeze
 from functions.state import Server
 from functions.state.sqlite_state import SqliteStateStore
 from functions.storage import FileObjectStore
-from tests.statemachine.test_workflow import build_sample_chain
+from tests.support.workflow import build_sample_chain
 
 
 def fail_once(monkeypatch: pytest.MonkeyPatch, target: object, operation: str, marker: str) -> list[str]:

@@ -24,9 +24,9 @@ from functions.imaging.store_chains import StoreLayerReader, disk_location, rela
 from functions.state import Server, SqliteStateStore
 from functions.storage import ObjectStore, open_object_store
 from statemachine.local import LocalImaging
-from tests.statemachine.test_workflow import DISK_SIZE, TIMEOUT_S, build_sample_chain, configure_workflow
 from tests.support.files import content_tree_sha256
 from tests.support.pyvhd import flatten
+from tests.support.workflow import DISK_SIZE, TIMEOUT_S, build_sample_chain, configure_workflow
 
 MIB = 1024**2
 LAYERS = ("base.vhd", "middle.vhd", "leaf.vhd")

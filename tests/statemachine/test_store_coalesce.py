@@ -28,8 +28,8 @@ from functions.imaging.store_coalesce import merge_step, plan_parts
 from functions.state import Server, SqliteStateStore, StateStore
 from functions.storage import ObjectStore, open_object_store
 from statemachine.local import LocalImaging
-from tests.statemachine.test_workflow import TIMEOUT_S, build_sample_chain
 from tests.support.pyvhd import flatten
+from tests.support.workflow import TIMEOUT_S, build_sample_chain
 
 MIB = 1024**2
 
