@@ -141,7 +141,7 @@ def _compress_in_place(services: ImagingServices, job: Job, plan_key: str, first
     fresh: list[StagedFrame] = []
 
     def on_frame(frame: vhdcore.ChunkFrame) -> None:
-        staged = _staged_record(frame, offset=frame.object_offset)
+        staged = StagedFrame.of(frame, offset=frame.object_offset)
         batch.append(staged)
         fresh.append(staged)
         _count_progress(services, job, plan, staged.virtual_bytes)
@@ -222,12 +222,6 @@ def _compress_group(services: ImagingServices, job: Job, plan_key: str, first: i
     )
 
 
-def _content_digest(frame: vhdcore.ChunkFrame) -> str:
-    if frame.content_sha256 is None:
-        raise RuntimeError(f"vhdcore gave chunk {frame.index} no content digest though asked for one")
-    return frame.content_sha256
-
-
 def _compress_chunk(
     services: ImagingServices,
     chain: vhdcore.Chain | StoreChunkReads,
@@ -241,25 +235,9 @@ def _compress_chunk(
         return chain.compress_chunk(plan, chunk.index, level, digest="content")
 
 
-def _staged_record(frame: vhdcore.ChunkFrame, offset: int | None = None) -> StagedFrame:
-    if frame.index is None:
-        raise RuntimeError("the head frame is not compressed by a worker")
-    return StagedFrame(
-        index=frame.index,
-        logical_bytes=frame.logical_bytes,
-        content_sha256=_content_digest(frame),
-        crc32c=frame.crc32c,
-        stored_blocks=list(frame.stored_blocks),
-        virtual_bytes=frame.virtual_bytes,
-        read_bytes=frame.read_bytes,
-        compressed_bytes=frame.compressed_bytes,
-        offset=offset,
-    )
-
-
 def _stage_frame(services: ImagingServices, job: Job, frame: vhdcore.ChunkFrame) -> StagedFrame:
     """The frame, then its record (whose presence says the frame is whole)."""
-    staged = _staged_record(frame)
+    staged = StagedFrame.of(frame)
     services.store.put(keys.frame_key(job.id, staged.index), frame.frame)
     services.store.put(keys.frame_result_key(job.id, staged.index), json.dumps(asdict(staged)).encode())
     return staged

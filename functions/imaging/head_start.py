@@ -140,7 +140,7 @@ def _run(services: ImagingServices, head: _HeadStart, leaf: str, quiet_since_ns:
         def on_frame(frame: vhdcore.ChunkFrame) -> None:
             if head.cancelled.is_set():
                 raise _CancelledError
-            batch.append(_frame_record(frame))
+            batch.append(StagedFrame.of(frame, offset=frame.object_offset))
 
         def on_durable(end: int) -> None:
             record_written(services, head.job_id, batch)
@@ -169,22 +169,6 @@ def _run(services: ImagingServices, head: _HeadStart, leaf: str, quiet_since_ns:
 
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
-
-
-def _frame_record(frame: vhdcore.ChunkFrame) -> StagedFrame:
-    if frame.index is None or frame.content_sha256 is None:
-        raise RuntimeError("vhdcore gave a chunk frame without its index or content digest")
-    return StagedFrame(
-        index=frame.index,
-        logical_bytes=frame.logical_bytes,
-        content_sha256=frame.content_sha256,
-        crc32c=frame.crc32c,
-        stored_blocks=list(frame.stored_blocks),
-        virtual_bytes=frame.virtual_bytes,
-        read_bytes=frame.read_bytes,
-        compressed_bytes=frame.compressed_bytes,
-        offset=frame.object_offset,
-    )
 
 
 def _of_this_chain(chain: vhdcore.Chain, level: int, chunk_size: int, all_blocks: bool) -> _HeadStart | None:

@@ -17,6 +17,7 @@ import json
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
+import vhdcore
 from functions.imaging import keys
 from functions.imaging.errors import InvalidRequestError
 from functions.imaging.services import ImagingServices
@@ -38,6 +39,26 @@ class StagedFrame:
     read_bytes: int
     compressed_bytes: int
     offset: int | None = None
+
+    @classmethod
+    def of(cls, frame: vhdcore.ChunkFrame, offset: int | None = None) -> StagedFrame:
+        """The record of a chunk's frame as vhdcore compressed it (with its content digest: asked for by every
+        worker), at `offset` of the image file when written in place."""
+        if frame.index is None:
+            raise RuntimeError("the head frame is not compressed by a worker")
+        if frame.content_sha256 is None:
+            raise RuntimeError(f"vhdcore gave chunk {frame.index} no content digest though asked for one")
+        return cls(
+            index=frame.index,
+            logical_bytes=frame.logical_bytes,
+            content_sha256=frame.content_sha256,
+            crc32c=frame.crc32c,
+            stored_blocks=list(frame.stored_blocks),
+            virtual_bytes=frame.virtual_bytes,
+            read_bytes=frame.read_bytes,
+            compressed_bytes=frame.compressed_bytes,
+            offset=offset,
+        )
 
 
 class Layout(StrEnum):

@@ -16,6 +16,7 @@ import pytest
 
 import vhdcore
 from functions.imaging.images import verify_image
+from functions.imaging.layout import StagedFrame
 from functions.state import Status
 from functions.storage import FileObjectStore, StorageError
 from tests.support.files import chunk_content_sha256, content_tree_sha256, snapshot_files
@@ -272,7 +273,7 @@ def test_a_crash_while_writing_in_place_resumes_after_the_durable_frames(
     leaf = build_sample_chain(env.root / "disks")
     expected = flatten(leaf)
     monkeypatch.setattr(compress, "SYNC_BYTES", 1)  # every frame is a durable point
-    original_record, original_staged = compress.record_written, compress._staged_record
+    original_record, original_staged = compress.record_written, StagedFrame.of
     recorded: list[int] = []
     compressed: list[int] = []
 
@@ -283,12 +284,12 @@ def test_a_crash_while_writing_in_place_resumes_after_the_durable_frames(
         recorded.extend(frame.index for frame in frames)
         original_record(services, job_id, frames)
 
-    def observed_staged(frame: Any, offset: int | None = None) -> Any:
+    def observed_staged(cls: type[StagedFrame], frame: Any, offset: int | None = None) -> StagedFrame:
         compressed.append(frame.index)
         return original_staged(frame, offset)
 
     monkeypatch.setattr(compress, "record_written", record_then_crash)
-    monkeypatch.setattr(compress, "_staged_record", observed_staged)
+    monkeypatch.setattr(StagedFrame, "of", classmethod(observed_staged))
 
     result = run(request("job21", disk=leaf))
 
