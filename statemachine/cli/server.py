@@ -219,6 +219,7 @@ def show(name: str, settings: Settings, as_json: bool) -> None:
             ("tenant", record.tenant),
             ("flavor", record.flavor),
             ("disk", record.disk),
+            ("images", "every block (--all-blocks)" if record.all_blocks else "live data only"),
             ("being imaged", f"by {lock.owner}" if lock else "no"),
             ("jobs", ", ".join(f"{j.id} ({j.status.value})" for j in jobs) or "none"),
         ]

@@ -295,6 +295,8 @@ def test_a_server_set_to_all_blocks_is_imaged_whole(cli: Run, tmp_path: Path) ->
     disk = to_vhd(fs)
     added = ok_json(cli("server", "add", "web", "--disk", disk, "--all-blocks", "--json"))
     assert added["all_blocks"] is True
+    shown = cli("server", "show", "web")
+    assert shown.returncode == 0 and "every block" in shown.stdout, shown.stdout
     created = ok_json(cli("image", "create", "web", "--wait", "--json"))
     assert manifest_of(created)["live_data"]["mode"] == "all_blocks"
     # The server's disk went on to a new leaf after the snapshot; the image is the disk as it was.
