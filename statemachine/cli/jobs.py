@@ -135,6 +135,11 @@ def stop_on_interrupt(
         interrupts.wake.wait(0.05)
         job = services.state.get_job(job_id)
     if job is not None and job.status in TERMINAL_STATUSES:
+        if not ended():  # marked ERROR, its failure path maybe not done: finish it here (it is safe to repeat)
+            from functions.imaging.errors import JobCancelledError
+            from functions.imaging.failure import fail_job
+
+            fail_job(services, job_id, JobCancelledError.__name__, "cancelled on request (Ctrl-C)")
         code = f" {job.error_code}" if job.error_code else ""
         exit_now(INTERRUPTED_EXIT, f"job {job_id} stopped: image {image_id} is {job.status.value}{code}")
     if job is not None:

@@ -12,7 +12,7 @@ from functions.catalog.requests import Launcher
 from functions.imaging.jobs import ImagingRequest
 from functions.settings import Settings
 from functions.state import persistence_layer_for
-from statemachine.cli.jobs import serve_hooks
+from statemachine.cli.jobs import exit_now, serve_hooks
 from statemachine.cli.services import embedded_workflow, location_options, opened
 
 
@@ -59,3 +59,6 @@ def serve(host: str, port: int, client_timeout: float, settings: Settings) -> No
         # still running at shutdown are handed over to the next start (statemachine/cli/jobs.py).
         on_start, on_shutdown = serve_hooks(services, runner)
         server.serve(on_start=on_start, on_shutdown=on_shutdown)
+        # The jobs still running were handed over: end here, without tearing the engine and the stores down under
+        # their threads (a step inside vhdcore calls back into Python until it ends; a teardown under it crashed).
+        exit_now(0)
