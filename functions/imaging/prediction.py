@@ -36,10 +36,11 @@ to the first state (interpreter, imports, engine start, with the estimate made m
 own work (0.05 s) and from the last state to the exit (0.10-0.23 s)."""
 WARM_FIXED_S = 0.3
 """The same job's states and records when the engine is already running."""
-HEAD_START_SHARE = 0.5
+HEAD_START_SHARE = 0.25
 """How much of the fixed cost a head start turns into compression (functions.imaging.head_start): while the command
-imports and starts the engine on one core, the compressor runs on the rest, at about this fraction of its own speed
-on a 2-core machine (measured by bench_e2e)."""
+imports and starts the engine, the compressor shares the 2 cores with it. bench_e2e at 6de9f25 (mixed 1 GiB): the
+job took 3.99 s where the fixed cost and `Chain.compress` add up to 4.44 s, 0.45 s (about a quarter of the fixed
+cost) saved."""
 
 
 class EstimateLike(Protocol):
