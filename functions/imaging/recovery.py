@@ -27,7 +27,7 @@ from typing import Literal
 from functions.imaging.errors import JobCancelledError, JobInterruptedError
 from functions.imaging.failure import fail_job
 from functions.imaging.finalize import delete_staging
-from functions.imaging.jobs import STALE_AFTER_S, ImagingRequest, is_stale
+from functions.imaging.jobs import STALE_AFTER_S, ImagingRequest, is_stale, revise_job
 from functions.imaging.services import ImagingServices
 from functions.state import InvalidIdError, Job, NotFoundError, VersionConflictError
 from functions.state.models import TERMINAL_STATUSES
@@ -152,15 +152,20 @@ def hand_over(services: ImagingServices, job_ids: list[str]) -> list[str]:
     next recovery takes them at once rather than after STALE_AFTER_S; returns the ids of those marked."""
     marked: list[str] = []
     at = services.now()
+
+    def abandon(job: Job) -> Job | None:
+        if job.status in TERMINAL_STATUSES or job.abandoned_at is not None:
+            return None
+        return job.revised(abandoned_at=at)
+
     for job_id in job_ids:
         try:
-            job = services.state.get_job(job_id)
-            if job.status in TERMINAL_STATUSES or job.abandoned_at is not None:
-                continue
-            services.state.update_job(job.revised(abandoned_at=at))
+            # Retried on a conflict: the job's own steps still write its progress while it is handed over.
+            job = revise_job(services, job_id, abandon)
         except (NotFoundError, VersionConflictError):
-            continue  # not recorded yet, or still changing: the heartbeat threshold covers it
-        marked.append(job_id)
+            continue  # not recorded yet, or never still: the heartbeat threshold covers it
+        if job.abandoned_at == at:
+            marked.append(job_id)
     return marked
 
 
