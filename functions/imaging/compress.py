@@ -19,7 +19,15 @@ from functions.imaging import head_start, keys
 from functions.imaging.disks import open_disk
 from functions.imaging.errors import DiskCorruptError, vhd_errors
 from functions.imaging.jobs import check_still_wanted, hold_server_lock, record_progress
-from functions.imaging.layout import Layout, StagedFrame, load_layout, load_written, record_written, spool_key
+from functions.imaging.layout import (
+    SYNC_BYTES,
+    Layout,
+    StagedFrame,
+    load_layout,
+    load_written,
+    record_written,
+    spool_key,
+)
 from functions.imaging.planning import estimate_key
 from functions.imaging.prediction import learn_compress_time
 from functions.imaging.progress import measured_eta, step_started
@@ -27,10 +35,6 @@ from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import StoreChunkReads, is_store_key
 from functions.state import Job, Status
 from functions.storage import FileObjectStore, ObjectNotFoundError
-
-SYNC_BYTES = 256 * 1024**2
-"""Compressed bytes written in place between two durable points (fdatasync and a record of the frames): what a
-crash may cost to redo, against one sync per 256 MiB."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import vhdcore
-from functions.imaging.layout import Layout, StagedFrame, choose_layout, record_written, spool_key, written_prefix
+from functions.imaging.layout import (
+    SYNC_BYTES,
+    Layout,
+    StagedFrame,
+    choose_layout,
+    record_written,
+    spool_key,
+    written_prefix,
+)
 from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import is_store_key
 from functions.storage import FileObjectStore
@@ -32,8 +40,6 @@ from functions.storage import FileObjectStore
 QUIET_BEFORE_S = 2.0
 """How long before the head start a chain's files must have last been modified for it to be compressed ahead: more
 than the coarsest modification-time resolution of the file systems a chain may live on (FAT's 2 s)."""
-SYNC_BYTES = 256 * 1024**2
-"""Compressed bytes between two durable points, as the Compress step writes them (fdatasync and a record)."""
 
 
 class LayerStamp(NamedTuple):

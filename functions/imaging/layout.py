@@ -24,6 +24,10 @@ from functions.imaging.services import ImagingServices
 from functions.imaging.store_chains import is_store_key
 from functions.storage import FileObjectStore, ObjectNotFoundError
 
+SYNC_BYTES = 256 * 1024**2
+"""Compressed bytes written in place between two durable points (fdatasync and a record of the frames): what a
+crash may cost to redo, against one sync per 256 MiB."""
+
 
 @dataclass(frozen=True)
 class StagedFrame:

@@ -6,17 +6,15 @@ itself; a disk nothing can be proven of is imaged whole."""
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
 import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.cli import Run, ok_json
 
 MIB = 1024**2
 PART_START = MIB
@@ -26,38 +24,6 @@ pytestmark = pytest.mark.skipif(
     any(shutil.which(tool) is None and not Path("/usr/sbin", tool).exists() for tool in TOOLS),
     reason=f"needs {', '.join(TOOLS)} (.ci/setup installs them)",
 )
-
-
-REPO = Path(__file__).resolve().parents[2]
-Run = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Run:
-    """`imaging ARGS...` from this checkout in a child process, with a data directory of its own and small chunks."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "IMAGING_DATA_DIR": str(tmp_path / "data"),
-        "IMAGING_CHUNK_SIZE": str(8 * MIB),
-        "IMAGING_PART_SIZE": str(5 * MIB),
-        "NO_COLOR": "1",
-    }
-    for name in ("IMAGING_STORE", "IMAGING_STATE", "IMAGING_COALESCE_DEADLINE_S"):
-        env.pop(name, None)
-
-    def run(*args: str | Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "statemachine.cli", *map(str, args)]
-        return subprocess.run(
-            argv, capture_output=True, text=True, cwd=tmp_path, env={**env, **(extra_env or {})}, timeout=300
-        )
-
-    return run
-
-
-def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def tool(name: str) -> str:
